@@ -1,0 +1,1 @@
+"""Reading model files: HF directories (config.json + safetensors) and GGUF."""

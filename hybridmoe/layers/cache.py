@@ -1,0 +1,71 @@
+"""The layout of one forward call and the per-layer caches it writes into.
+
+A forward call takes B rows, right-padded to T new tokens. Row b continues the sequence held in cache slot
+`slots[b]`, which already holds `start[b]` tokens, and brings `n_new[b]` valid tokens. These are host-side
+integers that the engine knows already, so building the call needs no device sync.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class Batch:
+    start: list[int]
+    n_new: list[int]
+    slots: list[int] | None  # None: no cache, each row is a whole sequence starting at position 0
+    positions: torch.Tensor  # [B, T] long
+    mask: torch.Tensor  # [B, 1, T, L] bool, True where a query may attend to a key
+    slot_index: torch.Tensor | None = None  # [B] long, slots as a tensor for gathers
+
+    @staticmethod
+    def make(start: list[int], n_new: list[int], slots: list[int] | None, device) -> "Batch":
+        if len(start) != len(n_new) or (slots is not None and len(slots) != len(start)):
+            raise ValueError("start, n_new and slots must have one entry per row")
+        if min(n_new) < 1:
+            raise ValueError("every row needs at least one new token")
+        T = max(n_new)
+        st = torch.tensor(start, device=device)[:, None]
+        positions = st + torch.arange(T, device=device)[None, :]  # [B, T]
+        L = max(s + n for s, n in zip(start, n_new)) if slots is not None else T
+        keys = torch.arange(L, device=device)[None, None, :]  # [1, 1, L]
+        end = (st + torch.tensor(n_new, device=device)[:, None])[:, :, None]  # [B, 1, 1]
+        # With a cache, key j is the slot's j-th token; without one, it is new token j (start is then 0).
+        mask = (keys <= positions[:, :, None]) & (keys < end)  # [B, T, L]
+        slot_index = torch.tensor(slots, device=device) if slots is not None else None
+        return Batch(list(start), list(n_new), None if slots is None else list(slots), positions, mask[:, None],
+                     slot_index)
+
+    @property
+    def cached(self) -> bool:
+        return self.slots is not None
+
+
+class LayerCache:
+    """One layer's cache: a few buffers shaped [slots, max_len, ...] (GQA: k and v; MLA: latent and rope key)."""
+
+    def __init__(self, *buffers: torch.Tensor):
+        self.buffers = buffers
+
+    def update(self, batch: Batch, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write each row's valid new entries [B, T, ...], then return the rows' whole histories [B, L, ...]."""
+        L = batch.mask.shape[-1]
+        for buf, x in zip(self.buffers, new):
+            for b, (slot, s, n) in enumerate(zip(batch.slots, batch.start, batch.n_new)):
+                buf[slot, s:s + n] = x[b, :n]
+        return tuple(buf[batch.slot_index, :L] for buf in self.buffers)
+
+
+class KVCache:
+    """All layers' caches for `n_slots` sequences of up to `max_len` tokens."""
+
+    def __init__(self, shapes: list[tuple[tuple[int, ...], ...]], n_slots: int, max_len: int,
+                 dtype: torch.dtype, device):
+        self.n_slots, self.max_len = n_slots, max_len
+        self.layers = [LayerCache(*(torch.zeros(n_slots, max_len, *s, dtype=dtype, device=device) for s in layer))
+                       for layer in shapes]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for layer in self.layers for b in layer.buffers)

@@ -1,0 +1,91 @@
+"""Multi-head latent attention (DeepSeek-V2/V3). The cache holds only the normalised latent [R] and the
+roped shared key [P] per token; decode uses the absorbed form and never expands per-head keys."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import attend
+from .cache import Batch, LayerCache
+from .norm import RMSNorm
+from .rope import apply_rope
+
+# Letters: B rows, T new tokens, L cached tokens, H heads, N nope dim, P rope dim, V value dim, R latent rank.
+
+
+@dataclass(frozen=True, slots=True)
+class MLAShape:
+    dim: int
+    n_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    nope_dim: int
+    rope_dim: int
+    v_dim: int
+    scale: float
+    bias: bool = False
+    eps: float = 1e-6
+
+
+class MLA(nn.Module):
+    def __init__(self, s: MLAShape):
+        super().__init__()
+        self.s = s
+        qk = s.nope_dim + s.rope_dim
+        if s.q_lora_rank:
+            self.wq_a = nn.Linear(s.dim, s.q_lora_rank, bias=s.bias)
+            self.q_norm = RMSNorm(s.q_lora_rank, s.eps)
+            self.wq_b = nn.Linear(s.q_lora_rank, s.n_heads * qk, bias=False)
+        else:
+            self.wq = nn.Linear(s.dim, s.n_heads * qk, bias=False)
+        self.wkv_a = nn.Linear(s.dim, s.kv_lora_rank + s.rope_dim, bias=s.bias)
+        self.kv_norm = RMSNorm(s.kv_lora_rank, s.eps)
+        self.wkv_b = nn.Linear(s.kv_lora_rank, s.n_heads * (s.nope_dim + s.v_dim), bias=False)
+        self.wo = nn.Linear(s.n_heads * s.v_dim, s.dim, bias=s.bias)
+
+    def cache_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return (self.s.kv_lora_rank,), (self.s.rope_dim,)
+
+    def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None) -> torch.Tensor:
+        s = self.s
+        B, T, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if s.q_lora_rank else self.wq(x)
+        q_nope, q_pe = q.view(B, T, s.n_heads, -1).split([s.nope_dim, s.rope_dim], dim=-1)
+        latent, k_pe = self.wkv_a(x).split([s.kv_lora_rank, s.rope_dim], dim=-1)
+        latent = self.kv_norm(latent)  # [B, T, R]
+        q_pe = apply_rope(q_pe, cos, sin, True)
+        k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, True)[:, :, 0]  # [B, T, P]
+        if cache is not None:
+            latent, k_pe = cache.update(batch, latent, k_pe)  # [B, L, R], [B, L, P]
+        if cache is not None and T == 1:
+            out = self._absorbed(q_nope, q_pe, latent, k_pe, batch.mask)
+        else:
+            out = self._expanded(q_nope, q_pe, latent, k_pe, batch.mask)
+        return self.wo(out.reshape(B, T, -1))
+
+    def _expanded(self, q_nope, q_pe, latent, k_pe, mask):
+        """Prefill: expand the latent into per-head keys and values, then plain attention."""
+        s = self.s
+        B, L, _ = latent.shape
+        kv = self.wkv_b(latent).view(B, L, s.n_heads, s.nope_dim + s.v_dim)
+        k_nope, v = kv.split([s.nope_dim, s.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, L, s.n_heads, s.rope_dim)), dim=-1)  # [B, L, H, N+P]
+        q = torch.cat((q_nope, q_pe), dim=-1)  # [B, T, H, N+P]
+        return attend(q, k, v, mask, s.scale)
+
+    def _absorbed(self, q_nope, q_pe, latent, k_pe, mask):
+        """Decode: fold wkv_b's key half into the query and its value half into the output, so attention runs
+        over the R-dim latent directly."""
+        s = self.s
+        w = self.wkv_b.weight.view(s.n_heads, s.nope_dim + s.v_dim, s.kv_lora_rank)
+        w_uk, w_uv = w[:, :s.nope_dim], w[:, s.nope_dim:]  # [H, N, R], [H, V, R]
+        q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)
+        scores = (torch.einsum("bthr,blr->bhtl", q_lat, latent)
+                  + torch.einsum("bthp,blp->bhtl", q_pe, k_pe)).float() * s.scale
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(latent.dtype)  # [B, H, T, L]
+        o_lat = torch.einsum("bhtl,blr->bthr", probs, latent)
+        return torch.einsum("bthr,hvr->bthv", o_lat, w_uv)

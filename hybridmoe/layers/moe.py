@@ -1,0 +1,96 @@
+"""Routing (pure functions, f32) and the Experts interface that MoE blocks hand their work to.
+
+Letters: N tokens, E experts, K experts per token, G groups, D hidden, I expert hidden.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSpec:
+    n_experts: int
+    top_k: int
+    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    method: str = "greedy"  # "greedy" | "group_limited_greedy" | "noaux_tc"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    scaling: float = 1.0
+    scale_after_norm: bool = True  # DeepSeek-V3 scales normalised weights; V2 scales only unnormalised ones
+
+    def __post_init__(self):
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring_func {self.scoring!r} is not supported (softmax or sigmoid)")
+        if self.method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+            raise ValueError(f"topk_method {self.method!r} is not supported (greedy, group_limited_greedy, noaux_tc)")
+        if self.n_experts % self.n_group or self.topk_group > self.n_group or self.top_k > self.n_experts:
+            raise ValueError(f"inconsistent routing: {self.n_experts} experts, {self.n_group} groups, "
+                             f"topk_group {self.topk_group}, top_k {self.top_k}")
+
+
+def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, E] (f32) -> (expert_ids [N, K] long, weights [N, K] f32)."""
+    logits = logits.float()
+    scores = logits.sigmoid() if spec.scoring == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores if bias is None or spec.method != "noaux_tc" else scores + bias.float()
+    if spec.method != "greedy" and spec.n_group > 1:
+        N = scores.shape[0]
+        grouped = choice.view(N, spec.n_group, -1)  # [N, G, E/G]
+        if spec.method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(spec.topk_group, dim=-1).indices, True)
+        fill = float("-inf") if spec.method == "noaux_tc" else 0.0
+        choice = grouped.masked_fill(~keep[:, :, None], fill).view(N, -1)
+    ids = choice.topk(spec.top_k, dim=-1).indices  # [N, K]
+    weights = scores.gather(1, ids)
+    if spec.norm_topk_prob and spec.top_k > 1:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if spec.scale_after_norm:
+            weights = weights * spec.scaling
+    else:
+        weights = weights * spec.scaling
+    return ids, weights
+
+
+class Experts(Protocol):
+    """Where routed experts live and run. The MoE block calls it; the offload engine provides other versions."""
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, D], ids [N, K], weights [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x), as [N, D]."""
+        ...
+
+
+def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def combine(parts: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """parts [N, K, D] -> [N, D]: a fixed summation order, so results never depend on where experts ran."""
+    return (parts.float() * weights[:, :, None]).sum(1).to(dtype)
+
+
+class LocalExperts:
+    """Experts held as per-expert weight views (zero-copy from the checkpoint) on one device."""
+
+    def __init__(self, weights: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]):
+        self.weights = weights  # layer -> [(gate [I, D], up [I, D], down [D, I])] * E
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        experts = self.weights[layer]
+        N, K = ids.shape
+        parts = x.new_zeros(N, K, x.shape[-1])
+        ids_host = ids.cpu()  # host sync: which experts run is decided on the host
+        for e in torch.unique(ids_host).tolist():
+            tok, k = (ids_host == e).nonzero(as_tuple=True)
+            tok, k = tok.to(x.device), k.to(x.device)
+            parts[tok, k] = expert_ffn(x[tok], *experts[e])
+        return combine(parts, weights, x.dtype)

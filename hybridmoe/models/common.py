@@ -1,0 +1,115 @@
+"""Pieces every model family shares: config access with clear errors, rope settings, the decoder stack."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..layers.cache import Batch, KVCache
+from ..layers.moe import Experts, RouterSpec, route
+from ..layers.mlp import MLP
+from ..layers.norm import RMSNorm
+from ..layers.rope import Rope, RopeTables
+
+
+def need(cfg: dict, key: str):
+    if cfg.get(key) is None:
+        raise ConfigError(f"config.json: missing required key {key!r} for model_type {cfg.get('model_type')!r}")
+    return cfg[key]
+
+
+def rope_from_config(cfg: dict, dim: int, interleaved: bool) -> Rope:
+    """Both config forms: upstream `rope_theta` + `rope_scaling`, and transformers 5's `rope_parameters`."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = dict(cfg.get("rope_scaling") or {})
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    merged = {**scaling, **params}
+    kind = merged.get("rope_type") or merged.get("type") or "default"
+    merged["rope_type"] = kind
+    return Rope(dim=dim, theta=float(theta), scaling={} if kind == "default" else merged, interleaved=interleaved,
+                max_positions=int(cfg.get("max_position_embeddings") or 4096))
+
+
+def check_act(cfg: dict) -> None:
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"config.json: hidden_act {act!r} is not supported (only silu)")
+
+
+class MoE(nn.Module):
+    """Router + optional shared expert. Routed experts are computed by an Experts object the block does not own."""
+
+    def __init__(self, dim: int, spec: RouterSpec, shared_hidden: int = 0, router_bias: bool = False,
+                 shared_gate: bool = False):
+        super().__init__()
+        self.spec = spec
+        self.router = nn.Parameter(torch.empty(spec.n_experts, dim, dtype=torch.float32))
+        self.router_bias = nn.Parameter(torch.empty(spec.n_experts, dtype=torch.float32)) if router_bias else None
+        self.shared = MLP(dim, shared_hidden) if shared_hidden else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
+
+    def forward(self, x: torch.Tensor, layer: int, experts: Experts) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        ids, weights = route(x.float() @ self.router.float().t(), self.spec, self.router_bias)
+        y = experts(layer, x, ids, weights)
+        if self.shared is not None:
+            s = self.shared(x)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(self.shared_gate(x)) * s
+            y = y + s
+        return y.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, attn: nn.Module, ffn: nn.Module, dim: int, eps: float):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps)
+        self.attn = attn
+        self.ffn_norm = RMSNorm(dim, eps)
+        self.ffn = ffn
+
+    def forward(self, x, layer, batch, cos, sin, cache, experts):
+        x = x + self.attn(self.attn_norm(x), batch, cos, sin, cache)
+        h = self.ffn_norm(x)
+        h = self.ffn(h, layer, experts) if isinstance(self.ffn, MoE) else self.ffn(h)
+        return x + h
+
+
+class Transformer(nn.Module):
+    """Embedding, decoder blocks, final norm and output head. Families differ only in the blocks they build."""
+
+    def __init__(self, vocab: int, dim: int, eps: float, blocks: list[Block], rope: Rope, tie: bool = False):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(blocks)
+        self.norm = RMSNorm(dim, eps)
+        self.output = nn.Linear(dim, vocab, bias=False)
+        self.tie = tie
+        self.rope = rope
+        self.rope_tables: RopeTables | None = None
+        self.experts: Experts | None = None  # set by the loader; not a submodule
+
+    def moe_layers(self) -> list[int]:
+        return [i for i, b in enumerate(self.layers) if isinstance(b.ffn, MoE)]
+
+    def cache_shapes(self) -> list[tuple[tuple[int, ...], ...]]:
+        return [b.attn.cache_shapes() for b in self.layers]
+
+    def new_cache(self, n_slots: int, max_len: int) -> KVCache:
+        p = self.output.weight
+        return KVCache(self.cache_shapes(), n_slots, max_len, p.dtype, p.device)
+
+    def forward(self, tokens: torch.Tensor, batch: Batch, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (f32), or [B, V] at each row's last valid token if last_only."""
+        if self.rope_tables is None:
+            self.rope_tables = RopeTables(self.rope, tokens.device)
+        cos, sin = self.rope_tables.cos_sin(batch.positions)
+        x = self.tok_embeddings(tokens)
+        for i, block in enumerate(self.layers):
+            x = block(x, i, batch, cos, sin, None if cache is None else cache.layers[i], self.experts)
+        if last_only:
+            last = torch.tensor([n - 1 for n in batch.n_new], device=x.device)
+            x = x[torch.arange(x.shape[0], device=x.device), last]
+        return self.output(self.norm(x)).float()

@@ -1,0 +1,116 @@
+"""Load an HF model directory: config.json -> ModelArgs -> module tree on the meta device, filled from
+mmap'd safetensors. Strict: every tensor we expect must be present with its shape, and nothing else may be."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ..errors import ConfigError, ModelFileError
+from ..formats.fp8 import dequant_fp8_blocks
+from ..formats.names import HF_TABLES, NameMap
+from ..formats.safetensors import SafetensorsFiles, TensorInfo
+from ..layers.moe import LocalExperts
+from . import family_for, table_name
+from .common import Transformer
+
+F32_PARAMS = ("ffn.router", "ffn.router_bias")  # routing is computed in f32 whatever the model dtype
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    cfg_path = path / "config.json" if path.is_dir() else path
+    if not cfg_path.exists():
+        raise ConfigError(f"{cfg_path}: not found (expected an HF model directory with config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{cfg_path}: expected a JSON object")
+    return cfg
+
+
+def model_args(cfg: dict, where: str = "config.json"):
+    family = family_for(cfg, where)
+    try:
+        return family, family.ModelArgs.from_config(cfg)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+@dataclass
+class LoadedModel:
+    family: ModuleType
+    args: object
+    model: Transformer
+    config: dict
+
+
+def expected_expert_names(args, model: Transformer) -> dict[str, tuple[int, ...]]:
+    inter, dim = args.expert_shape
+    shapes = {"gate": (inter, dim), "up": (inter, dim), "down": (dim, inter)}
+    return {f"layers.{i}.experts.{e}.{p}": s for i in model.moe_layers() for e in range(args.n_routed_experts)
+            for p, s in shapes.items()}
+
+
+def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    path = Path(path)
+    cfg = read_config(path)
+    family, args = model_args(cfg, str(path / "config.json"))
+    with torch.device("meta"):
+        model = family.build(args)
+    files = SafetensorsFiles(path)
+    names = NameMap(HF_TABLES[table_name(family)])
+
+    params = dict(model.state_dict())
+    if args.tie_embeddings:
+        params.pop("output.weight")
+    wanted = {k: tuple(v.shape) for k, v in params.items()} | expected_expert_names(args, model)
+    found: dict[str, TensorInfo] = {}
+    for name, info in files.tensors.items():
+        if name.endswith("_scale_inv") or names.ignored(name):
+            continue
+        mapped = names(name)
+        if mapped is None:
+            raise ModelFileError(f"{info.file}: unexpected tensor {name!r} for model_type {cfg['model_type']!r}")
+        ours, layer = mapped
+        if layer is not None and layer >= args.n_layers:
+            continue  # multi-token-prediction layers past num_hidden_layers: not used for decoding
+        if ours == "output.weight" and args.tie_embeddings:
+            continue
+        if ours not in wanted:
+            raise ModelFileError(f"{info.file}: unexpected tensor {name!r} (this config has no {ours})")
+        if info.shape != wanted[ours]:
+            raise ModelFileError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+                                 f"expected {list(wanted[ours])} from config.json")
+        found[ours] = info
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        raise ModelFileError(f"{path}: missing tensor(s) {', '.join(missing[:3])}"
+                             f"{' and %d more' % (len(missing) - 3) if len(missing) > 3 else ''}; "
+                             "the checkpoint is incomplete or does not match config.json")
+
+    def fetch(ours: str) -> torch.Tensor:
+        info = found[ours]
+        t = files.get(info.name)
+        want = torch.float32 if ours.endswith(F32_PARAMS) else dtype
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_name = info.name + "_scale_inv"
+            if scale_name not in files:
+                raise ModelFileError(f"{info.file}: FP8 tensor {info.name!r} has no {scale_name!r}")
+            return dequant_fp8_blocks(t, files.get(scale_name), want, args.fp8_block or (128, 128), info.name).to(device)
+        return t.to(device=device, dtype=want)  # no copy when dtype and device already match
+
+    state = {k: fetch(k) for k in params}
+    model.load_state_dict(state, assign=True, strict=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    experts = {i: [tuple(fetch(f"layers.{i}.experts.{e}.{p}") for p in ("gate", "up", "down"))
+                   for e in range(args.n_routed_experts)] for i in model.moe_layers()}
+    model.experts = LocalExperts(experts)
+    model.eval()
+    return LoadedModel(family, args, model, cfg)
