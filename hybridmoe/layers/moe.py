@@ -83,13 +83,22 @@ class LocalExperts:
 
     def __init__(self, weights: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]):
         self.weights = weights  # layer -> [(gate [I, D], up [I, D], down [D, I])] * E
+        self.activity: dict[int, dict[int, int]] = {}  # layer -> expert -> tokens routed, since the last take
+
+    def take_stats(self) -> dict:
+        """Counters since the last call, for the per-step stats event."""
+        out, self.activity = {"expert_tokens": self.activity}, {}
+        return out
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         experts = self.weights[layer]
         N, K = ids.shape
         parts = x.new_zeros(N, K, x.shape[-1])
         ids_host = ids.cpu()  # host sync: which experts run is decided on the host
-        for e in torch.unique(ids_host).tolist():
+        uniq, n_tok = torch.unique(ids_host, return_counts=True)
+        counts = self.activity.setdefault(layer, {})
+        for e, c in zip(uniq.tolist(), n_tok.tolist()):
+            counts[e] = counts.get(e, 0) + c
             tok, k = (ids_host == e).nonzero(as_tuple=True)
             tok, k = tok.to(x.device), k.to(x.device)
             parts[tok, k] = expert_ffn(x[tok], *experts[e])

@@ -12,10 +12,12 @@ from ..layers.norm import RMSNorm
 from ..layers.rope import Rope, RopeTables
 
 
-def need(cfg: dict, key: str):
-    if cfg.get(key) is None:
-        raise ConfigError(f"config.json: missing required key {key!r} for model_type {cfg.get('model_type')!r}")
-    return cfg[key]
+def need(cfg: dict, key: str, *aliases: str):
+    """cfg[key], or the first alias present (transformers renames some keys when it re-serialises a config)."""
+    for k in (key, *aliases):
+        if cfg.get(k) is not None:
+            return cfg[k]
+    raise ConfigError(f"config.json: missing required key {key!r} for model_type {cfg.get('model_type')!r}")
 
 
 def rope_from_config(cfg: dict, dim: int, interleaved: bool) -> Rope:

@@ -46,7 +46,7 @@ class ModelArgs:
         if rope.kind != "default" and rope.scaling.get("mscale_all_dim"):
             m = yarn_mscale(rope.scaling["factor"], rope.scaling["mscale_all_dim"])
             scale *= m * m
-        n_experts = cfg.get("n_routed_experts") or 0
+        n_experts = cfg.get("n_routed_experts") or cfg.get("num_local_experts") or 0
         router = None
         if n_experts:
             method = cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy")

@@ -33,7 +33,7 @@ class ModelArgs:
         check_act(cfg)
         dim, n_heads = need(cfg, "hidden_size"), need(cfg, "num_attention_heads")
         head_dim = cfg.get("head_dim") or dim // n_heads
-        n_experts = need(cfg, "num_local_experts")
+        n_experts = need(cfg, "num_local_experts", "num_experts")
         return ModelArgs(
             model_type="mixtral", vocab_size=need(cfg, "vocab_size"), dim=dim, n_layers=need(cfg, "num_hidden_layers"),
             n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads, head_dim=head_dim,

@@ -40,7 +40,7 @@ class ModelArgs:
         qwen2 = cfg.get("model_type") == "qwen2_moe"
         dim, n_heads = need(cfg, "hidden_size"), need(cfg, "num_attention_heads")
         head_dim = cfg.get("head_dim") or dim // n_heads
-        n_experts = need(cfg, "num_experts")
+        n_experts = need(cfg, "num_experts", "num_local_experts")
         return ModelArgs(
             model_type=cfg["model_type"], vocab_size=need(cfg, "vocab_size"), dim=dim,
             n_layers=need(cfg, "num_hidden_layers"), n_heads=n_heads,

@@ -1,0 +1,138 @@
+"""The engine object behind hybridmoe.load(): a loaded model, its tokenizer, and generation entry points."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..errors import ConfigError, ContextOverflowError
+from ..layers.cache import Batch
+from ..models.loader import LoadedModel, load_hf
+from .config import GenerationConfig
+from .events import Event
+from .generate import generate_loop
+from .text import prompt_opens_think
+from .tokenizer import Tokenizer
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
+DTYPES = {"float32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "f16": torch.float16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible to torch; use --device cpu")
+        index = dev.index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device cuda:{index}: only {torch.cuda.device_count()} GPU(s) visible")
+        dev = torch.device("cuda", index)
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _as_ids(x) -> list[int]:
+    return [] if x is None else [int(i) for i in (x if isinstance(x, list) else [x])]
+
+
+class Engine:
+    """A loaded model ready to generate. Build it with hybridmoe.load()."""
+
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer | None, path: Path, device: torch.device,
+                 dtype: torch.dtype, context: int | None = None):
+        self.loaded, self.tokenizer, self.path = loaded, tokenizer, path
+        self.model, self.args, self.config = loaded.model, loaded.args, loaded.config
+        self.device, self.dtype = device, dtype
+        limit = int(self.config.get("max_position_embeddings") or 4096)
+        sliding = getattr(self.args, "sliding_window", None)
+        if sliding:
+            limit = min(limit, int(sliding))  # past the window the reference attends differently
+        self.max_context = min(context, limit) if context else min(limit, 4096)
+        self.cancel = threading.Event()
+
+    @property
+    def model_type(self) -> str:
+        return self.config["model_type"]
+
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.path}: no tokenizer.json, so text cannot be generated; pass token ids instead")
+        return self.tokenizer
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Full-sequence logits [T, vocab] (f32) for evaluation; no cache."""
+        if not token_ids:
+            raise ValueError("token_ids is empty")
+        if len(token_ids) > self.max_context:
+            raise ContextOverflowError(f"{len(token_ids)} tokens exceed the context of {self.max_context}; "
+                                       "raise --ctx or pass fewer tokens")
+        self._check_ids(token_ids)
+        with torch.inference_mode():
+            batch = Batch.make([0], [len(token_ids)], None, self.device)
+            return self.model(torch.tensor([token_ids], device=self.device), batch)[0]
+
+    def _check_ids(self, token_ids: list[int]) -> None:
+        vocab = self.args.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+
+    def generate(self, prompt_or_messages: str | list[dict] | list[int], config: GenerationConfig | None = None,
+                 **overrides) -> Iterator[Event]:
+        """Events for a completion of a plain prompt (str), of token ids (list of int), or of a conversation
+        (list of role/content dicts)."""
+        cfg = (config or GenerationConfig()).updated(**overrides)
+        if isinstance(prompt_or_messages, str):
+            return self._run(self._tok().encode(prompt_or_messages), cfg, prompt_opens_think(prompt_or_messages))
+        items = list(prompt_or_messages)
+        if items and all(isinstance(t, int) for t in items):
+            self._check_ids(items)
+            return self._run(items, cfg, False)
+        return self.chat(items, cfg)
+
+    def chat(self, messages: list[dict], config: GenerationConfig | None = None, **overrides) -> Iterator[Event]:
+        """Events for the assistant's next turn, with the model's own chat template."""
+        tok = self._tok()
+        cfg = (config or GenerationConfig()).updated(**overrides)
+        ids, text = tok.encode_chat(messages)
+        return self._run(ids, cfg, prompt_opens_think(text))
+
+    def _run(self, ids: list[int], cfg: GenerationConfig, in_think: bool) -> Iterator[Event]:
+        self.cancel.clear()
+        eos = self.tokenizer.eos_ids if self.tokenizer else set(_as_ids(self.config.get("eos_token_id")))
+        return generate_loop(self.model, self.tokenizer, eos, ids, cfg, max_context=self.max_context, in_think=in_think,
+                             cancel=self.cancel)
+
+    def stop(self) -> None:
+        """Ask a running generation to end after the current step (thread-safe)."""
+        self.cancel.set()
+
+
+def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         context: int | None = None) -> Engine:
+    """Load a model directory (HF config.json + safetensors + tokenizer.json). No path: the built-in demo model."""
+    path = Path(path) if path is not None else DEMO_MODEL
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or directory")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    loaded = load_hf(path, dev, dt)
+    tokenizer = Tokenizer(path, loaded.config) if (path / "tokenizer.json").exists() else None
+    return Engine(loaded, tokenizer, path, dev, dt, context)

@@ -1,0 +1,102 @@
+"""The generate loop: chunked prefill, then one token per step, as a generator of events."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterator
+
+import torch
+
+from ..errors import HybridMoEError
+from ..layers.cache import Batch
+from ..models.common import Transformer
+from .config import GenerationConfig
+from .events import Done, Error, Event, Stats, Text
+from .sampler import make_sampler
+from .text import StopFilter, ThinkSplitter
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+def expert_stats(model: Transformer) -> dict:
+    take = getattr(model.experts, "take_stats", None)
+    return take() if take else {}
+
+
+def generate_loop(model: Transformer, tok: Tokenizer | None, eos_ids: set[int], prompt_ids: list[int], cfg: GenerationConfig, *,
+                  max_context: int, in_think: bool = False, cancel: threading.Event | None = None,
+                  prefill_chunk: int = 512) -> Iterator[Event]:
+    n_prompt = len(prompt_ids)
+    if n_prompt == 0:
+        yield Error("the prompt is empty")
+        yield Done("error", 0, 0, "")
+        return
+    if n_prompt >= max_context:
+        yield Error(f"the prompt has {n_prompt} tokens but the context holds {max_context}; "
+                    "shorten the prompt or raise --ctx")
+        yield Done("context", n_prompt, 0, "")
+        return
+    device = model.output.weight.device
+    sample = make_sampler(cfg)
+    max_len = min(max_context, n_prompt + cfg.max_tokens)
+    decoder = StreamDecoder(tok) if tok is not None else None  # without a tokenizer: token ids only
+    stops, think = StopFilter(cfg.stop), ThinkSplitter(in_think)
+    generated: list[int] = []
+    text_parts: list[str] = []
+
+    def emit(piece: str, ids: tuple[int, ...]) -> Iterator[Event]:
+        for chunk, channel in think.push(piece):
+            text_parts.append(chunk)
+            yield Text(chunk, channel, ids)
+
+    def finish(reason: str) -> Iterator[Event]:
+        held = [] if reason == "stop" else think.push(stops.flush())  # text held back as a possible stop prefix
+        for chunk, channel in held + think.flush():
+            text_parts.append(chunk)
+            yield Text(chunk, channel)
+        yield Done(reason, n_prompt, len(generated), "".join(text_parts), tuple(generated))
+
+    try:
+        t0 = time.perf_counter()
+        cache = model.new_cache(1, max_len)
+        with torch.inference_mode():
+            for s in range(0, n_prompt, prefill_chunk):
+                chunk = prompt_ids[s:s + prefill_chunk]
+                batch = Batch.make([s], [len(chunk)], [0], device)
+                logits = model(torch.tensor([chunk], device=device), batch, cache, last_only=True)[0]
+            t_prefill = time.perf_counter() - t0
+            prefill_rate = n_prompt / max(t_prefill, 1e-9)
+            yield Stats("prefill", 0, n_prompt, prefill_rate, 0.0, t_prefill, expert_stats(model))
+            t_decode = time.perf_counter()
+            pos = n_prompt
+            while True:
+                token = sample(logits, prompt_ids + generated)  # host sync: the token decides what comes next
+                if token in eos_ids and not cfg.ignore_eos:
+                    yield from finish("eos")
+                    return
+                generated.append(token)
+                piece, hit = stops.push(decoder.push(token) if decoder else "")
+                yield from emit(piece, (token,))
+                if hit:
+                    yield from finish("stop")
+                    return
+                elapsed = time.perf_counter() - t_decode
+                yield Stats("decode", len(generated), n_prompt, prefill_rate, len(generated) / max(elapsed, 1e-9),
+                            time.perf_counter() - t0, expert_stats(model))
+                if len(generated) >= cfg.max_tokens:
+                    yield from finish("length")
+                    return
+                if pos >= max_len:
+                    yield from finish("context")
+                    return
+                if cancel is not None and cancel.is_set():
+                    yield from finish("cancelled")
+                    return
+                batch = Batch.make([pos], [1], [0], device)
+                logits = model(torch.tensor([[token]], device=device), batch, cache, last_only=True)[0]
+                pos += 1
+    except torch.OutOfMemoryError:
+        yield Error("out of memory during generation; lower --ctx or use a smaller model/cache")
+        yield Done("error", n_prompt, len(generated), "".join(text_parts), tuple(generated))
+    except HybridMoEError as e:
+        yield Error(str(e))
+        yield Done("error", n_prompt, len(generated), "".join(text_parts), tuple(generated))

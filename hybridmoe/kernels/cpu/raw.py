@@ -1,0 +1,147 @@
+"""Numba kernels over weights in their GGUF byte layout (as mmap'd from the file): rows of raw blocks.
+
+Each row is dequantized into a float32 buffer that stays in L1/L2 and then dotted with every token, so a weight byte
+is read from memory once whatever the token count. Row dequantization follows the numpy references of
+`hybridmoe.quant` operation for operation (no fused multiply-add), so `dequantize_rows` is bit-exact with them.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from numba import njit, prange
+
+f32 = np.float32
+
+# Kernel ids: one compiled kernel serves every type, switching per row.
+KIND = {T.Q4_0: 0, T.Q8_0: 1, T.Q4_K: 2, T.Q5_K: 3, T.Q6_K: 4}
+
+# 2 ** (e - 25) for the f16 exponent field e: (1024 + mantissa) * _POW2[e] is the value of a normal f16.
+_POW2 = (2.0 ** (np.arange(32) - 25)).astype(np.float32)
+_ROWS_PER_TASK = 16
+
+
+@njit(cache=True, inline="always")
+def half_at(b: np.ndarray, i: int) -> np.float32:
+    """The little-endian f16 at bytes b[i], b[i + 1], as float32 (exact, numba has no float16)."""
+    h = np.int32(b[i]) | (np.int32(b[i + 1]) << 8)
+    e = (h >> 10) & 31
+    m = h & 1023
+    if e == 0:
+        v = f32(m) * f32(2.0 ** -24)
+    elif e == 31:
+        v = f32(np.inf) if m == 0 else f32(np.nan)
+    else:
+        v = f32(m | 1024) * _POW2[e]
+    return -v if h & 0x8000 else v
+
+
+@njit(cache=True, inline="always")
+def scale_min_k4(s: np.ndarray, base: int, g: int) -> tuple[int, int]:
+    """6-bit (scale, min) of group g from the 12 packed bytes at s[base:] (Q4_K / Q5_K)."""
+    if g < 4:
+        return np.int32(s[base + g]) & 63, np.int32(s[base + g + 4]) & 63
+    lo = np.int32(s[base + g + 4])
+    return (lo & 15) | ((np.int32(s[base + g - 4]) >> 6) << 4), (lo >> 4) | ((np.int32(s[base + g]) >> 6) << 4)
+
+
+@njit(cache=True)
+def _row_q4_0(w: np.ndarray, out: np.ndarray) -> None:
+    for b in range(out.size // 32):
+        o = b * 18
+        d = half_at(w, o)
+        for j in range(16):
+            q = np.int32(w[o + 2 + j])
+            out[b * 32 + j] = d * f32((q & 15) - 8)
+            out[b * 32 + 16 + j] = d * f32((q >> 4) - 8)
+
+
+@njit(cache=True)
+def _row_q8_0(w: np.ndarray, out: np.ndarray) -> None:
+    for b in range(out.size // 32):
+        o = b * 34
+        d = half_at(w, o)
+        for j in range(32):
+            out[b * 32 + j] = d * f32(np.int8(w[o + 2 + j]))
+
+
+@njit(cache=True)
+def _row_k4(w: np.ndarray, out: np.ndarray, five_bits: bool) -> None:
+    """Q4_K (144-byte blocks) or Q5_K (176-byte blocks, qh before qs)."""
+    size = 176 if five_bits else 144
+    for b in range(out.size // 256):
+        o = b * size
+        d = half_at(w, o)
+        dmin = half_at(w, o + 2)
+        qs = o + 48 if five_bits else o + 16
+        for c in range(4):
+            sc0, m0 = scale_min_k4(w, o + 4, 2 * c)
+            sc1, m1 = scale_min_k4(w, o + 4, 2 * c + 1)
+            d0, d1 = d * f32(sc0), d * f32(sc1)
+            m0f, m1f = dmin * f32(m0), dmin * f32(m1)
+            base = b * 256 + c * 64
+            for j in range(32):
+                q = np.int32(w[qs + c * 32 + j])
+                lo, hi = q & 15, q >> 4
+                if five_bits:
+                    h = np.int32(w[o + 16 + j])
+                    lo |= ((h >> (2 * c)) & 1) << 4
+                    hi |= ((h >> (2 * c + 1)) & 1) << 4
+                out[base + j] = d0 * f32(lo) - m0f
+                out[base + 32 + j] = d1 * f32(hi) - m1f
+
+
+@njit(cache=True)
+def _row_q6_k(w: np.ndarray, out: np.ndarray) -> None:
+    for b in range(out.size // 256):
+        o = b * 210
+        d = half_at(w, o + 208)
+        for h in range(2):
+            ql = o + h * 64
+            qh = o + 128 + h * 32
+            sc = o + 192 + h * 8
+            base = b * 256 + h * 128
+            for j in range(32):
+                a, c, hb = np.int32(w[ql + j]), np.int32(w[ql + 32 + j]), np.int32(w[qh + j])
+                g = j // 16
+                out[base + j] = (d * f32(np.int8(w[sc + g]))) * f32(((a & 15) | ((hb & 3) << 4)) - 32)
+                out[base + 32 + j] = (d * f32(np.int8(w[sc + g + 2]))) * f32(((c & 15) | (((hb >> 2) & 3) << 4)) - 32)
+                out[base + 64 + j] = (d * f32(np.int8(w[sc + g + 4]))) * f32(((a >> 4) | (((hb >> 4) & 3) << 4)) - 32)
+                out[base + 96 + j] = (d * f32(np.int8(w[sc + g + 6]))) * f32(((c >> 4) | ((hb >> 6) << 4)) - 32)
+
+
+@njit(cache=True)
+def dequantize_row(kind: int, w: np.ndarray, out: np.ndarray) -> None:
+    """One row of raw blocks (uint8) -> float32 `out` (its length is the row's element count)."""
+    if kind == 0:
+        _row_q4_0(w, out)
+    elif kind == 1:
+        _row_q8_0(w, out)
+    elif kind == 2:
+        _row_k4(w, out, False)
+    elif kind == 3:
+        _row_k4(w, out, True)
+    else:
+        _row_q6_k(w, out)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_rows(kind: int, w: np.ndarray, out: np.ndarray) -> None:
+    """w uint8 [N, row_bytes] -> out float32 [N, K], rows spread over threads."""
+    for r in prange(w.shape[0]):
+        dequantize_row(kind, w[r], out[r])
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def gemv_raw(kind: int, x: np.ndarray, w: np.ndarray, y: np.ndarray) -> None:
+    """y[n, N] = x[n, K] @ dequant(w[N, row_bytes]).T"""
+    n, k_dim = x.shape
+    n_rows = w.shape[0]
+    for task in prange((n_rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        buf = np.empty(k_dim, dtype=np.float32)
+        for r in range(task * _ROWS_PER_TASK, min(n_rows, (task + 1) * _ROWS_PER_TASK)):
+            dequantize_row(kind, w[r], buf)
+            for t in range(n):
+                s = f32(0.0)
+                for k in range(k_dim):
+                    s += buf[k] * x[t, k]
+                y[t, r] = s
