@@ -1,0 +1,1 @@
+"""Where routed experts live and run: tiers, GPU expert cache, prefetch, scheduler."""
