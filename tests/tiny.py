@@ -135,5 +135,11 @@ def to_upstream_config(directory: Path) -> None:
     p.write_text(json.dumps(cfg, indent=1))
 
 
-BUILDERS = {"deepseek_v3": deepseek_v3, "deepseek_v2": deepseek_v2, "qwen3_moe": qwen3_moe, "qwen2_moe": qwen2_moe,
+def deepseek_v2_group(out: Path) -> Path:
+    """V2's group_limited_greedy routing: softmax scores, best groups by their top expert."""
+    return deepseek_v2(out, topk_method="group_limited_greedy", n_group=4, topk_group=2, q_lora_rank=24,
+                       routed_scaling_factor=1.5)
+
+
+BUILDERS = {"deepseek_v3": deepseek_v3, "deepseek_v2": deepseek_v2, "deepseek_v2_group": deepseek_v2_group, "qwen3_moe": qwen3_moe, "qwen2_moe": qwen2_moe,
             "mixtral": mixtral}

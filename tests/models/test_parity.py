@@ -5,7 +5,7 @@ import torch
 import hybridmoe
 from hybridmoe.layers.cache import Batch
 
-FAMILIES = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral"]
+FAMILIES = ["deepseek_v3", "deepseek_v2", "deepseek_v2_group", "qwen3_moe", "qwen2_moe", "mixtral"]
 TOL = 1e-4
 
 
