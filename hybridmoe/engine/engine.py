@@ -9,7 +9,8 @@ import torch
 
 from ..errors import ConfigError, ContextOverflowError
 from ..layers.cache import Batch
-from ..models.loader import LoadedModel, load_hf
+from ..models.loader import LoadedModel, load_hf, model_args, read_config
+from ..offload.runtime import OffloadOptions, OffloadRuntime, split_layers, stage_devices
 from .config import GenerationConfig
 from .events import Event
 from .generate import generate_loop
@@ -125,14 +126,72 @@ class Engine:
         self.cancel.set()
 
 
+def _layer_bytes(cfg: dict) -> list[int]:
+    """Non-expert bytes of each layer (from a meta-device build), to balance pipeline stages."""
+    family, args = model_args(cfg)
+    with torch.device("meta"):
+        model = family.build(args)
+    return [sum(p.numel() for p in block.parameters()) for block in model.layers]
+
+
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         context: int | None = None) -> Engine:
-    """Load a model directory (HF config.json + safetensors + tokenizer.json). No path: the built-in demo model."""
+         context: int | None = None, *, accelerator: str | None = None, devices: int = 1,
+         expert_cache_slots: int | None = None, prefetch: bool = True, experts_tier: str = "mmap") -> Engine:
+    """Load a model directory (HF config.json + safetensors + tokenizer.json) or a GGUF file (`x.gguf`, or any part
+    of a split `x-00001-of-0000N.gguf`). No path: the built-in demo model.
+
+    With device="cuda" (or accelerator="cpu", which simulates the GPUs on the CPU) the routed experts stay on the
+    host and run through the offload engine: `devices` pipeline stages, `expert_cache_slots` GPU slots per device
+    (None: as many as fit; 0: no cache), router-predicted `prefetch`, and the host tier `experts_tier`
+    ("mmap" or "pinned")."""
     path = Path(path) if path is not None else DEMO_MODEL
     if not path.exists():
         raise ConfigError(f"{path}: no such file or directory")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    loaded = load_hf(path, dev, dt)
+    if path.suffix == ".gguf":
+        if accelerator is not None or devices != 1 or expert_cache_slots is not None:
+            raise ConfigError(f"{path}: GGUF models run their routed experts on the CPU; --accelerator, --devices "
+                              "and --expert-cache-slots are for HF model directories")
+        return _load_gguf(path, dev, dt, context)
+    if accelerator is None and dev.type == "cuda":
+        accelerator = "cuda"
+    if accelerator is None:
+        if devices != 1 or expert_cache_slots is not None:
+            raise ConfigError("--devices and --expert-cache-slots need --device cuda or --accelerator cpu")
+        loaded = load_hf(path, dev, dt)
+    else:
+        opts = OffloadOptions(accelerator, devices, expert_cache_slots, prefetch, experts_tier=experts_tier)
+        if accelerator == "cuda" and dev.type != "cuda":
+            raise ConfigError("--accelerator cuda needs --device cuda")
+        stage_devs = stage_devices(opts)
+        if accelerator == "cuda" and devices > torch.cuda.device_count():
+            raise ConfigError(f"--devices {devices}: only {torch.cuda.device_count()} GPU(s) visible")
+        stages = split_layers(_layer_bytes(read_config(path)), devices)
+        loaded = load_hf(path, stage_devs[0], dt, [stage_devs[s] for s in stages], experts_device="cpu")
+        weights = loaded.model.experts.weights
+        slots = [_default_slots(weights, stages, s) if expert_cache_slots is None else expert_cache_slots
+                 for s in range(devices)]
+        loaded.model.experts = OffloadRuntime(loaded.model, weights, opts, stages, slots)
+        dev = stage_devs[0]
     tokenizer = Tokenizer(path, loaded.config) if (path / "tokenizer.json").exists() else None
     return Engine(loaded, tokenizer, path, dev, dt, context)
+
+
+def _default_slots(weights: dict, stages: list[int], stage: int) -> int:
+    """Without a plan: room for every expert of the stage's layers. The plan lowers this to what VRAM holds."""
+    return sum(len(experts) for layer, experts in weights.items() if stages[layer] == stage)
+
+
+# --- GGUF files (llama.cpp's format): non-expert weights dequantized, routed experts computed from their bytes ---
+def _load_gguf(path: Path, dev: torch.device, dt: torch.dtype, context: int | None) -> Engine:
+    from ..models.gguf_loader import load_gguf
+    from ..offload.quant_experts import QuantExperts
+    from .gguf_tokenizer import GGUFTokenizer, llama_cpp_available
+
+    loaded, experts = load_gguf(path, dev, dt)
+    loaded.model.experts = QuantExperts(experts)
+    # Without llama-cpp-python the model still scores token ids; text needs its tokenizer.
+    tokenizer = GGUFTokenizer(path, loaded.config.get("chat_template")) if llama_cpp_available() else None
+    return Engine(loaded, tokenizer, path, dev, dt, context)
+# --- end GGUF ---

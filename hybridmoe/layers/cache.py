@@ -38,6 +38,12 @@ class Batch:
         return Batch(list(start), list(n_new), None if slots is None else list(slots), positions, mask[:, None],
                      slot_index)
 
+    def to(self, device) -> "Batch":
+        if self.positions.device == torch.device(device):
+            return self
+        move = (lambda t: None if t is None else t.to(device))
+        return Batch(self.start, self.n_new, self.slots, move(self.positions), move(self.mask), move(self.slot_index))
+
     @property
     def cached(self) -> bool:
         return self.slots is not None
@@ -62,10 +68,10 @@ class KVCache:
     """All layers' caches for `n_slots` sequences of up to `max_len` tokens."""
 
     def __init__(self, shapes: list[tuple[tuple[int, ...], ...]], n_slots: int, max_len: int,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, devices: list[torch.device]):
         self.n_slots, self.max_len = n_slots, max_len
-        self.layers = [LayerCache(*(torch.zeros(n_slots, max_len, *s, dtype=dtype, device=device) for s in layer))
-                       for layer in shapes]
+        self.layers = [LayerCache(*(torch.zeros(n_slots, max_len, *s, dtype=dtype, device=dev) for s in layer))
+                       for layer, dev in zip(shapes, devices)]
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for layer in self.layers for b in layer.buffers)

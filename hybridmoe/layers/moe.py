@@ -5,7 +5,7 @@ Letters: N tokens, E experts, K experts per token, G groups, D hidden, I expert 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,23 @@ class Experts(Protocol):
         ...
 
 
+def start_experts(experts, layer: int, x: torch.Tensor, ids: torch.Tensor,
+                  weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Begin the routed experts' work and return a function that waits for its result. Implementations with a
+    `start` method run CPU experts in the background while the caller computes the shared expert."""
+    start = getattr(experts, "start", None)
+    if start is not None:
+        return start(layer, x, ids, weights)
+    out = experts(layer, x, ids, weights)
+    return lambda: out
+
+
 def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """x [n, D] -> [n, D]. One row is computed as two: CPU matrix-vector kernels round differently depending on the
+    weights' memory alignment (mmap views vs pinned copies vs slots), matrix-matrix kernels do not, and results
+    must not depend on where an expert's weights live."""
+    if x.shape[0] == 1 and x.device.type == "cpu":
+        return expert_ffn(x.expand(2, -1), gate, up, down)[:1]
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 

@@ -1,12 +1,14 @@
 """Pieces every model family shares: config access with clear errors, rope settings, the decoder stack."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..layers.cache import Batch, KVCache
-from ..layers.moe import Experts, RouterSpec, route
+from ..layers.moe import Experts, RouterSpec, route, start_experts
 from ..layers.mlp import MLP
 from ..layers.norm import RMSNorm
 from ..layers.rope import Rope, RopeTables
@@ -53,14 +55,19 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, layer: int, experts: Experts) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        ids, weights = route(x.float() @ self.router.float().t(), self.spec, self.router_bias)
-        y = experts(layer, x, ids, weights)
-        if self.shared is not None:
+        ids, weights = self.route(x)
+        finish = start_experts(experts, layer, x, ids, weights)
+        s = None
+        if self.shared is not None:  # runs while CPU-served experts are computed
             s = self.shared(x)
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(x)) * s
-            y = y + s
-        return y.view(shape)
+        y = finish()
+        return (y if s is None else y + s).view(shape)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] (already normalised) -> (ids [N, K], weights [N, K] f32)."""
+        return route(x.float() @ self.router.float().t(), self.spec, self.router_bias)
 
 
 class Block(nn.Module):
@@ -89,8 +96,13 @@ class Transformer(nn.Module):
         self.output = nn.Linear(dim, vocab, bias=False)
         self.tie = tie
         self.rope = rope
-        self.rope_tables: RopeTables | None = None
+        self.rope_tables: dict[torch.device, RopeTables] = {}
         self.experts: Experts | None = None  # set by the loader; not a submodule
+        # Pipeline stages: the device of each layer (None: all on the output head's device). Only the hidden
+        # state crosses between stages.
+        self.layer_devices: list[torch.device] | None = None
+        # Called as f(layer, hidden) after each layer; used by the prefetcher, never changes results.
+        self.observers: list[Callable[[int, torch.Tensor], None]] = []
 
     def moe_layers(self) -> list[int]:
         return [i for i, b in enumerate(self.layers) if isinstance(b.ffn, MoE)]
@@ -98,19 +110,26 @@ class Transformer(nn.Module):
     def cache_shapes(self) -> list[tuple[tuple[int, ...], ...]]:
         return [b.attn.cache_shapes() for b in self.layers]
 
+    def devices(self) -> list[torch.device]:
+        return self.layer_devices or [self.output.weight.device] * len(self.layers)
+
     def new_cache(self, n_slots: int, max_len: int) -> KVCache:
-        p = self.output.weight
-        return KVCache(self.cache_shapes(), n_slots, max_len, p.dtype, p.device)
+        return KVCache(self.cache_shapes(), n_slots, max_len, self.output.weight.dtype, self.devices())
 
     def forward(self, tokens: torch.Tensor, batch: Batch, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (f32), or [B, V] at each row's last valid token if last_only."""
-        if self.rope_tables is None:
-            self.rope_tables = RopeTables(self.rope, tokens.device)
-        cos, sin = self.rope_tables.cos_sin(batch.positions)
-        x = self.tok_embeddings(tokens)
-        for i, block in enumerate(self.layers):
-            x = block(x, i, batch, cos, sin, None if cache is None else cache.layers[i], self.experts)
+        x = self.tok_embeddings(tokens.to(self.tok_embeddings.weight.device))
+        stage = None
+        for i, (block, dev) in enumerate(zip(self.layers, self.devices())):
+            if dev != stage:  # entering a new pipeline stage
+                stage, x, b = dev, x.to(dev), batch.to(dev)
+                tables = self.rope_tables.get(dev) or self.rope_tables.setdefault(dev, RopeTables(self.rope, dev))
+                cos, sin = tables.cos_sin(b.positions)
+            x = block(x, i, b, cos, sin, None if cache is None else cache.layers[i], self.experts)
+            for observe in self.observers:
+                observe(i, x)
+        x = x.to(self.output.weight.device)
         if last_only:
             last = torch.tensor([n - 1 for n in batch.n_new], device=x.device)
             x = x[torch.arange(x.shape[0], device=x.device), last]

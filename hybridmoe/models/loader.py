@@ -57,7 +57,18 @@ def expected_expert_names(args, model: Transformer) -> dict[str, tuple[int, ...]
             for p, s in shapes.items()}
 
 
-def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def param_device(name: str, layer_devices: list[torch.device]) -> torch.device:
+    """Stage placement: a layer's weights on its stage's device, embeddings on the first, the head on the last."""
+    if name.startswith("layers."):
+        return layer_devices[int(name.split(".")[1])]
+    return layer_devices[0] if name.startswith("tok_embeddings") else layer_devices[-1]
+
+
+def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+            layer_devices: list[torch.device] | None = None, experts_device: str | torch.device | None = None
+            ) -> LoadedModel:
+    """layer_devices: one device per layer (pipeline stages; default all on `device`). experts_device: where routed
+    experts are put (default `device`); the offload engine keeps them on the CPU."""
     path = Path(path)
     cfg = read_config(path)
     family, args = model_args(cfg, str(path / "config.json"))
@@ -94,8 +105,12 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
                              f"{' and %d more' % (len(missing) - 3) if len(missing) > 3 else ''}; "
                              "the checkpoint is incomplete or does not match config.json")
 
+    devices = layer_devices or [torch.device(device)] * args.n_layers
+    experts_device = experts_device or device
+
     def fetch(ours: str) -> torch.Tensor:
         info = found[ours]
+        device = experts_device if ".experts." in ours else param_device(ours, devices)
         t = files.get(info.name)
         want = torch.float32 if ours.endswith(F32_PARAMS) else dtype
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -112,5 +127,6 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     experts = {i: [tuple(fetch(f"layers.{i}.experts.{e}.{p}") for p in ("gate", "up", "down"))
                    for e in range(args.n_routed_experts)] for i in model.moe_layers()}
     model.experts = LocalExperts(experts)
+    model.layer_devices = list(devices) if layer_devices else None
     model.eval()
     return LoadedModel(family, args, model, cfg)

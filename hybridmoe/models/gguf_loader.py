@@ -1,0 +1,121 @@
+"""Load a GGUF model: metadata -> config dict -> ModelArgs -> module tree on the meta device. Non-expert tensors are
+dequantized to the model dtype; routed experts stay as the file stores them (one expert is a contiguous byte range
+of `ffn_{gate,up,down}_exps`) and are returned as such, for an Experts object of the offload layer to compute.
+Strict like the HF loader: every tensor we expect must be present with its shape, and nothing else may be."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelFileError
+from ..formats.gguf import GGUFFile, GGUFTensor, hf_config
+from ..formats.gguf_names import GGUF_IGNORED, GGUF_ROPE_PERMUTED, GGUF_TENSORS
+from ..formats.names import NameMap
+from ..quant import dequantize
+from .loader import F32_PARAMS, LoadedModel, model_args
+
+LAYER = re.compile(r"blk\.(\d+)\.")
+PROJ_SHAPES = {"gate": lambda inter, dim: (inter, dim), "up": lambda inter, dim: (inter, dim),
+               "down": lambda inter, dim: (dim, inter)}
+
+
+def dequantize_tensor(t: GGUFTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A GGUF tensor as a torch tensor of `dtype` (F32 tensors alias the file when dtype is f32)."""
+    try:
+        out = torch.from_numpy(dequantize(t.raw, t.qtype, t.shape))
+    except ValueError as e:
+        raise ModelFileError(f"{t.file}: tensor {t.name!r}: {e}") from None
+    return out.to(dtype)
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row order (pairs interleaved within each head) back to halves."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def join_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
+    """attn_k_b [H, R, N] and attn_v_b [H, V, R] -> our wkv_b [H*(N+V), R]."""
+    H, R, _ = k_b.shape
+    return torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(-1, R)
+
+
+def _split_shapes(args) -> dict[str, tuple[int, ...]]:
+    m = args.mla
+    return {"k_b": (m.n_heads, m.kv_lora_rank, m.nope_dim), "v_b": (m.n_heads, m.v_dim, m.kv_lora_rank)}
+
+
+ExpertTensors = dict[int, tuple[GGUFTensor, GGUFTensor, GGUFTensor]]  # layer -> (gate, up, down), each [E, ...]
+
+
+def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+              ) -> tuple[LoadedModel, ExpertTensors]:
+    """The model with every non-expert weight filled, and its routed experts as raw GGUF tensors (the caller sets
+    `model.experts`)."""
+    gf = GGUFFile(path)
+    cfg = hf_config(gf)
+    family, args = model_args(cfg, f"{gf.path} (GGUF metadata)")
+    with torch.device("meta"):
+        model = family.build(args)
+    names = NameMap(GGUF_TENSORS[gf.arch], ignored=GGUF_IGNORED)
+
+    params = dict(model.state_dict())
+    if args.tie_embeddings:
+        params.pop("output.weight")
+    wanted = {k: tuple(v.shape) for k, v in params.items()}
+    n_experts, (inter, dim) = args.n_routed_experts, args.expert_shape
+    for i in model.moe_layers():
+        for p, shape in PROJ_SHAPES.items():
+            wanted[f"layers.{i}.experts.{p}"] = (n_experts, *shape(inter, dim))
+    found: dict[str, GGUFTensor] = {}
+    parts: dict[str, dict[str, GGUFTensor]] = {}  # our name -> pieces it is assembled from
+    for name, t in gf.tensors.items():
+        m = LAYER.match(name)
+        if names.ignored(name) or (m and int(m[1]) >= args.n_layers):
+            continue  # unused tensors, and multi-token-prediction layers past the decoder stack
+        mapped = names(name)
+        if mapped is None:
+            raise ModelFileError(f"{t.file}: unexpected tensor {name!r} for GGUF architecture {gf.arch!r}")
+        ours, _ = mapped
+        ours, _, part = ours.partition(":")
+        if ours not in wanted:
+            raise ModelFileError(f"{t.file}: unexpected tensor {name!r} (this model has no {ours})")
+        want = _split_shapes(args)[part] if part else wanted[ours]
+        if t.shape != want:
+            raise ModelFileError(f"{t.file}: tensor {name!r} has shape {list(t.shape)}, expected {list(want)} "
+                                 "from the file's metadata")
+        if part:
+            parts.setdefault(ours, {})[part] = t
+        else:
+            found[ours] = t
+    for ours, pieces in parts.items():
+        if ours in found or set(pieces) != {"k_b", "v_b"}:
+            raise ModelFileError(f"{gf.path}: {ours} needs either attn_kv_b or both attn_k_b and attn_v_b; "
+                                 f"found {', '.join(sorted(pieces))}{' and attn_kv_b' if ours in found else ''}")
+    missing = [k for k in wanted if k not in found and k not in parts]
+    if missing:
+        raise ModelFileError(f"{gf.path}: missing tensor(s) for {', '.join(missing[:3])}"
+                             f"{' and %d more' % (len(missing) - 3) if len(missing) > 3 else ''}; "
+                             "the file is incomplete or does not match its metadata")
+
+    permuted = [(re.compile(re.escape(k).replace(r"\{i\}", r"\d+") + "$"), cfg[v])
+                for k, v in GGUF_ROPE_PERMUTED.get(gf.arch, {}).items()]
+
+    def fetch(ours: str) -> torch.Tensor:
+        want = torch.float32 if ours.endswith(F32_PARAMS) else dtype
+        if ours in parts:
+            w = join_kv_b(dequantize_tensor(parts[ours]["k_b"]), dequantize_tensor(parts[ours]["v_b"]))
+        else:
+            w = dequantize_tensor(found[ours])
+            heads = next((h for p, h in permuted if p.match(ours)), None)
+            if heads is not None:
+                w = unpermute_rope_rows(w, heads)
+        return w.to(device=device, dtype=want)
+
+    model.load_state_dict({k: fetch(k) for k in params}, assign=True, strict=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    experts = {i: tuple(found[f"layers.{i}.experts.{p}"] for p in PROJ_SHAPES) for i in model.moe_layers()}
+    model.eval()
+    return LoadedModel(family, args, model, cfg), experts

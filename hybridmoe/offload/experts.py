@@ -1,0 +1,201 @@
+"""OffloadExperts: the Experts implementation of the offload engine.
+
+Per MoE layer and step: one host sync brings the chosen expert ids to the host. Experts already in a GPU slot of the
+layer's device run there; the others run on the CPU in a worker thread (the hidden state goes to the host, a few KB)
+unless the cost model says a copy into a slot pays off. The caller computes the shared expert meanwhile. Every
+expert's output lands in a fixed [token, k] position and is combined in a fixed order, so results do not depend on
+where an expert ran, the cache size, prefetching, or timing.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..layers.moe import combine
+from .cache import SlotCache
+from .scheduler import CostModel
+
+
+@dataclass
+class LayerCounters:
+    hits: int = 0
+    misses: int = 0
+    copies: int = 0
+    cpu: int = 0
+
+    def add(self, other: "LayerCounters") -> None:
+        self.hits += other.hits
+        self.misses += other.misses
+        self.copies += other.copies
+        self.cpu += other.cpu
+
+
+@dataclass
+class StepStats:
+    layers: dict[int, LayerCounters] = field(default_factory=dict)
+    bytes_copied: int = 0
+    cpu_s: float = 0.0
+    gpu_s: float = 0.0
+    expert_tokens: dict[int, dict[int, int]] = field(default_factory=dict)
+
+
+class DeviceSlots:
+    """One device's expert cache: the pure-Python allocator plus the slot buffers it indexes."""
+
+    def __init__(self, store, n_slots: int, device: torch.device, decay: float):
+        self.device = device
+        self.cache = SlotCache(n_slots, decay)
+        self.buffers = store.new_slots(n_slots, device) if n_slots else None
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
+class OffloadExperts:
+    def __init__(self, store, layer_stage: dict[int, int], stage_devices: list[torch.device], slots: list[int],
+                 cost: CostModel | None = None, decay: float = 0.95, cpu_workers: int = 1):
+        """layer_stage: MoE layer -> pipeline stage; each stage has a device and its own expert cache (stages may
+        share a torch device when the CPU simulates several GPUs)."""
+        self.store = store
+        self.layer_stage = layer_stage
+        self.stages = [DeviceSlots(store, n, d, decay) for d, n in zip(stage_devices, slots)]
+        self.cost = cost or CostModel()
+        self.pool = ThreadPoolExecutor(cpu_workers, thread_name_prefix="hybridmoe-cpu-experts")
+        self.stats = StepStats()
+        self.totals: dict[int, LayerCounters] = {}
+        self.prefetched: dict[int, list[tuple[int, int]]] = {}  # layer -> keys pinned until that layer runs
+        self.on_routed: Callable[[int, set[int]], None] | None = None  # prefetch quality bookkeeping
+
+    # -- the Experts protocol ---------------------------------------------------------------------------------
+    def __call__(self, layer, x, ids, weights):
+        return self.start(layer, x, ids, weights)()
+
+    def start(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        dev = self.stages[self.layer_stage[layer]]
+        cache = dev.cache
+        N, K = ids.shape
+        ids_host = ids.cpu()  # host sync: the one per MoE layer; placement is decided on the host
+        uniq, n_tok = torch.unique(ids_host, return_counts=True)
+        routed = dict(zip(uniq.tolist(), n_tok.tolist()))
+        if self.on_routed is not None:
+            self.on_routed(layer, set(routed))
+        counters = self.stats.layers.setdefault(layer, LayerCounters())
+        self.stats.expert_tokens.setdefault(layer, {})
+        for e, c in routed.items():
+            self.stats.expert_tokens[layer][e] = self.stats.expert_tokens[layer].get(e, 0) + c
+        nbytes, flops = self.store.expert_nbytes(), self.store.flops_per_token()
+        on_gpu, on_cpu = [], []
+        for e, c in routed.items():
+            key = (layer, e)
+            cache.touch(key, 1)
+            slot = cache.lookup(key)
+            if slot is not None:
+                counters.hits += 1
+                cache.pin(key)
+                on_gpu.append((e, slot))
+                continue
+            counters.misses += 1
+            if self.cost.place(c, nbytes, flops, cached=False) == "copy":
+                got = cache.admit(key, force=True)
+                if got is not None:
+                    self.stats.bytes_copied += self._copy(dev, got[0], layer, e, wait=True)
+                    counters.copies += 1
+                    cache.pin(key)
+                    on_gpu.append((e, got[0]))
+                    continue
+            counters.cpu += 1
+            on_cpu.append(e)
+
+        parts = x.new_zeros(N, K, x.shape[-1])
+        future = None
+        if on_cpu:
+            x_host = x.to("cpu", non_blocking=False)  # a few KB at decode
+            future = self.pool.submit(self._run_cpu, layer, on_cpu, x_host, ids_host)
+        t0 = time.perf_counter()
+        for e, slot in on_gpu:
+            tok, k = (ids_host == e).nonzero(as_tuple=True)
+            tok, k = tok.to(x.device), k.to(x.device)
+            parts[tok, k] = self.store.compute_slot(dev.buffers, slot, x[tok])
+        self.stats.gpu_s += time.perf_counter() - t0
+
+        def finish() -> torch.Tensor:
+            if future is not None:
+                for e, tok, k, y in future.result():
+                    parts[tok.to(x.device), k.to(x.device)] = y.to(x.device, non_blocking=False)
+            for e, _ in on_gpu:
+                cache.unpin((layer, e))
+            for key in self.prefetched.pop(layer, []):
+                cache.unpin(key)
+            self._admit_hot(dev, layer, on_cpu)
+            return combine(parts, weights, x.dtype)
+
+        return finish
+
+    def _run_cpu(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor):
+        t0 = time.perf_counter()
+        out = []
+        for e in experts:
+            tok, k = (ids == e).nonzero(as_tuple=True)
+            out.append((e, tok, k, self.store.compute_host(layer, e, x[tok])))
+        self.stats.cpu_s += time.perf_counter() - t0
+        return out
+
+    # -- slots ----------------------------------------------------------------------------------------------
+    def _copy(self, dev: DeviceSlots, slot: int, layer: int, e: int, wait: bool) -> int:
+        if dev.copy_stream is None:
+            return self.store.copy_to_slot(dev.buffers, slot, layer, e)
+        # The copy must not overwrite a slot that queued compute still reads: order it after the compute stream.
+        dev.copy_stream.wait_stream(torch.cuda.current_stream(dev.device))
+        with torch.cuda.stream(dev.copy_stream):
+            n = self.store.copy_to_slot(dev.buffers, slot, layer, e)
+        if wait:
+            torch.cuda.current_stream(dev.device).wait_stream(dev.copy_stream)
+        return n
+
+    def _admit_hot(self, dev: DeviceSlots, layer: int, served_by_cpu: list[int]) -> None:
+        """Experts served by the CPU that have become hotter than the coldest cached one take its slot."""
+        for e in served_by_cpu:
+            key = (layer, e)
+            if dev.cache.would_admit(key):
+                got = dev.cache.admit(key)
+                if got is not None:
+                    self.stats.bytes_copied += self._copy(dev, got[0], layer, e, wait=False)
+                    self.stats.layers[layer].copies += 1
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Copy predicted experts of `layer` ahead of use; they stay pinned until that layer has run."""
+        dev = self.stages[self.layer_stage[layer]]
+        missing = [e for e in experts if dev.cache.lookup((layer, e)) is None]
+        if hasattr(self.store, "will_need"):
+            self.store.will_need(layer, missing)
+        pinned = self.prefetched.setdefault(layer, [])
+        for e in experts:
+            key = (layer, e)
+            slot = dev.cache.lookup(key)
+            if slot is None:
+                if not dev.cache.would_admit(key):
+                    continue
+                got = dev.cache.admit(key)
+                if got is None:
+                    continue
+                self.stats.bytes_copied += self._copy(dev, got[0], layer, e, wait=False)
+            dev.cache.pin(key)
+            pinned.append(key)
+
+    def tick(self) -> None:
+        for dev in self.stages:
+            dev.cache.tick()
+
+    def take_stats(self) -> dict:
+        s, self.stats = self.stats, StepStats()
+        hits = sum(c.hits for c in s.layers.values())
+        misses = sum(c.misses for c in s.layers.values())
+        for layer, c in s.layers.items():
+            self.totals.setdefault(layer, LayerCounters()).add(c)
+        return {"expert_tokens": s.expert_tokens, "cache_hits": hits, "cache_misses": misses,
+                "cache_hit_rate": hits / max(1, hits + misses), "bytes_copied": s.bytes_copied,
+                "cpu_expert_s": s.cpu_s, "gpu_expert_s": s.gpu_s,
+                "layers": {layer: vars(c) for layer, c in s.layers.items()},
+                "cached_experts": [len(v.cache) for v in self.stages]}

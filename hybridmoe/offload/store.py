@@ -1,0 +1,100 @@
+"""Where each routed expert's weights live on the host, how they are computed there, and how they are copied
+into (and computed from) GPU slots. Experts are addressed as (layer, expert).
+
+DenseStore holds float weights (HF checkpoints): the "mmap" tier keeps zero-copy views of the checkpoint files, the
+"pinned" tier copies each layer's experts once into one pinned buffer (pinned memory makes host-to-device copies
+asynchronous and about twice as fast).
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import torch
+
+from ..layers.moe import expert_ffn
+
+ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I, D], up [I, D], down [D, I]
+_MADV_WILLNEED = 3
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+class SlotBuffers:
+    """n slots of one expert each on one device: gate [S, I, D], up [S, I, D], down [S, D, I]."""
+
+    def __init__(self, n: int, inter: int, dim: int, dtype: torch.dtype, device: torch.device):
+        self.gate = torch.empty(n, inter, dim, dtype=dtype, device=device)
+        self.up = torch.empty(n, inter, dim, dtype=dtype, device=device)
+        self.down = torch.empty(n, dim, inter, dtype=dtype, device=device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
+
+class DenseStore:
+    def __init__(self, weights: dict[int, list[ExpertWeights]], tier: str = "mmap", pin: bool = False):
+        if tier not in ("mmap", "pinned"):
+            raise ValueError(f"experts tier {tier!r}: use mmap or pinned")
+        self.tier = tier
+        layer0 = next(iter(weights.values()))
+        self.inter, self.dim = layer0[0][0].shape
+        self.dtype = layer0[0][0].dtype
+        if tier == "pinned":
+            self.weights = {layer: self._pack(experts, pin) for layer, experts in weights.items()}
+        else:
+            self.weights = weights
+        self._libc = _libc() if tier == "mmap" else None
+
+    @staticmethod
+    def _pack(experts: list[ExpertWeights], pin: bool) -> list[ExpertWeights]:
+        """One contiguous (optionally pinned) buffer per projection for the layer's experts."""
+        packed = []
+        for proj in range(3):
+            stack = torch.empty((len(experts), *experts[0][proj].shape), dtype=experts[0][proj].dtype,
+                                pin_memory=pin)
+            for e, w in enumerate(experts):
+                stack[e].copy_(w[proj])
+            packed.append(stack)
+        return [tuple(p[e] for p in packed) for e in range(len(experts))]
+
+    def expert_nbytes(self) -> int:
+        return 3 * self.inter * self.dim * torch.finfo(self.dtype).bits // 8
+
+    def flops_per_token(self) -> float:
+        return 6.0 * self.inter * self.dim
+
+    def host(self, layer: int, e: int) -> ExpertWeights:
+        return self.weights[layer][e]
+
+    def compute_host(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        return expert_ffn(x, *self.weights[layer][e])
+
+    def new_slots(self, n: int, device: torch.device) -> SlotBuffers:
+        return SlotBuffers(n, self.inter, self.dim, self.dtype, device)
+
+    def copy_to_slot(self, slots: SlotBuffers, slot: int, layer: int, e: int) -> int:
+        """Copy one expert into a slot (asynchronous on CUDA when the host tier is pinned); returns bytes copied."""
+        for dst, src in zip((slots.gate, slots.up, slots.down), self.weights[layer][e]):
+            dst[slot].copy_(src, non_blocking=True)
+        return self.expert_nbytes()
+
+    @staticmethod
+    def compute_slot(slots: SlotBuffers, slot: int, x: torch.Tensor) -> torch.Tensor:
+        return expert_ffn(x, slots.gate[slot], slots.up[slot], slots.down[slot])
+
+    def will_need(self, layer: int, experts: list[int]) -> None:
+        """mmap tier: ask the kernel to read predicted experts ahead (so NVMe reads overlap compute)."""
+        if self._libc is None:
+            return
+        page = mmap.PAGESIZE
+        for e in experts:
+            for t in self.weights[layer][e]:
+                start = t.data_ptr() // page * page
+                length = t.data_ptr() + t.numel() * t.element_size() - start
+                self._libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_WILLNEED)

@@ -1,0 +1,64 @@
+"""accelerator=cpu: the whole offload machinery (slots, copies, prefetch, scheduler, stages) runs on the CPU.
+Greedy tokens and logits must be bit-identical whatever the cache size, prefetch, device count or host tier."""
+import itertools
+
+import pytest
+import torch
+
+import hybridmoe
+
+IDS = list(range(20, 60))
+
+
+@pytest.fixture(scope="module", params=["deepseek_v3", "qwen2_moe", "mixtral"])
+def reference(request, tiny_models):
+    path = tiny_models(request.param)
+    eng = hybridmoe.load(path)
+    done = list(eng.generate(IDS[:8], temperature=0, max_tokens=24, ignore_eos=True))[-1]
+    return path, eng.logits(IDS), done.token_ids
+
+
+CASES = list(itertools.product([0, 3, 12, None], [True, False], [1, 2], ["mmap", "pinned"]))
+
+
+@pytest.mark.parametrize("slots,prefetch,devices,tier", CASES)
+def test_offload_is_lossless(reference, slots, prefetch, devices, tier):
+    path, logits, tokens = reference
+    eng = hybridmoe.load(path, accelerator="cpu", devices=devices, expert_cache_slots=slots, prefetch=prefetch,
+                         experts_tier=tier)
+    assert torch.equal(eng.logits(IDS), logits)
+    done = list(eng.generate(IDS[:8], temperature=0, max_tokens=24, ignore_eos=True))[-1]
+    assert done.token_ids == tokens
+
+
+def test_stats_report_cache_activity(tiny_models):
+    eng = hybridmoe.load(tiny_models("deepseek_v3"), accelerator="cpu", expert_cache_slots=6)
+    stats = [e for e in eng.generate(IDS[:8], temperature=0, max_tokens=12, ignore_eos=True)
+             if isinstance(e, hybridmoe.Stats)]
+    decode = [s.extra for s in stats if s.phase == "decode"]
+    assert all({"cache_hits", "cache_misses", "bytes_copied", "layers", "expert_tokens"} <= d.keys() for d in decode)
+    assert sum(d["cache_hits"] for d in decode) > 0
+    assert sum(d["cache_misses"] for d in decode) > 0
+    assert any("prefetch_recall" in d for d in decode)
+    assert max(d["cached_experts"][0] for d in decode) <= 6
+
+
+def test_two_devices_split_layers_into_stages(tiny_models):
+    eng = hybridmoe.load(tiny_models("mixtral"), accelerator="cpu", devices=2, expert_cache_slots=4)
+    stages = eng.model.experts.experts.layer_stage
+    assert stages == {0: 0, 1: 1}
+    assert [len(s.cache.key_in) for s in eng.model.experts.experts.stages] == [4, 4]
+
+
+@pytest.mark.parametrize("sizes,n,want", [([1, 1, 1, 1], 2, [0, 0, 1, 1]), ([5, 1, 1, 1, 1, 1], 2, [0, 1, 1, 1, 1, 1]),
+                                          ([1] * 6, 3, [0, 0, 1, 1, 2, 2]), ([2, 1, 1], 1, [0, 0, 0])])
+def test_split_layers_balances_bytes(sizes, n, want):
+    from hybridmoe.offload.runtime import split_layers
+    assert split_layers(sizes, n) == want
+
+
+def test_options_are_validated(tiny_models):
+    with pytest.raises(ValueError, match="experts-tier"):
+        hybridmoe.load(tiny_models("deepseek_v3"), accelerator="cpu", experts_tier="disk")
+    with pytest.raises(hybridmoe.ConfigError, match="accelerator"):
+        hybridmoe.load(tiny_models("deepseek_v3"), devices=2)
