@@ -28,6 +28,28 @@ def _model_opts(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: min(4096, model's))")
 
 
+def _offload_opts(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("offload (routed experts in RAM, a GPU expert cache)")
+    g.add_argument("--accelerator", choices=("cuda", "cpu"), default=None,
+                   help="cuda (default with --device cuda), or cpu to run the offload engine with the CPU standing "
+                        "in for the GPUs")
+    g.add_argument("--devices", type=int, default=1, help="GPUs to split the layers over (default: 1)")
+    g.add_argument("--expert-cache-slots", type=int, default=None,
+                   help="GPU expert slots per device (default: as many as fit; 0 turns the cache off)")
+    g.add_argument("--no-prefetch", action="store_true", help="do not prefetch predicted experts")
+    g.add_argument("--experts-tier", choices=("mmap", "pinned"), default="mmap",
+                   help="host tier of the experts: mmap (page cache, default) or pinned (copied once to pinned RAM)")
+
+
+def load_from_args(args):
+    """The engine for a parsed command line (model, device, dtype, ctx and the offload options)."""
+    from . import load
+    return load(args.model, device=args.device, dtype=args.dtype, context=args.ctx,
+                accelerator=getattr(args, "accelerator", None), devices=getattr(args, "devices", 1),
+                expert_cache_slots=getattr(args, "expert_cache_slots", None),
+                prefetch=not getattr(args, "no_prefetch", False), experts_tier=getattr(args, "experts_tier", "mmap"))
+
+
 def _sampling_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate (default: 256)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default: 0.8)")
@@ -49,12 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="terminal chat with a live monitor (Textual)")
     _model_opts(p, optional=True)
+    _offload_opts(p)
     p.add_argument("--profile", default=None, help="hardware profile (TOML)")
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("repl", help="plain line-based chat on stdin/stdout (scriptable)")
     _model_opts(p, optional=True)
+    _offload_opts(p)
     p.add_argument("--profile", default=None, help="hardware profile (TOML)")
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_repl)
@@ -65,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     _sampling_opts(p)
+    _offload_opts(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("perplexity", help="negative log-likelihood and perplexity of a text or token ids")
@@ -73,7 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--file", help="text file, tokenized with the model's tokenizer")
     src.add_argument("--tokens", help='token ids, e.g. "1 2 3"')
     p.add_argument("--json", action="store_true", help="print JSON: n_tokens, nll, ppl, nll_per_token, argmax")
+    _offload_opts(p)
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("plan", help="where layers, KV cache and experts would live on this (or a described) machine")
+    p.add_argument("model", help="model directory or its config.json (weights not needed)")
+    p.add_argument("--ctx", type=int, default=4096, help="context length to budget KV cache for (default: 4096)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: 1)")
+    p.add_argument("--gpus", default=None, help='describe GPUs instead of probing, e.g. "2x48GiB" or "80GiB,24GiB"')
+    p.add_argument("--ram", default=None, help='describe host RAM instead of probing, e.g. "512GiB"')
+    p.add_argument("--cores", type=int, default=None, help="CPU cores (default: probed)")
+    p.add_argument("--experts-tier", choices=("auto", "pinned", "mmap"), default="auto",
+                   help="host tier for experts (default: pinned if it fits in RAM, else mmap)")
+    p.add_argument("--expert-cache-slots", type=int, default=None, help="cap on GPU expert slots per device")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the weights at run time (default: bfloat16)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="architecture, parameters by category, bytes read per token (config only)")
     p.add_argument("model", help="model directory or its config.json (weights not needed)")
@@ -82,9 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load(args):
-    from . import load
-    return load(args.model, device=args.device, dtype=args.dtype, context=args.ctx)
+_load = load_from_args
 
 
 def cmd_chat(args) -> int:
@@ -211,6 +249,71 @@ def cmd_inspect(args) -> int:
     print(f"active parameters per token: {_fmt_count(s['params_active'])}; one routed expert: "
           f"{_fmt_bytes(s['bytes_per_expert'])} (KV-cache reads not included)")
     return 0
+
+
+def _parse_size(text: str, flag: str) -> int:
+    units = {"tib": 1 << 40, "tb": 10 ** 12, "gib": 1 << 30, "gb": 10 ** 9, "mib": 1 << 20, "mb": 10 ** 6}
+    t = text.strip().lower()
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            try:
+                return int(float(t[:-len(unit)]) * mult)
+            except ValueError:
+                break
+    raise HybridMoEError(f"{flag} {text!r}: expected a size like 48GiB or 512GB")
+
+
+def _hardware(args):
+    from .hardware.probe import probe
+    from .offload.plan import GPU, Hardware
+    hw = probe()
+    gpus = hw.gpus
+    if args.gpus:
+        gpus = []
+        for part in args.gpus.split(","):
+            count, _, size = part.partition("x") if "x" in part else ("1", "", part)
+            try:
+                n = int(count)
+            except ValueError:
+                raise HybridMoEError(f"--gpus {args.gpus!r}: expected e.g. 2x48GiB or 80GiB,24GiB") from None
+            b = _parse_size(size, "--gpus")
+            gpus += [GPU(f"GPU {b / (1 << 30):.0f} GiB", b, b)] * n
+    ram = _parse_size(args.ram, "--ram") if args.ram else None
+    return Hardware(tuple(gpus), ram or hw.ram_total, ram or hw.ram_available, args.cores or hw.cpu_cores)
+
+
+def cmd_plan(args) -> int:
+    from .engine.engine import DTYPES
+    from .models.loader import read_config
+    from .offload.plan import GiB, PlanOptions, footprint_from_config, make_plan
+    if args.dtype not in DTYPES:
+        raise HybridMoEError(f"--dtype {args.dtype!r}: use one of {', '.join(DTYPES)}")
+    cfg = read_config(args.model)
+    wbytes = 4 if DTYPES[args.dtype].is_floating_point and DTYPES[args.dtype].itemsize == 4 else 2
+    fp = footprint_from_config(cfg, weight_bytes=wbytes, expert_bytes=wbytes)
+    plan = make_plan(fp, _hardware(args), PlanOptions(context=args.ctx, batch=args.batch,
+                                                      experts_tier=args.experts_tier,
+                                                      max_slots=args.expert_cache_slots))
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "fp8":
+        plan.notes.append("FP8 checkpoints are widened to the run-time dtype on load; a GGUF at 4-5 bits per "
+                          "weight needs about a third of these expert bytes")
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=1))
+        return 0 if plan.fits else 3
+    print(f"{'device':<24}{'layers':>10}{'weights':>11}{'KV cache':>11}{'expert slots':>14}{'slot bytes':>12}")
+    for i, d in enumerate(plan.devices):
+        layers = f"{d.layers[0]}-{d.layers[-1]}" if d.layers else "-"
+        print(f"{f'{i}: {d.name}':<24}{layers:>10}{_fmt_bytes(d.bytes_weights):>11}{_fmt_bytes(d.bytes_kv):>11}"
+              f"{d.expert_slots:>14}{_fmt_bytes(d.bytes_slots):>12}")
+    e = plan.experts
+    print(f"experts: {_fmt_bytes(e['bytes'])} in the {e['tier']} tier; {e['cache_slots_total']} cached on GPUs; "
+          f"{plan.cpu_threads} CPU threads; prefetch margin {plan.prefetch_margin}; context {plan.context}")
+    for note in plan.notes:
+        print(f"note: {note}")
+    for problem in plan.problems:
+        print(f"does not fit: {problem}")
+    print("fits" if plan.fits else "DOES NOT FIT")
+    return 0 if plan.fits else 3
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """The engine object behind hybridmoe.load(): a loaded model, its tokenizer, and generation entry points."""
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -10,7 +11,8 @@ import torch
 from ..errors import ConfigError, ContextOverflowError
 from ..layers.cache import Batch
 from ..models.loader import LoadedModel, load_hf, model_args, read_config
-from ..offload.runtime import OffloadOptions, OffloadRuntime, split_layers, stage_devices
+from ..offload.plan import split_stages
+from ..offload.runtime import OffloadOptions, OffloadRuntime, stage_devices
 from .config import GenerationConfig
 from .events import Event
 from .generate import generate_loop
@@ -167,20 +169,17 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         stage_devs = stage_devices(opts)
         if accelerator == "cuda" and devices > torch.cuda.device_count():
             raise ConfigError(f"--devices {devices}: only {torch.cuda.device_count()} GPU(s) visible")
-        stages = split_layers(_layer_bytes(read_config(path)), devices)
+        stages = split_stages(_layer_bytes(read_config(path)), devices)
         loaded = load_hf(path, stage_devs[0], dt, [stage_devs[s] for s in stages], experts_device="cpu")
-        weights = loaded.model.experts.weights
-        slots = [_default_slots(weights, stages, s) if expert_cache_slots is None else expert_cache_slots
-                 for s in range(devices)]
-        loaded.model.experts = OffloadRuntime(loaded.model, weights, opts, stages, slots)
+        model = loaded.model
+        ctx = context or 4096
+        kv = [sum(math.prod(sh) for i, b in enumerate(model.layers) if stages[i] == s
+                  for sh in b.attn.cache_shapes()) * ctx * torch.finfo(dt).bits // 8 for s in range(devices)]
+        model.experts = OffloadRuntime(model, model.experts.weights, opts, stages, kv)
         dev = stage_devs[0]
     tokenizer = Tokenizer(path, loaded.config) if (path / "tokenizer.json").exists() else None
     return Engine(loaded, tokenizer, path, dev, dt, context)
 
-
-def _default_slots(weights: dict, stages: list[int], stage: int) -> int:
-    """Without a plan: room for every expert of the stage's layers. The plan lowers this to what VRAM holds."""
-    return sum(len(experts) for layer, experts in weights.items() if stages[layer] == stage)
 
 
 # --- GGUF files (llama.cpp's format): non-expert weights dequantized, routed experts computed from their bytes ---

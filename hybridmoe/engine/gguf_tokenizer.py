@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from ..errors import ConfigError, ModelFileError
+from ..formats.gguf import split_parts
 from .tokenizer import ChatTemplate
 
 
@@ -30,7 +31,7 @@ class GGUFTokenizer:
 
     def __init__(self, path: str | Path, chat_template: str | None = None):
         self.L = L = _llama()
-        self.path = Path(path)
+        self.path = split_parts(Path(path))[0]  # llama.cpp reads a split model from its first part
         params = L.llama_model_default_params()
         params.vocab_only = True
         self._model = L.llama_model_load_from_file(str(self.path).encode(), params)

@@ -184,6 +184,16 @@ class OffloadExperts:
             dev.cache.pin(key)
             pinned.append(key)
 
+    def warm(self, keys: list[tuple[int, int]]) -> int:
+        """Copy these experts into their stages' slots now (everything that fits, or a saved popularity list)."""
+        copied = 0
+        for layer, e in keys:
+            dev = self.stages[self.layer_stage[layer]]
+            got = dev.cache.admit((layer, e), force=True)
+            if got is not None:
+                copied += self._copy(dev, got[0], layer, e, wait=True)
+        return copied
+
     def tick(self) -> None:
         for dev in self.stages:
             dev.cache.tick()

@@ -42,28 +42,42 @@ def stage_devices(opts: OffloadOptions) -> list[torch.device]:
     return [torch.device("cuda", i) for i in range(opts.devices)]
 
 
-def split_layers(layer_bytes: list[int], n_stages: int) -> list[int]:
-    """Contiguous stages balanced by bytes: stage index of each layer."""
-    total = sum(layer_bytes) or 1
-    out, acc = [], 0
-    for b in layer_bytes:
-        out.append(min(n_stages - 1, int((acc + b / 2) * n_stages / total)))
-        acc += b
-    return out
+def cuda_slots_that_fit(store, device: torch.device, reserve: int, kv_bytes: int) -> int:
+    """Slots that fit in what is free on `device` now that its weights are loaded."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(0, (free - reserve - kv_bytes) // max(1, store.slot_nbytes()))
 
 
 class OffloadRuntime:
     """Owns the offload machinery attached to one model; the generate loop calls tick() once per step."""
 
-    def __init__(self, model, weights: dict, opts: OffloadOptions, stages: list[int], slots: list[int],
-                 cost: CostModel | None = None):
+    def __init__(self, model, weights: dict, opts: OffloadOptions, stages: list[int],
+                 kv_bytes: list[int] | None = None, cost: CostModel | None = None, vram_reserve: int = 3 << 29):
+        """stages: the stage of every layer. kv_bytes: per stage, the KV cache the context will need (kept free
+        when sizing the cache from free VRAM)."""
         self.model, self.opts = model, opts
         devices = stage_devices(opts)
         pin = opts.experts_tier == "pinned" and torch.cuda.is_available()
         self.store = DenseStore(weights, opts.experts_tier, pin=pin)
+        kv_bytes = kv_bytes or [0] * len(devices)
+        slots = []
+        for s, dev in enumerate(devices):
+            stage_experts = sum(len(w) for layer, w in weights.items() if stages[layer] == s)
+            n = stage_experts if opts.expert_cache_slots is None else min(opts.expert_cache_slots, stage_experts)
+            if dev.type == "cuda":
+                n = min(n, cuda_slots_that_fit(self.store, dev, vram_reserve, kv_bytes[s]))
+            slots.append(n)
+        self.slots = slots
         self.experts = OffloadExperts(self.store, {i: stages[i] for i in weights}, devices, slots, cost, opts.decay)
+        # When a stage's cache holds all of its experts, fill it now: generation then never copies.
+        full = [s for s, dev in enumerate(devices) if slots[s] and slots[s] == sum(
+            len(w) for layer, w in weights.items() if stages[layer] == s)]
+        self.experts.warm([(layer, e) for layer, w in weights.items() if stages[layer] in full
+                           for e in range(len(w))])
         self.prefetcher = None
-        if opts.prefetch and any(slots):
+        partial = any(0 < slots[s] < sum(len(w) for layer, w in weights.items() if stages[layer] == s)
+                      for s in range(len(devices)))
+        if opts.prefetch and partial:
             self.prefetcher = Prefetcher(model, opts.prefetch_margin, on_predict=self.experts.prefetch)
             self.experts.on_routed = self.prefetcher.record
             model.observers.append(self.prefetcher.observe)

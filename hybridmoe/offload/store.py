@@ -66,6 +66,9 @@ class DenseStore:
     def expert_nbytes(self) -> int:
         return 3 * self.inter * self.dim * torch.finfo(self.dtype).bits // 8
 
+    def slot_nbytes(self) -> int:
+        return self.expert_nbytes()
+
     def flops_per_token(self) -> float:
         return 6.0 * self.inter * self.dim
 

@@ -53,8 +53,8 @@ def test_two_devices_split_layers_into_stages(tiny_models):
 @pytest.mark.parametrize("sizes,n,want", [([1, 1, 1, 1], 2, [0, 0, 1, 1]), ([5, 1, 1, 1, 1, 1], 2, [0, 1, 1, 1, 1, 1]),
                                           ([1] * 6, 3, [0, 0, 1, 1, 2, 2]), ([2, 1, 1], 1, [0, 0, 0])])
 def test_split_layers_balances_bytes(sizes, n, want):
-    from hybridmoe.offload.runtime import split_layers
-    assert split_layers(sizes, n) == want
+    from hybridmoe.offload.plan import split_stages
+    assert split_stages(sizes, n) == want
 
 
 def test_options_are_validated(tiny_models):

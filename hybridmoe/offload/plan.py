@@ -1,0 +1,184 @@
+"""Placement of a model on a machine, from metadata alone: which GPU owns which layers (contiguous stages balanced by
+bytes), the KV-cache budget for the context, expert slots per GPU, the experts' host tier, CPU threads and prefetch
+width. Pure arithmetic: it loads no weights, so it answers "will it fit, and how?" before a download."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class Footprint:
+    """A model's sizes as it will run: non-expert weights per layer, embeddings and head, one expert in a GPU slot
+    and on the host, KV bytes per token per layer."""
+    name: str
+    layer_bytes: tuple[int, ...]
+    embed_bytes: int
+    head_bytes: int
+    experts_per_layer: tuple[int, ...]  # 0 for dense layers
+    expert_slot_bytes: int
+    expert_host_bytes: int
+    kv_bytes_per_token: tuple[int, ...]
+    top_k: int
+
+    @property
+    def expert_host_total(self) -> int:
+        return sum(self.experts_per_layer) * self.expert_host_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GPU:
+    name: str
+    bytes_total: int
+    bytes_free: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hardware:
+    gpus: tuple[GPU, ...]
+    ram_total: int
+    ram_available: int
+    cpu_cores: int
+    h2d_bytes_per_s: float = 25e9
+    cpu_read_bytes_per_s: float = 50e9
+    disk_read_bytes_per_s: float = 2e9
+
+
+@dataclass(slots=True)
+class PlanOptions:
+    context: int = 4096
+    batch: int = 1
+    vram_reserve: int = int(1.5 * GiB)  # per GPU: CUDA context, activations, allocator slack
+    vram_margin: float = 0.05  # fraction of each GPU kept free on top of the reserve
+    ram_fraction: float = 0.85  # of available RAM that pinned experts may take
+    experts_tier: str = "auto"  # "auto", "pinned" or "mmap"
+    max_slots: int | None = None  # cap per GPU (the user's --expert-cache-slots)
+    prefetch_margin: int = 2
+
+    def __post_init__(self):
+        if self.context < 1 or self.batch < 1:
+            raise ValueError("context and batch must be >= 1")
+        if self.experts_tier not in ("auto", "pinned", "mmap"):
+            raise ValueError(f"experts tier {self.experts_tier!r}: use auto, pinned or mmap")
+
+
+@dataclass(slots=True)
+class DevicePlan:
+    name: str
+    bytes_total: int
+    bytes_weights: int
+    bytes_kv: int
+    bytes_slots: int
+    expert_slots: int
+    layers: list[int]
+
+
+@dataclass(slots=True)
+class Plan:
+    fits: bool
+    devices: list[DevicePlan]
+    experts: dict
+    cpu_threads: int
+    prefetch_margin: int
+    context: int
+    batch: int
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def split_stages(weights: list[int], n: int) -> list[int]:
+    """Contiguous stages balanced by bytes: the stage index of each layer."""
+    total = sum(weights) or 1
+    out, acc = [], 0
+    for b in weights:
+        out.append(min(n - 1, int((acc + b / 2) * n / total)))
+        acc += b
+    return out
+
+
+def make_plan(fp: Footprint, hw: Hardware, opts: PlanOptions | None = None) -> Plan:
+    opts = opts or PlanOptions()
+    n_layers = len(fp.layer_bytes)
+    tokens = opts.context * opts.batch
+    problems, notes = [], []
+    host_total = fp.expert_host_total
+    budget = int(hw.ram_available * opts.ram_fraction)
+    tier = opts.experts_tier
+    if tier == "auto":
+        tier = "pinned" if host_total <= budget else "mmap"
+    if tier == "pinned" and host_total > budget:
+        problems.append(f"pinned experts need {host_total / GiB:.1f} GiB of RAM but {budget / GiB:.1f} GiB is "
+                        "available; use --experts-tier mmap")
+    if tier == "mmap" and host_total > hw.ram_available:
+        notes.append(f"experts ({host_total / GiB:.0f} GiB) exceed RAM ({hw.ram_available / GiB:.0f} GiB): cold "
+                     f"experts stream from disk at ~{hw.disk_read_bytes_per_s / 1e9:.1f} GB/s")
+    threads = max(1, hw.cpu_cores)
+    if not hw.gpus:
+        return Plan(not problems, [], {"tier": tier, "bytes": host_total, "cache_slots_total": 0}, threads,
+                    0, opts.context, opts.batch, problems, notes + ["no GPU: everything runs on the CPU"])
+
+    per_layer = [w + kv * tokens for w, kv in zip(fp.layer_bytes, fp.kv_bytes_per_token)]
+    stages = split_stages(per_layer, len(hw.gpus))
+    devices = []
+    for s, gpu in enumerate(hw.gpus):
+        layers = [i for i in range(n_layers) if stages[i] == s]
+        weights = sum(fp.layer_bytes[i] for i in layers)
+        weights += (fp.embed_bytes if s == 0 else 0) + (fp.head_bytes if s == len(hw.gpus) - 1 else 0)
+        kv = sum(fp.kv_bytes_per_token[i] for i in layers) * tokens
+        usable = int(gpu.bytes_free * (1 - opts.vram_margin)) - opts.vram_reserve
+        room = usable - weights - kv
+        if room < 0:
+            problems.append(f"GPU {s} ({gpu.name}) needs {(weights + kv) / GiB:.1f} GiB for layers "
+                            f"{layers[0]}-{layers[-1]} (weights {weights / GiB:.1f}, KV {kv / GiB:.1f} at context "
+                            f"{opts.context}) but has {usable / GiB:.1f} GiB usable: {-room / GiB:.1f} GiB short")
+        stage_experts = sum(fp.experts_per_layer[i] for i in layers)
+        slots = max(0, min(stage_experts, room // max(1, fp.expert_slot_bytes)))
+        if opts.max_slots is not None:
+            slots = min(slots, opts.max_slots)
+        devices.append(DevicePlan(gpu.name, gpu.bytes_total, weights, kv, slots * fp.expert_slot_bytes, slots,
+                                  layers))
+    if problems and any("short" in p for p in problems):
+        short = [p for p in problems if "short" in p]
+        fixes = []
+        kv_total = sum(d.bytes_kv for d in devices)
+        if kv_total > GiB:
+            fixes.append(f"a smaller --ctx (KV takes {kv_total / GiB:.1f} GiB at {opts.context})")
+        fixes.append("more GPUs (--devices)")
+        fixes.append("a smaller quantization of the attention and dense layers")
+        problems[-1 if short else 0] += "; to fit: " + ", or ".join(fixes)
+    total_slots = sum(d.expert_slots for d in devices)
+    frac = total_slots / max(1, sum(fp.experts_per_layer))
+    notes.append(f"GPU expert cache: {total_slots} slots ({100 * frac:.0f}% of all experts)")
+    margin = 0 if frac >= 1 else opts.prefetch_margin
+    return Plan(not problems, devices, {"tier": tier, "bytes": host_total, "cache_slots_total": total_slots},
+                threads, margin, opts.context, opts.batch, problems, notes)
+
+
+def footprint_from_config(cfg: dict, weight_bytes: float = 2.0, expert_bytes: float | None = None,
+                          kv_bytes: int = 2) -> Footprint:
+    """Sizes from an HF config.json. weight_bytes: bytes per parameter of the GPU-resident weights (bf16: 2);
+    expert_bytes: bytes per expert parameter on the host and in a slot (default: as the checkpoint stores them)."""
+    import torch
+
+    from ..models.loader import model_args
+    family, args = model_args(cfg)
+    with torch.device("meta"):
+        model = family.build(args)
+    moe = set(model.moe_layers())
+    inter, dim = args.expert_shape
+    if expert_bytes is None:
+        fp8 = (cfg.get("quantization_config") or {}).get("quant_method") == "fp8"
+        expert_bytes = 1.0 + 4 / (128 * 128) if fp8 else weight_bytes
+    per_expert = int(math.ceil(3 * inter * dim * expert_bytes))
+    layer_bytes = tuple(int(sum(p.numel() for p in b.parameters()) * weight_bytes) for b in model.layers)
+    kv = tuple(int(sum(math.prod(s) for s in b.attn.cache_shapes()) * kv_bytes) for b in model.layers)
+    embed = int(model.tok_embeddings.weight.numel() * weight_bytes)
+    head = 0 if args.tie_embeddings else int(model.output.weight.numel() * weight_bytes)
+    return Footprint(cfg.get("model_type", "?"), layer_bytes, embed, head,
+                     tuple(args.n_routed_experts if i in moe else 0 for i in range(args.n_layers)),
+                     per_expert, per_expert, kv, args.router.top_k if getattr(args, "router", None) else 0)
