@@ -25,6 +25,12 @@ class Stats:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    """Something the user should know that did not stop generation (e.g. the expert cache was shrunk)."""
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """A problem that ended generation; message is one line meant for the user."""
     message: str
@@ -40,4 +46,4 @@ class Done:
     token_ids: tuple[int, ...] = ()  # every generated token, in order
 
 
-Event = Text | Stats | Error | Done
+Event = Text | Stats | Notice | Error | Done

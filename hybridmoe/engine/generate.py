@@ -11,7 +11,7 @@ from ..errors import HybridMoEError
 from ..layers.cache import Batch
 from ..models.common import Transformer
 from .config import GenerationConfig
-from .events import Done, Error, Event, Stats, Text
+from .events import Done, Error, Event, Notice, Stats, Text
 from .sampler import make_sampler
 from .text import StopFilter, ThinkSplitter
 from .tokenizer import StreamDecoder, Tokenizer
@@ -20,6 +20,20 @@ from .tokenizer import StreamDecoder, Tokenizer
 def expert_stats(model: Transformer) -> dict:
     take = getattr(model.experts, "take_stats", None)
     return take() if take else {}
+
+
+def with_memory_retry(fn, model: Transformer, notices: list[str]):
+    """Run fn(); on GPU out-of-memory, let the offload engine give memory back (shrinking its expert cache) and
+    retry, so an answer never dies mid-way for want of cache space."""
+    release = getattr(model.experts, "release_memory", None)
+    while True:
+        try:
+            return fn()
+        except torch.OutOfMemoryError:
+            msg = release() if release is not None else None
+            if msg is None:
+                raise
+            notices.append(msg)
 
 
 def generate_loop(model: Transformer, tok: Tokenizer | None, eos_ids: set[int], prompt_ids: list[int], cfg: GenerationConfig, *,
@@ -55,17 +69,29 @@ def generate_loop(model: Transformer, tok: Tokenizer | None, eos_ids: set[int], 
             yield Text(chunk, channel)
         yield Done(reason, n_prompt, len(generated), "".join(text_parts), tuple(generated))
 
+    notices: list[str] = []
+
+    def step(tokens: list[list[int]], batch: Batch) -> torch.Tensor:
+        return with_memory_retry(lambda: model(torch.tensor(tokens, device=device), batch, cache, last_only=True)[0],
+                                 model, notices)
+
+    def stats_events(phase: str, n: int, decode_rate: float) -> Iterator[Event]:
+        extra = expert_stats(model)
+        for msg in notices + extra.pop("notices", []):
+            yield Notice(msg)
+        notices.clear()
+        yield Stats(phase, n, n_prompt, prefill_rate, decode_rate, time.perf_counter() - t0, extra)
+
     try:
         t0 = time.perf_counter()
-        cache = model.new_cache(1, max_len)
+        prefill_rate = 0.0
+        cache = with_memory_retry(lambda: model.new_cache(1, max_len), model, notices)
         with torch.inference_mode():
             for s in range(0, n_prompt, prefill_chunk):
                 chunk = prompt_ids[s:s + prefill_chunk]
-                batch = Batch.make([s], [len(chunk)], [0], device)
-                logits = model(torch.tensor([chunk], device=device), batch, cache, last_only=True)[0]
-            t_prefill = time.perf_counter() - t0
-            prefill_rate = n_prompt / max(t_prefill, 1e-9)
-            yield Stats("prefill", 0, n_prompt, prefill_rate, 0.0, t_prefill, expert_stats(model))
+                logits = step([chunk], Batch.make([s], [len(chunk)], [0], device))
+            prefill_rate = n_prompt / max(time.perf_counter() - t0, 1e-9)
+            yield from stats_events("prefill", 0, 0.0)
             t_decode = time.perf_counter()
             pos = n_prompt
             while True:
@@ -80,8 +106,7 @@ def generate_loop(model: Transformer, tok: Tokenizer | None, eos_ids: set[int], 
                     yield from finish("stop")
                     return
                 elapsed = time.perf_counter() - t_decode
-                yield Stats("decode", len(generated), n_prompt, prefill_rate, len(generated) / max(elapsed, 1e-9),
-                            time.perf_counter() - t0, expert_stats(model))
+                yield from stats_events("decode", len(generated), len(generated) / max(elapsed, 1e-9))
                 if len(generated) >= cfg.max_tokens:
                     yield from finish("length")
                     return
@@ -91,11 +116,10 @@ def generate_loop(model: Transformer, tok: Tokenizer | None, eos_ids: set[int], 
                 if cancel is not None and cancel.is_set():
                     yield from finish("cancelled")
                     return
-                batch = Batch.make([pos], [1], [0], device)
-                logits = model(torch.tensor([[token]], device=device), batch, cache, last_only=True)[0]
+                logits = step([[token]], Batch.make([pos], [1], [0], device))
                 pos += 1
     except torch.OutOfMemoryError:
-        yield Error("out of memory during generation; lower --ctx or use a smaller model/cache")
+        yield Error("out of memory during generation even with the expert cache emptied; lower --ctx")
         yield Done("error", n_prompt, len(generated), "".join(text_parts), tuple(generated))
     except HybridMoEError as e:
         yield Error(str(e))

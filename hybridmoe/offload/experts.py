@@ -44,13 +44,27 @@ class StepStats:
 
 
 class DeviceSlots:
-    """One device's expert cache: the pure-Python allocator plus the slot buffers it indexes."""
+    """One device's expert cache: the pure-Python allocator plus the slot buffers it indexes. If the device cannot
+    hold `n_slots`, it takes half as many until the allocation succeeds (and says so in `shrunk_from`)."""
 
     def __init__(self, store, n_slots: int, device: torch.device, decay: float):
         self.device = device
-        self.cache = SlotCache(n_slots, decay)
-        self.buffers = store.new_slots(n_slots, device) if n_slots else None
+        self.shrunk_from = None
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.allocate(store, n_slots, decay)
+
+    def allocate(self, store, n_slots: int, decay: float) -> None:
+        self.buffers = None
+        want = n_slots
+        while True:
+            try:
+                self.buffers = store.new_slots(n_slots, self.device) if n_slots else None
+                break
+            except torch.OutOfMemoryError:
+                n_slots //= 2
+        if n_slots < want:
+            self.shrunk_from = want
+        self.cache = SlotCache(n_slots, decay)
 
 
 class OffloadExperts:
@@ -189,10 +203,23 @@ class OffloadExperts:
         copied = 0
         for layer, e in keys:
             dev = self.stages[self.layer_stage[layer]]
+            if len(dev.cache) >= dev.cache.n_slots:
+                continue
             got = dev.cache.admit((layer, e), force=True)
             if got is not None:
                 copied += self._copy(dev, got[0], layer, e, wait=True)
         return copied
+
+    def shrink(self, stage: int, fraction: float = 0.5) -> int:
+        """Give back GPU memory: the stage's cache restarts with `fraction` of its slots. Returns slots freed."""
+        dev = self.stages[stage]
+        before = dev.cache.n_slots
+        dev.buffers = None
+        if dev.device.type == "cuda":
+            torch.cuda.empty_cache()
+        dev.allocate(self.store, int(before * fraction), dev.cache.decay)
+        self.prefetched.clear()
+        return before - dev.cache.n_slots
 
     def tick(self) -> None:
         for dev in self.stages:

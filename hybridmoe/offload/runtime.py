@@ -3,10 +3,14 @@ router-predicted prefetch, and the cost model. `accelerator="cpu"` runs all of i
 the GPUs, which is how CI tests it."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from .experts import OffloadExperts
 from .prefetch import Prefetcher
 from .scheduler import CostModel
@@ -49,35 +53,39 @@ def cuda_slots_that_fit(store, device: torch.device, reserve: int, kv_bytes: int
 
 
 class OffloadRuntime:
-    """Owns the offload machinery attached to one model; the generate loop calls tick() once per step."""
+    """Owns the offload machinery attached to one model; the generate loop takes its stats once per step."""
 
     def __init__(self, model, weights: dict, opts: OffloadOptions, stages: list[int],
                  kv_bytes: list[int] | None = None, cost: CostModel | None = None, vram_reserve: int = 3 << 29):
         """stages: the stage of every layer. kv_bytes: per stage, the KV cache the context will need (kept free
         when sizing the cache from free VRAM)."""
         self.model, self.opts = model, opts
+        self.notices: list[str] = []
         devices = stage_devices(opts)
         pin = opts.experts_tier == "pinned" and torch.cuda.is_available()
         self.store = DenseStore(weights, opts.experts_tier, pin=pin)
         kv_bytes = kv_bytes or [0] * len(devices)
+        per_stage = [sum(len(w) for layer, w in weights.items() if stages[layer] == s) for s in range(len(devices))]
         slots = []
         for s, dev in enumerate(devices):
-            stage_experts = sum(len(w) for layer, w in weights.items() if stages[layer] == s)
-            n = stage_experts if opts.expert_cache_slots is None else min(opts.expert_cache_slots, stage_experts)
+            n = per_stage[s] if opts.expert_cache_slots is None else min(opts.expert_cache_slots, per_stage[s])
             if dev.type == "cuda":
                 n = min(n, cuda_slots_that_fit(self.store, dev, vram_reserve, kv_bytes[s]))
             slots.append(n)
-        self.slots = slots
         self.experts = OffloadExperts(self.store, {i: stages[i] for i in weights}, devices, slots, cost, opts.decay)
+        for s, st in enumerate(self.experts.stages):
+            if st.shrunk_from is not None:
+                self.notices.append(f"GPU {s}: out of memory for {st.shrunk_from} expert slots; "
+                                    f"using {st.cache.n_slots}")
+        slots = [st.cache.n_slots for st in self.experts.stages]
+        self.slots = slots
         # When a stage's cache holds all of its experts, fill it now: generation then never copies.
-        full = [s for s, dev in enumerate(devices) if slots[s] and slots[s] == sum(
-            len(w) for layer, w in weights.items() if stages[layer] == s)]
+        full = {s for s in range(len(devices)) if slots[s] and slots[s] == per_stage[s]}
         self.experts.warm([(layer, e) for layer, w in weights.items() if stages[layer] in full
                            for e in range(len(w))])
+        self.popularity: dict[tuple[int, int], int] = {}
         self.prefetcher = None
-        partial = any(0 < slots[s] < sum(len(w) for layer, w in weights.items() if stages[layer] == s)
-                      for s in range(len(devices)))
-        if opts.prefetch and partial:
+        if opts.prefetch and any(0 < n < per_stage[s] for s, n in enumerate(slots)):
             self.prefetcher = Prefetcher(model, opts.prefetch_margin, on_predict=self.experts.prefetch)
             self.experts.on_routed = self.prefetcher.record
             model.observers.append(self.prefetcher.observe)
@@ -93,9 +101,47 @@ class OffloadRuntime:
     def take_stats(self) -> dict:
         self.experts.tick()
         stats = self.experts.take_stats()
+        for layer, counts in stats["expert_tokens"].items():
+            for e, n in counts.items():
+                self.popularity[(layer, e)] = self.popularity.get((layer, e), 0) + n
         if self.prefetcher is not None:
             q = self.prefetcher.summary()
             if q:
                 stats["prefetch"] = q
                 stats["prefetch_recall"] = sum(v["recall_k_margin"] for v in q.values()) / len(q)
+        if self.notices:
+            stats["notices"], self.notices = self.notices, []
         return stats
+
+    def release_memory(self) -> str | None:
+        """After an out-of-memory error: halve the largest GPU expert cache. Returns what was done, or None."""
+        sizes = [st.cache.n_slots for st in self.experts.stages]
+        if not any(sizes):
+            return None
+        stage = max(range(len(sizes)), key=sizes.__getitem__)
+        freed = self.experts.shrink(stage)
+        return f"out of GPU memory: expert cache on GPU {stage} shrunk by {freed} slots to {sizes[stage] - freed}"
+
+    def save_popularity(self, path: str | Path) -> None:
+        """Expert use counts seen so far, to warm the cache at the next start (load_popularity)."""
+        rows = [[layer, e, n] for (layer, e), n in sorted(self.popularity.items())]
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps({"format": "hybridmoe-expert-popularity", "counts": rows}))
+        os.replace(tmp, path)
+
+    def load_popularity(self, path: str | Path) -> int:
+        """Warm the caches with the most used experts of a saved popularity file. Returns experts copied."""
+        try:
+            data = json.loads(Path(path).read_text())
+            rows = data["counts"] if data.get("format") == "hybridmoe-expert-popularity" else None
+            counts = {(int(layer), int(e)): int(n) for layer, e, n in rows}
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path}: not an expert popularity file written by save_popularity") from None
+        known = {(layer, e) for layer, w in self.store.weights.items() for e in range(len(w))}
+        ranked = [k for k, _ in sorted(counts.items(), key=lambda kv: -kv[1]) if k in known]
+        for k in ranked:
+            for st in self.experts.stages:
+                st.cache.touch(k, counts[k])
+        before = sum(len(st.cache) for st in self.experts.stages)
+        self.experts.warm(ranked[:sum(st.cache.n_slots for st in self.experts.stages)])
+        return sum(len(st.cache) for st in self.experts.stages) - before
