@@ -7,6 +7,7 @@ The corpus is built from the docstrings of the running interpreter's standard li
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import random
@@ -33,8 +34,10 @@ CHAT_TEMPLATE = (
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "__phello__", "lib-dynload", "pydoc_data"}
 SKIP_DIR_PREFIXES = ("config-",)
 SKIP_FILES = {"this.py", "antigravity.py", "__hello__.py"}
-# Pure-Python twins of C modules document the public module.
-MODULE_ALIASES = {"_pydecimal": "decimal", "_pyio": "io", "_collections_abc": "collections.abc"}
+# Modules whose docstrings are read under a public name: pure-Python twins of C modules, and `os.path`, which is
+# posixpath (with genericpath's helpers) on the interpreters this corpus is built with.
+MODULE_ALIASES = {"_pydecimal": "decimal", "_pyio": "io", "_collections_abc": "collections.abc",
+                  "posixpath": "os.path", "genericpath": "os.path"}
 
 SYSTEM_PROMPTS = [
     "You answer questions about the Python standard library.",
@@ -197,11 +200,15 @@ def summary_line(text: str) -> str:
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The chat template rendered the way transformers does (sandboxed jinja2, trim_blocks, lstrip_blocks)."""
+    return _compiled_template().render(
+        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=BOS, eos_token=EOS)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_template():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(CHAT_TEMPLATE).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=BOS, eos_token=EOS)
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(CHAT_TEMPLATE)
 
 
 def render_chat_plain(messages: list[dict], add_generation_prompt: bool = False) -> str:
