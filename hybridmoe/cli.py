@@ -13,15 +13,18 @@ EPILOG = """examples:
   hybridmoe generate ./DeepSeek-V3 -p "Hello" -n 64 --device cuda
   hybridmoe perplexity ./model --file wiki.txt --json
   hybridmoe inspect ./DeepSeek-R1                  works with only config.json present
+  hybridmoe convert ./Qwen3-30B-A3B q.gguf --type q4_k_m   GGUF for hybridmoe and llama.cpp
 """
 
 
 def _model_opts(p: argparse.ArgumentParser, optional: bool = False) -> None:
     if optional:
         p.add_argument("model", nargs="?", default=None,
-                       help="model directory (HF config.json + safetensors + tokenizer.json); default: the demo model")
+                       help="model directory (HF config.json + safetensors + tokenizer.json) or GGUF file; "
+                            "default: the demo model")
     else:
-        p.add_argument("model", help="model directory (HF config.json + safetensors + tokenizer.json)")
+        p.add_argument("model", help="model directory (HF config.json + safetensors + tokenizer.json) or GGUF file "
+                                     "(x.gguf, or a part of a split x-00001-of-0000N.gguf)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, "
                                                  "float32 on cpu)")
@@ -113,12 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-cache-slots", type=int, default=None, help="cap on GPU expert slots per device")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the weights at run time (default: bfloat16)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--profile", default=None, help="plan for the machine a hardware profile describes: a shipped "
+                   "name (rtx6000ada-x2, ...), a TOML file, or auto (this machine)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="architecture, parameters by category, bytes read per token (config only)")
     p.add_argument("model", help="model directory or its config.json (weights not needed)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="write an HF model directory as one GGUF file (llama.cpp loads it too)")
+    p.add_argument("model", help="HF model directory (config.json + safetensors + tokenizer.json); BF16 or FP8")
+    p.add_argument("out", help="output .gguf file")
+    p.add_argument("--type", default="q8_0", choices=["q8_0", "q4_k_m", "bf16", "f32"],
+                   help="routed experts' type; attention, shared and dense layers are q8_0 (bf16 / f32 with those "
+                        "types). q4_k_m uses llama.cpp's quantizer (default: q8_0)")
+    p.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name, if it cannot be inferred")
+    p.set_defaults(func=cmd_convert)
+    _add_hardware_commands(sub)
     return ap
 
 
@@ -231,6 +246,13 @@ def _fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def cmd_convert(args) -> int:
+    from .formats.convert import convert
+    out = convert(args.model, args.out, args.type, progress=True, tokenizer_pre=args.tokenizer_pre)
+    print(f"wrote {out} ({Path(out).stat().st_size / 2 ** 30:.2f} GiB)")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .models.loader import read_config
     from .models.summary import summarize
@@ -264,9 +286,11 @@ def _parse_size(text: str, flag: str) -> int:
 
 
 def _hardware(args):
-    from .hardware.probe import probe
-    from .offload.plan import GPU, Hardware
-    hw = probe()
+    from dataclasses import replace
+
+    from .hardware.commands import plan_hardware
+    from .offload.plan import GPU
+    hw = plan_hardware(getattr(args, "profile", None))
     gpus = hw.gpus
     if args.gpus:
         gpus = []
@@ -279,7 +303,9 @@ def _hardware(args):
             b = _parse_size(size, "--gpus")
             gpus += [GPU(f"GPU {b / (1 << 30):.0f} GiB", b, b)] * n
     ram = _parse_size(args.ram, "--ram") if args.ram else None
-    return Hardware(tuple(gpus), ram or hw.ram_total, ram or hw.ram_available, args.cores or hw.cpu_cores)
+    # replace() keeps the profile's (or probe's) copy and disk rates
+    return replace(hw, gpus=tuple(gpus), ram_total=ram or hw.ram_total, ram_available=ram or hw.ram_available,
+                   cpu_cores=args.cores or hw.cpu_cores)
 
 
 def cmd_plan(args) -> int:
@@ -314,6 +340,73 @@ def cmd_plan(args) -> int:
         print(f"does not fit: {problem}")
     print("fits" if plan.fits else "DOES NOT FIT")
     return 0 if plan.fits else 3
+
+
+# --- tune, bench, pull: hardware profiles, measurements and downloads (logic in hardware/, engine/bench.py, pull.py)
+def _add_hardware_commands(sub) -> None:
+    p = sub.add_parser("tune", help="measure this machine, choose the fastest plan for a model, write a profile")
+    p.add_argument("model", nargs="?", default=None, help="model directory, config.json or GGUF file (optional: "
+                                                          "without it only the machine is measured)")
+    p.add_argument("-o", "--output", default=None, help="profile to write (default: ./<gpus>.toml)")
+    p.add_argument("--quick", action="store_true", help="measure nothing: take the rates from the matching "
+                   "shipped profile (datasheet) or defaults")
+    p.add_argument("--profile", default=None, help="tune for the machine this profile describes (nothing measured)")
+    p.add_argument("--ctx", type=int, default=None, help="fix the context length (default: the tuner chooses)")
+    p.add_argument("--batch", type=int, default=None, help="fix the batch size (default: the tuner chooses)")
+    p.add_argument("--dtype", default=None, help="run-time dtype (default: bfloat16 with a GPU, else float32)")
+    p.add_argument("--quant", default=None, help="size an HF model as a GGUF quant would be, e.g. q4_k_m")
+    p.add_argument("--budget", type=float, default=60.0, help="seconds for all measurements (default: 60)")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("bench", help="prompt and generation speed, llama-bench style (pp512, tg128)")
+    _model_opts(p)
+    p.add_argument("-p", "--n-prompt", default="512", help="prompt lengths, comma-separated; 0 skips (default: 512)")
+    p.add_argument("-n", "--n-gen", default="128", help="tokens to generate, comma-separated; 0 skips "
+                                                        "(default: 128)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions of each test (default: 5)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up run")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _offload_opts(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("pull", help="download a model (one GGUF quant, or an HF safetensors model)")
+    p.add_argument("repo", help="repository id, e.g. unsloth/DeepSeek-R1-GGUF")
+    p.add_argument("--quant", default=None, help="GGUF quant to fetch, e.g. Q4_K_M (required for GGUF repos)")
+    p.add_argument("--dir", default=".", help="parent folder of the download (default: .)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit")
+    p.add_argument("--dry-run", action="store_true", help="list files and sizes and check the disk; download nothing")
+    p.set_defaults(func=cmd_pull)
+
+
+def cmd_tune(args) -> int:
+    from .hardware.commands import TuneRequest, run_tune
+    run_tune(TuneRequest(args.model, args.output, args.quick, args.profile, args.ctx, args.batch, args.dtype,
+                         args.quant, args.budget))
+    return 0
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise HybridMoEError(f"{flag} {text!r}: expected integers separated by commas, e.g. 128,512") from None
+
+
+def cmd_bench(args) -> int:
+    from .engine.bench import BenchOptions, format_table, run_bench, to_json
+    opts = BenchOptions(_ints(args.n_prompt, "-p"), _ints(args.n_gen, "-n"), args.repetitions, not args.no_warmup)
+    if args.ctx is None:  # room for the longest test, within the model's own limit
+        args.ctx = max(4096, max(opts.n_prompt) + 2, max(opts.n_gen) + 3)
+    results = run_bench(_load(args), opts, progress=lambda s: print(s, file=sys.stderr))
+    print(to_json(results) if args.json else format_table(results))
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .pull import pull
+    pull(args.repo, args.quant, args.dir, args.dry_run, args.revision)
+    return 0
+# --- end tune, bench, pull
 
 
 def main(argv: list[str] | None = None) -> int:

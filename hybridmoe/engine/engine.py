@@ -12,7 +12,7 @@ from ..errors import ConfigError, ContextOverflowError
 from ..layers.cache import Batch
 from ..models.loader import LoadedModel, load_hf, model_args, read_config
 from ..offload.plan import split_stages
-from ..offload.runtime import OffloadOptions, OffloadRuntime, stage_devices
+from ..offload.runtime import OffloadOptions, OffloadRuntime, make_store, stage_devices
 from .config import GenerationConfig
 from .events import Event
 from .generate import generate_loop
@@ -155,7 +155,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         if accelerator is not None or devices != 1 or expert_cache_slots is not None:
             raise ConfigError(f"{path}: GGUF models run their routed experts on the CPU; --accelerator, --devices "
                               "and --expert-cache-slots are for HF model directories")
-        return _load_gguf(path, dev, dt, context)
+        return _load_gguf(path, dev, dt, context, experts_tier)
     if accelerator is None and dev.type == "cuda":
         accelerator = "cuda"
     if accelerator is None:
@@ -175,7 +175,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         ctx = context or 4096
         kv = [sum(math.prod(sh) for i, b in enumerate(model.layers) if stages[i] == s
                   for sh in b.attn.cache_shapes()) * ctx * torch.finfo(dt).bits // 8 for s in range(devices)]
-        model.experts = OffloadRuntime(model, model.experts.weights, opts, stages, kv)
+        model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv)
         dev = stage_devs[0]
     tokenizer = Tokenizer(path, loaded.config) if (path / "tokenizer.json").exists() else None
     return Engine(loaded, tokenizer, path, dev, dt, context)
@@ -183,13 +183,16 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
 
 
 # --- GGUF files (llama.cpp's format): non-expert weights dequantized, routed experts computed from their bytes ---
-def _load_gguf(path: Path, dev: torch.device, dt: torch.dtype, context: int | None) -> Engine:
+def _load_gguf(path: Path, dev: torch.device, dt: torch.dtype, context: int | None, experts_tier: str) -> Engine:
     from ..models.gguf_loader import load_gguf
     from ..offload.quant_experts import QuantExperts
     from .gguf_tokenizer import GGUFTokenizer, llama_cpp_available
 
     loaded, experts = load_gguf(path, dev, dt)
-    loaded.model.experts = QuantExperts(experts)
+    if experts_tier not in ("mmap", "pinned"):
+        raise ConfigError(f"--experts-tier {experts_tier!r} is not one of mmap, pinned")
+    # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout
+    loaded.model.experts = QuantExperts(experts, tier="packed" if experts_tier == "pinned" else "mmap")
     # Without llama-cpp-python the model still scores token ids; text needs its tokenizer.
     tokenizer = GGUFTokenizer(path, loaded.config.get("chat_template")) if llama_cpp_available() else None
     return Engine(loaded, tokenizer, path, dev, dt, context)

@@ -4,10 +4,10 @@ that ids match llama.cpp's exactly. Same interface as tokenizer.Tokenizer; the c
 from __future__ import annotations
 
 import ctypes
-import logging
 from pathlib import Path
 
 from ..errors import ConfigError, ModelFileError
+from ..formats.convert import quiet_llama_cpp
 from ..formats.gguf import split_parts
 from .tokenizer import ChatTemplate
 
@@ -19,11 +19,9 @@ def llama_cpp_available() -> bool:
 
 def _llama():
     try:
-        import llama_cpp
+        return quiet_llama_cpp()
     except ImportError:
         raise ConfigError("GGUF tokenizers run through llama.cpp: pip install llama-cpp-python") from None
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its loader logs every key otherwise
-    return llama_cpp
 
 
 class GGUFTokenizer:

@@ -13,7 +13,7 @@ from ..errors import ModelFileError
 from ..formats.gguf import GGUFFile, GGUFTensor, hf_config
 from ..formats.gguf_names import GGUF_IGNORED, GGUF_ROPE_PERMUTED, GGUF_TENSORS
 from ..formats.names import NameMap
-from ..quant import dequantize
+from ..quant import dequantize, get_format
 from .loader import F32_PARAMS, LoadedModel, model_args
 
 LAYER = re.compile(r"blk\.(\d+)\.")
@@ -117,5 +117,10 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     experts = {i: tuple(found[f"layers.{i}.experts.{p}"] for p in PROJ_SHAPES) for i in model.moe_layers()}
+    for t in (t for projs in experts.values() for t in projs):
+        try:
+            get_format(t.qtype)  # experts are computed lazily: refuse an unsupported type now, not mid-generation
+        except ValueError as e:
+            raise ModelFileError(f"{t.file}: tensor {t.name!r}: {e}") from None
     model.eval()
     return LoadedModel(family, args, model, cfg), experts
