@@ -151,39 +151,51 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         raise ConfigError(f"{path}: no such file or directory")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if path.suffix == ".gguf":
-        if accelerator is not None or devices != 1 or expert_cache_slots is not None:
-            raise ConfigError(f"{path}: GGUF models run their routed experts on the CPU; --accelerator, --devices "
-                              "and --expert-cache-slots are for HF model directories")
-        return _load_gguf(path, dev, dt, context, experts_tier)
+    gguf = path.suffix == ".gguf"
     if accelerator is None and dev.type == "cuda":
         accelerator = "cuda"
     if accelerator is None:
         if devices != 1 or expert_cache_slots is not None:
             raise ConfigError("--devices and --expert-cache-slots need --device cuda or --accelerator cpu")
-        loaded = load_hf(path, dev, dt)
+        loaded = _load_gguf(path, dev, dt, experts_tier) if gguf else load_hf(path, dev, dt)
     else:
         opts = OffloadOptions(accelerator, devices, expert_cache_slots, prefetch, experts_tier=experts_tier)
         if accelerator == "cuda" and dev.type != "cuda":
             raise ConfigError("--accelerator cuda needs --device cuda")
-        stage_devs = stage_devices(opts)
         if accelerator == "cuda" and devices > torch.cuda.device_count():
             raise ConfigError(f"--devices {devices}: only {torch.cuda.device_count()} GPU(s) visible")
-        stages = split_stages(_layer_bytes(read_config(path)), devices)
-        loaded = load_hf(path, stage_devs[0], dt, [stage_devs[s] for s in stages], experts_device="cpu")
+        stage_devs = stage_devices(opts)
+        if gguf:
+            loaded = _load_gguf(path, stage_devs[0], dt, "mmap")
+            stages = split_stages([sum(p.numel() for p in b.parameters()) for b in loaded.model.layers], devices)
+            _place_stages(loaded.model, [stage_devs[s] for s in stages])
+        else:
+            stages = split_stages(_layer_bytes(read_config(path)), devices)
+            loaded = load_hf(path, stage_devs[0], dt, [stage_devs[s] for s in stages], experts_device="cpu")
         model = loaded.model
         ctx = context or 4096
         kv = [sum(math.prod(sh) for i, b in enumerate(model.layers) if stages[i] == s
                   for sh in b.attn.cache_shapes()) * ctx * torch.finfo(dt).bits // 8 for s in range(devices)]
         model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv)
         dev = stage_devs[0]
-    tokenizer = Tokenizer(path, loaded.config) if (path / "tokenizer.json").exists() else None
+    tokenizer = getattr(loaded, "tokenizer", None)
+    if not gguf and (path / "tokenizer.json").exists():
+        tokenizer = Tokenizer(path, loaded.config)
     return Engine(loaded, tokenizer, path, dev, dt, context)
 
 
+def _place_stages(model, layer_devices: list[torch.device]) -> None:
+    """Move each layer to its stage's device; embeddings with the first stage, the head with the last."""
+    for block, d in zip(model.layers, layer_devices):
+        block.to(d)
+    model.tok_embeddings.to(layer_devices[0])
+    model.norm.to(layer_devices[-1])
+    model.output.to(layer_devices[-1])
+    model.layer_devices = list(layer_devices)
+
 
 # --- GGUF files (llama.cpp's format): non-expert weights dequantized, routed experts computed from their bytes ---
-def _load_gguf(path: Path, dev: torch.device, dt: torch.dtype, context: int | None, experts_tier: str) -> Engine:
+def _load_gguf(path: Path, dev: torch.device, dt: torch.dtype, experts_tier: str) -> LoadedModel:
     from ..models.gguf_loader import load_gguf
     from ..offload.quant_experts import QuantExperts
     from .gguf_tokenizer import GGUFTokenizer, llama_cpp_available
@@ -194,6 +206,6 @@ def _load_gguf(path: Path, dev: torch.device, dt: torch.dtype, context: int | No
     # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout
     loaded.model.experts = QuantExperts(experts, tier="packed" if experts_tier == "pinned" else "mmap")
     # Without llama-cpp-python the model still scores token ids; text needs its tokenizer.
-    tokenizer = GGUFTokenizer(path, loaded.config.get("chat_template")) if llama_cpp_available() else None
-    return Engine(loaded, tokenizer, path, dev, dt, context)
+    loaded.tokenizer = GGUFTokenizer(path, loaded.config.get("chat_template")) if llama_cpp_available() else None
+    return loaded
 # --- end GGUF ---

@@ -48,6 +48,7 @@ class LoadedModel:
     args: object
     model: Transformer
     config: dict
+    tokenizer: object = None  # GGUF files carry their own
 
 
 def expected_expert_names(args, model: Transformer) -> dict[str, tuple[int, ...]]:

@@ -131,7 +131,7 @@ class OffloadExperts:
         for e, slot in on_gpu:
             tok, k = (ids_host == e).nonzero(as_tuple=True)
             tok, k = tok.to(x.device), k.to(x.device)
-            parts[tok, k] = self.store.compute_slot(dev.buffers, slot, x[tok])
+            parts[tok, k] = self.store.compute_slot(dev.buffers, slot, layer, x[tok])
         self.stats.gpu_s += time.perf_counter() - t0
 
         def finish() -> torch.Tensor:

@@ -17,6 +17,15 @@ from .scheduler import CostModel
 from .store import DenseStore
 
 
+def make_store(experts, opts: "OffloadOptions"):
+    """The host tier for a model's experts: float weights (HF) or raw GGUF blocks."""
+    pin = opts.experts_tier == "pinned" and torch.cuda.is_available()
+    if hasattr(experts, "weights"):  # LocalExperts
+        return DenseStore(experts.weights, opts.experts_tier, pin=pin)
+    from .quant_store import QuantStore
+    return QuantStore(experts.layers, opts.experts_tier, pin=pin, repack=opts.cpu_repack)
+
+
 @dataclass(slots=True)
 class OffloadOptions:
     accelerator: str = "cuda"  # "cuda", or "cpu" to simulate the GPUs on the CPU
@@ -26,6 +35,7 @@ class OffloadOptions:
     prefetch_margin: int = 2
     experts_tier: str = "mmap"  # "pinned" (copied once into pinned RAM) or "mmap" (page cache)
     decay: float = 0.95
+    cpu_repack: bool = False  # GGUF experts: lane-interleaved copies for faster CPU decode (not bit-identical)
 
     def __post_init__(self):
         if self.accelerator not in ("cpu", "cuda"):
@@ -55,24 +65,24 @@ def cuda_slots_that_fit(store, device: torch.device, reserve: int, kv_bytes: int
 class OffloadRuntime:
     """Owns the offload machinery attached to one model; the generate loop takes its stats once per step."""
 
-    def __init__(self, model, weights: dict, opts: OffloadOptions, stages: list[int],
+    def __init__(self, model, store, opts: OffloadOptions, stages: list[int],
                  kv_bytes: list[int] | None = None, cost: CostModel | None = None, vram_reserve: int = 3 << 29):
-        """stages: the stage of every layer. kv_bytes: per stage, the KV cache the context will need (kept free
-        when sizing the cache from free VRAM)."""
+        """store: a DenseStore or QuantStore holding every MoE layer's experts. stages: the stage of every layer.
+        kv_bytes: per stage, the KV cache the context will need (kept free when sizing the cache from free VRAM)."""
         self.model, self.opts = model, opts
         self.notices: list[str] = []
         devices = stage_devices(opts)
-        pin = opts.experts_tier == "pinned" and torch.cuda.is_available()
-        self.store = DenseStore(weights, opts.experts_tier, pin=pin)
+        self.store = store
+        counts = store.n_experts
         kv_bytes = kv_bytes or [0] * len(devices)
-        per_stage = [sum(len(w) for layer, w in weights.items() if stages[layer] == s) for s in range(len(devices))]
+        per_stage = [sum(n for layer, n in counts.items() if stages[layer] == s) for s in range(len(devices))]
         slots = []
         for s, dev in enumerate(devices):
             n = per_stage[s] if opts.expert_cache_slots is None else min(opts.expert_cache_slots, per_stage[s])
             if dev.type == "cuda":
                 n = min(n, cuda_slots_that_fit(self.store, dev, vram_reserve, kv_bytes[s]))
             slots.append(n)
-        self.experts = OffloadExperts(self.store, {i: stages[i] for i in weights}, devices, slots, cost, opts.decay)
+        self.experts = OffloadExperts(self.store, {i: stages[i] for i in counts}, devices, slots, cost, opts.decay)
         for s, st in enumerate(self.experts.stages):
             if st.shrunk_from is not None:
                 self.notices.append(f"GPU {s}: out of memory for {st.shrunk_from} expert slots; "
@@ -81,8 +91,7 @@ class OffloadRuntime:
         self.slots = slots
         # When a stage's cache holds all of its experts, fill it now: generation then never copies.
         full = {s for s in range(len(devices)) if slots[s] and slots[s] == per_stage[s]}
-        self.experts.warm([(layer, e) for layer, w in weights.items() if stages[layer] in full
-                           for e in range(len(w))])
+        self.experts.warm([(layer, e) for layer, n in counts.items() if stages[layer] in full for e in range(n)])
         self.popularity: dict[tuple[int, int], int] = {}
         self.prefetcher = None
         if opts.prefetch and any(0 < n < per_stage[s] for s, n in enumerate(slots)):
@@ -137,7 +146,7 @@ class OffloadRuntime:
             counts = {(int(layer), int(e)): int(n) for layer, e, n in rows}
         except (OSError, ValueError, KeyError, TypeError):
             raise ConfigError(f"{path}: not an expert popularity file written by save_popularity") from None
-        known = {(layer, e) for layer, w in self.store.weights.items() for e in range(len(w))}
+        known = {(layer, e) for layer, n in self.store.n_experts.items() for e in range(n)}
         ranked = [k for k, _ in sorted(counts.items(), key=lambda kv: -kv[1]) if k in known]
         for k in ranked:
             for st in self.experts.stages:

@@ -42,6 +42,7 @@ class DenseStore:
         if tier not in ("mmap", "pinned"):
             raise ValueError(f"experts tier {tier!r}: use mmap or pinned")
         self.tier = tier
+        self.n_experts = {layer: len(experts) for layer, experts in weights.items()}
         layer0 = next(iter(weights.values()))
         self.inter, self.dim = layer0[0][0].shape
         self.dtype = layer0[0][0].dtype
@@ -88,7 +89,7 @@ class DenseStore:
         return self.expert_nbytes()
 
     @staticmethod
-    def compute_slot(slots: SlotBuffers, slot: int, x: torch.Tensor) -> torch.Tensor:
+    def compute_slot(slots: SlotBuffers, slot: int, layer: int, x: torch.Tensor) -> torch.Tensor:
         return expert_ffn(x, slots.gate[slot], slots.up[slot], slots.down[slot])
 
     def will_need(self, layer: int, experts: list[int]) -> None:

@@ -1,0 +1,148 @@
+"""QuantStore: routed experts kept as GGUF stores them, for the offload engine (same interface as DenseStore).
+
+Host tiers: "mmap" computes from the file's pages; "pinned" copies each layer's experts once into pinned RAM in the
+GPU slot layout (one contiguous row per expert), so a host-to-device copy is a single asynchronous transfer.
+`repack=True` also keeps a lane-interleaved copy for the CPU kernels, which decode faster but sum in another order
+(results then agree within kernel tolerance, not bit for bit).
+GPU slots hold the same raw bytes (kernels.gpu.SlotLayout); with the CPU standing in for the GPU, slots are computed
+with the CPU kernels on the slot's own copy of the bytes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..kernels import cpu as ck
+
+try:  # the GPU kernels need triton; the CPU stand-in does not
+    from ..kernels import gpu as gk
+except ImportError:  # pragma: no cover - triton is missing
+    gk = None
+
+
+class _Layout:
+    """gate/up/down byte ranges of one expert row; kernels.gpu.SlotLayout when available, else the same rule."""
+
+    def __init__(self, dim: int, inter: int, types: tuple, sizes: tuple[int, int, int]):
+        if gk is not None:
+            lay = gk.SlotLayout(dim, inter, *types)
+            self.offsets = (lay.gate_offset, lay.up_offset, lay.down_offset)
+            self.nbytes, self.gpu = lay.nbytes, lay
+        else:
+            align = lambda n: -(-n // 256) * 256  # noqa: E731
+            self.offsets = (0, align(sizes[0]), align(sizes[0]) + align(sizes[1]))
+            self.nbytes, self.gpu = self.offsets[2] + align(sizes[2]), None
+        self.sizes = sizes
+
+
+class QuantStore:
+    def __init__(self, layers: dict, tier: str = "mmap", pin: bool = False, repack: bool = False):
+        """layers: layer -> (gate, up, down) GGUFTensor, each [E, rows, row_bytes] of raw blocks."""
+        if tier not in ("mmap", "pinned"):
+            raise ValueError(f"experts tier {tier!r}: use mmap or pinned")
+        self.layers, self.tier, self.repack = layers, tier, repack
+        gate, up, down = next(iter(layers.values()))
+        self.n_experts = {layer: t[0].shape[0] for layer, t in layers.items()}
+        self.inter, self.dim = gate.shape[1], gate.shape[2]
+        # Mixed quantizations (e.g. Q4_K_M) give some layers' down projections another type, so the layout is
+        # per layer; every slot is as large as the largest layer's expert.
+        self.types = {layer: tuple(p.qtype for p in t) for layer, t in layers.items()}
+        self.layouts = {layer: _Layout(self.dim, self.inter, self.types[layer], tuple(p.raw[0].nbytes for p in t))
+                        for layer, t in layers.items()}
+        self.row_bytes = max(lay.nbytes for lay in self.layouts.values())
+        self.rows: dict[int, torch.Tensor] = {}  # pinned tier: layer -> uint8 [E, nbytes]
+        if tier == "pinned":
+            for layer in layers:
+                self.rows[layer] = self._pack_layer(layer, pin)
+        self.packed: dict[tuple[int, int, int], object] = {}
+
+    def _pack_layer(self, layer: int, pin: bool) -> torch.Tensor:
+        E = self.n_experts[layer]
+        rows = torch.zeros(E, self.layouts[layer].nbytes, dtype=torch.uint8, pin_memory=pin)
+        for e in range(E):
+            self._fill_row(rows[e], layer, e)
+        return rows
+
+    def _fill_row(self, row: torch.Tensor, layer: int, e: int) -> None:
+        lay = self.layouts[layer]
+        for t, off, size in zip(self.layers[layer], lay.offsets, lay.sizes):
+            row[off:off + size] = torch.from_numpy(np.ascontiguousarray(t.raw[e]).reshape(-1))
+
+    def _raw(self, layer: int, proj: int, e: int) -> np.ndarray:
+        """uint8 [rows, row_bytes] of one projection of one expert (from the pinned copy when there is one)."""
+        t = self.layers[layer][proj]
+        if layer in self.rows:
+            lay = self.layouts[layer]
+            off, size = lay.offsets[proj], lay.sizes[proj]
+            return self.rows[layer][e, off:off + size].numpy().reshape(t.raw.shape[1:])
+        return t.raw[e]
+
+    # -- interface used by OffloadExperts ---------------------------------------------------------------------
+    def expert_nbytes(self) -> int:
+        return max(sum(lay.sizes) for lay in self.layouts.values())
+
+    def slot_nbytes(self) -> int:
+        return self.row_bytes
+
+    def flops_per_token(self) -> float:
+        return 6.0 * self.inter * self.dim
+
+    def host(self, layer: int, e: int):
+        return tuple(self._raw(layer, p, e) for p in range(3))
+
+    def _linear(self, x: torch.Tensor, raw: np.ndarray, qtype, key=None) -> torch.Tensor:
+        if x.shape[0] >= 256 or qtype not in ck.GEMV_TYPES:
+            return ck.matmul(x, raw, qtype)
+        if key is not None and self.repack and qtype in ck.PACKED_TYPES:
+            packed = self.packed.get(key)
+            if packed is None:
+                packed = self.packed[key] = ck.repack(raw, qtype)
+            return ck.gemv_packed(x, packed)
+        return ck.gemv(x, raw, qtype)
+
+    def _ffn(self, x: torch.Tensor, layer: int, raws, e: int | None) -> torch.Tensor:
+        xs = x.to("cpu", torch.float32).contiguous()
+        types = self.types[layer]
+        key = (lambda p: (layer, e, p)) if e is not None else (lambda p: None)
+        h = F.silu(self._linear(xs, raws[0], types[0], key(0))) * self._linear(xs, raws[1], types[1], key(1))
+        return self._linear(h.contiguous(), raws[2], types[2], key(2)).to(x.dtype)
+
+    def compute_host(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self._ffn(x, layer, self.host(layer, e), e)
+
+    def new_slots(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.empty(n, self.row_bytes, dtype=torch.uint8, device=device)
+
+    def copy_to_slot(self, slots: torch.Tensor, slot: int, layer: int, e: int) -> int:
+        lay = self.layouts[layer]
+        if layer in self.rows:
+            slots[slot, :lay.nbytes].copy_(self.rows[layer][e], non_blocking=True)
+        else:
+            row = torch.zeros(lay.nbytes, dtype=torch.uint8)
+            self._fill_row(row, layer, e)
+            slots[slot, :lay.nbytes].copy_(row)
+        return sum(lay.sizes)
+
+    def compute_slot(self, slots: torch.Tensor, slot: int, layer: int, x: torch.Tensor) -> torch.Tensor:
+        lay = self.layouts[layer]
+        if slots.device.type == "cuda":
+            return gk.expert_ffn(x, slots[slot, :lay.gpu.nbytes], lay.gpu).to(x.dtype)
+        row = slots[slot].numpy()
+        raws = [row[off:off + size].reshape(t.raw.shape[1:])
+                for t, off, size in zip(self.layers[layer], lay.offsets, lay.sizes)]
+        return self._ffn(x, layer, raws, None)
+
+    def will_need(self, layer: int, experts: list[int]) -> None:
+        """mmap tier: read predicted experts ahead (madvise WILLNEED on their byte ranges)."""
+        if self.tier != "mmap":
+            return
+        import ctypes
+        import mmap
+        libc = ctypes.CDLL(None)
+        page = mmap.PAGESIZE
+        for e in experts:
+            for t in self.layers[layer]:
+                a = t.raw[e]
+                start = a.ctypes.data // page * page
+                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(a.ctypes.data + a.nbytes - start), 3)
