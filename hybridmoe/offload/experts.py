@@ -47,11 +47,16 @@ class DeviceSlots:
     """One device's expert cache: the pure-Python allocator plus the slot buffers it indexes. If the device cannot
     hold `n_slots`, it takes half as many until the allocation succeeds (and says so in `shrunk_from`)."""
 
-    def __init__(self, store, n_slots: int, device: torch.device, decay: float):
+    def __init__(self, store, n_slots: int, device: torch.device, decay: float, n_staging: int = 4):
         self.device = device
         self.shrunk_from = None
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.allocate(store, n_slots, decay)
+        # Staging slots: experts the cost model copies (prefill) but the cache does not keep. Round-robin, so the
+        # copy of the next expert overlaps the compute of this one.
+        self.staging = store.new_slots(n_staging, device)
+        self.staging_free = [None] * n_staging  # CUDA event: the last compute that read each staging slot
+        self.next_staging = 0
 
     def allocate(self, store, n_slots: int, decay: float) -> None:
         self.buffers = None
@@ -100,7 +105,7 @@ class OffloadExperts:
         for e, c in routed.items():
             self.stats.expert_tokens[layer][e] = self.stats.expert_tokens[layer].get(e, 0) + c
         nbytes, flops = self.store.expert_nbytes(), self.store.flops_per_token()
-        on_gpu, on_cpu = [], []
+        on_gpu, on_cpu, staged = [], [], []
         for e, c in routed.items():
             key = (layer, e)
             cache.touch(key, 1)
@@ -112,13 +117,15 @@ class OffloadExperts:
                 continue
             counters.misses += 1
             if self.cost.place(c, nbytes, flops, cached=False) == "copy":
-                got = cache.admit(key, force=True)
+                counters.copies += 1
+                got = cache.admit(key) if cache.n_slots else None  # keep it only if it is hotter than a victim
                 if got is not None:
                     self.stats.bytes_copied += self._copy(dev, got[0], layer, e, wait=True)
-                    counters.copies += 1
                     cache.pin(key)
                     on_gpu.append((e, got[0]))
-                    continue
+                else:
+                    staged.append(e)
+                continue
             counters.cpu += 1
             on_cpu.append(e)
 
@@ -132,6 +139,10 @@ class OffloadExperts:
             tok, k = (ids_host == e).nonzero(as_tuple=True)
             tok, k = tok.to(x.device), k.to(x.device)
             parts[tok, k] = self.store.compute_slot(dev.buffers, slot, layer, x[tok])
+        for e in staged:
+            tok, k = (ids_host == e).nonzero(as_tuple=True)
+            tok, k = tok.to(x.device), k.to(x.device)
+            parts[tok, k] = self._staged(dev, layer, e, x[tok])
         self.stats.gpu_s += time.perf_counter() - t0
 
         def finish() -> torch.Tensor:
@@ -167,6 +178,27 @@ class OffloadExperts:
         if wait:
             torch.cuda.current_stream(dev.device).wait_stream(dev.copy_stream)
         return n
+
+    def _staged(self, dev: DeviceSlots, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Copy an expert into the next staging slot and compute it there. On CUDA nothing blocks the host: the
+        copy waits for the slot's previous reader, and the compute waits for the copy."""
+        j = dev.next_staging
+        dev.next_staging = (j + 1) % len(dev.staging_free)
+        if dev.copy_stream is None:
+            self.stats.bytes_copied += self.store.copy_to_slot(dev.staging, j, layer, e)
+            return self.store.compute_slot(dev.staging, j, layer, x)
+        compute = torch.cuda.current_stream(dev.device)
+        if dev.staging_free[j] is not None:
+            dev.copy_stream.wait_event(dev.staging_free[j])
+        with torch.cuda.stream(dev.copy_stream):
+            self.stats.bytes_copied += self.store.copy_to_slot(dev.staging, j, layer, e)
+            copied = torch.cuda.Event()
+            copied.record(dev.copy_stream)
+        compute.wait_event(copied)
+        y = self.store.compute_slot(dev.staging, j, layer, x)
+        dev.staging_free[j] = torch.cuda.Event()
+        dev.staging_free[j].record(compute)
+        return y
 
     def _admit_hot(self, dev: DeviceSlots, layer: int, served_by_cpu: list[int]) -> None:
         """Experts served by the CPU that have become hotter than the coldest cached one take its slot."""
