@@ -2,14 +2,14 @@
 
 Per MoE layer and step: one host sync brings the chosen expert ids to the host. Experts already in a GPU slot of the
 layer's device run there; the others run on the CPU in a worker thread (the hidden state goes to the host, a few KB)
-unless the cost model says a copy into a slot pays off. The caller computes the shared expert meanwhile. Every
+unless the cost model says a copy into a slot pays off. The GPU work is queued first; the caller queues the shared
+expert; then the CPU experts run while the GPU works through its queue. Every
 expert's output lands in a fixed [token, k] position and is combined in a fixed order, so results do not depend on
 where an expert ran, the cache size, prefetching, or timing.
 """
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -74,14 +74,13 @@ class DeviceSlots:
 
 class OffloadExperts:
     def __init__(self, store, layer_stage: dict[int, int], stage_devices: list[torch.device], slots: list[int],
-                 cost: CostModel | None = None, decay: float = 0.95, cpu_workers: int = 1):
+                 cost: CostModel | None = None, decay: float = 0.95):
         """layer_stage: MoE layer -> pipeline stage; each stage has a device and its own expert cache (stages may
         share a torch device when the CPU simulates several GPUs)."""
         self.store = store
         self.layer_stage = layer_stage
         self.stages = [DeviceSlots(store, n, d, decay) for d, n in zip(stage_devices, slots)]
         self.cost = cost or CostModel()
-        self.pool = ThreadPoolExecutor(cpu_workers, thread_name_prefix="hybridmoe-cpu-experts")
         self.stats = StepStats()
         self.totals: dict[int, LayerCounters] = {}
         self.prefetched: dict[int, list[tuple[int, int]]] = {}  # layer -> keys pinned until that layer runs
@@ -130,12 +129,20 @@ class OffloadExperts:
             on_cpu.append(e)
 
         parts = x.new_zeros(N, K, x.shape[-1])
-        future = None
-        if on_cpu:
-            x_host = x.to("cpu", non_blocking=False)  # a few KB at decode
-            future = self.pool.submit(self._run_cpu, layer, on_cpu, x_host, ids_host)
+        # The hidden state goes to the host before any expert work is queued (a few KB at decode), so this copy
+        # waits only for work the experts need anyway; the GPU experts and the caller's shared expert then run
+        # while the CPU computes its experts in finish().
+        x_host = x.to("cpu") if on_cpu else None
         t0 = time.perf_counter()
-        for e, slot in on_gpu:
+        if N == 1 and len(on_gpu) > 1:  # decode: all cached experts of the token in one grouped launch
+            where = {e: k for k, e in enumerate(ids_host[0].tolist())}
+            ys = self.store.compute_slots(dev.buffers, [s for _, s in on_gpu], layer, x)  # [G, 1, D]
+            cols = torch.tensor([where[e] for e, _ in on_gpu]).to(x.device, non_blocking=True)
+            parts[0, cols] = ys[:, 0]
+            on_gpu_rest = []
+        else:
+            on_gpu_rest = on_gpu
+        for e, slot in on_gpu_rest:
             tok, k = (ids_host == e).nonzero(as_tuple=True)
             tok, k = tok.to(x.device), k.to(x.device)
             parts[tok, k] = self.store.compute_slot(dev.buffers, slot, layer, x[tok])
@@ -146,9 +153,9 @@ class OffloadExperts:
         self.stats.gpu_s += time.perf_counter() - t0
 
         def finish() -> torch.Tensor:
-            if future is not None:
-                for e, tok, k, y in future.result():
-                    parts[tok.to(x.device), k.to(x.device)] = y.to(x.device, non_blocking=False)
+            if on_cpu:  # in this thread: the CPU kernels are multi-threaded themselves
+                for e, tok, k, y in self._run_cpu(layer, on_cpu, x_host, ids_host):
+                    parts[tok.to(x.device), k.to(x.device)] = y.to(x.device)
             for e, _ in on_gpu:
                 cache.unpin((layer, e))
             for key in self.prefetched.pop(layer, []):

@@ -78,6 +78,14 @@ class QuantStore:
             return self.rows[layer][e, off:off + size].numpy().reshape(t.raw.shape[1:])
         return t.raw[e]
 
+    def prepack(self) -> None:
+        """Make every expert's lane-interleaved copy now rather than on first use (repack=True)."""
+        for layer, tensors in self.layers.items():
+            for e in range(self.n_experts[layer]):
+                for p, t in enumerate(tensors):
+                    if t.qtype in ck.PACKED_TYPES and (layer, e, p) not in self.packed:
+                        self.packed[(layer, e, p)] = ck.repack(self._raw(layer, p, e), t.qtype)
+
     # -- interface used by OffloadExperts ---------------------------------------------------------------------
     def expert_nbytes(self) -> int:
         return max(sum(lay.sizes) for lay in self.layouts.values())
@@ -127,11 +135,27 @@ class QuantStore:
     def compute_slot(self, slots: torch.Tensor, slot: int, layer: int, x: torch.Tensor) -> torch.Tensor:
         lay = self.layouts[layer]
         if slots.device.type == "cuda":
-            return gk.expert_ffn(x, slots[slot, :lay.gpu.nbytes], lay.gpu).to(x.dtype)
+            row = slots[slot, :lay.gpu.nbytes]
+            if x.shape[0] <= gk.MAX_TOKENS:
+                return gk.expert_ffn(x, row, lay.gpu).to(x.dtype)
+            # many tokens (prefill): dequantize to bf16 once, then matrix products
+            shapes = ((self.inter, self.dim), (self.inter, self.dim), (self.dim, self.inter))
+            g, u, d = (gk.dequantize(raw, t, shp, torch.bfloat16)
+                       for raw, t, shp in zip(lay.gpu.views(row), self.types[layer], shapes))
+            xb = x.to(torch.bfloat16)
+            return F.linear(F.silu(F.linear(xb, g)) * F.linear(xb, u), d).to(x.dtype)
         row = slots[slot].numpy()
         raws = [row[off:off + size].reshape(t.raw.shape[1:])
                 for t, off, size in zip(self.layers[layer], lay.offsets, lay.sizes)]
         return self._ffn(x, layer, raws, None)
+
+    def compute_slots(self, slots: torch.Tensor, slot_ids: list[int], layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Several slots' experts on the same tokens -> [G, n, D]; one grouped launch on CUDA when it applies."""
+        lay = self.layouts[layer]
+        if slots.device.type == "cuda" and x.shape[0] <= gk.MAX_TOKENS and lay.gpu.nbytes == slots.shape[1]:
+            ids = torch.tensor(slot_ids).to(slots.device, non_blocking=True)
+            return gk.experts_ffn(x, slots, ids, lay.gpu).to(x.dtype)
+        return torch.stack([self.compute_slot(slots, s, layer, x) for s in slot_ids])
 
     def will_need(self, layer: int, experts: list[int]) -> None:
         """mmap tier: read predicted experts ahead (madvise WILLNEED on their byte ranges)."""

@@ -92,6 +92,10 @@ class DenseStore:
     def compute_slot(slots: SlotBuffers, slot: int, layer: int, x: torch.Tensor) -> torch.Tensor:
         return expert_ffn(x, slots.gate[slot], slots.up[slot], slots.down[slot])
 
+    def compute_slots(self, slots: SlotBuffers, slot_ids: list[int], layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Several slots' experts on the same tokens -> [G, n, D]."""
+        return torch.stack([self.compute_slot(slots, s, layer, x) for s in slot_ids])
+
     def will_need(self, layer: int, experts: list[int]) -> None:
         """mmap tier: ask the kernel to read predicted experts ahead (so NVMe reads overlap compute)."""
         if self._libc is None:
