@@ -9,4 +9,5 @@ from . import iquants, kquants, simple  # noqa: F401  (importing registers the f
 from .base import BlockFormat, as_qtype, dequantize, get_format, random_blocks, supported_names
 from .kquants import unpack_scale_min_k4
 
-__all__ = ["BlockFormat", "as_qtype", "dequantize", "get_format", "random_blocks", "supported_names", "unpack_scale_min_k4"]
+__all__ = ["BlockFormat", "as_qtype", "dequantize", "get_format", "random_blocks", "supported_names",
+           "unpack_scale_min_k4"]

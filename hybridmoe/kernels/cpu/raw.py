@@ -3,6 +3,10 @@
 Each row is dequantized into a float32 buffer that stays in L1/L2 and then dotted with every token, so a weight byte
 is read from memory once whatever the token count. Row dequantization follows the numpy references of
 `hybridmoe.quant` operation for operation (no fused multiply-add), so `dequantize_rows` is bit-exact with them.
+
+The 32-wide inner loops take their width (`W32`, always 32) as a run-time argument: with a constant trip count LLVM
+unrolls them into scalar code (it cannot prove the byte loads and float stores apart), with a run-time one it
+vectorises them behind an alias check. Callers pass `W32`.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ KIND = {T.Q4_0: 0, T.Q8_0: 1, T.Q4_K: 2, T.Q5_K: 3, T.Q6_K: 4}
 # 2 ** (e - 25) for the f16 exponent field e: (1024 + mantissa) * _POW2[e] is the value of a normal f16.
 _POW2 = (2.0 ** (np.arange(32) - 25)).astype(np.float32)
 _ROWS_PER_TASK = 16
+W32 = 32
 
 
 @njit(cache=True, inline="always")
@@ -45,27 +50,27 @@ def scale_min_k4(s: np.ndarray, base: int, g: int) -> tuple[int, int]:
 
 
 @njit(cache=True)
-def _row_q4_0(w: np.ndarray, out: np.ndarray) -> None:
+def _row_q4_0(w: np.ndarray, out: np.ndarray, w32: int) -> None:
     for b in range(out.size // 32):
         o = b * 18
         d = half_at(w, o)
-        for j in range(16):
+        for j in range(w32 // 2):
             q = np.int32(w[o + 2 + j])
             out[b * 32 + j] = d * f32((q & 15) - 8)
             out[b * 32 + 16 + j] = d * f32((q >> 4) - 8)
 
 
 @njit(cache=True)
-def _row_q8_0(w: np.ndarray, out: np.ndarray) -> None:
+def _row_q8_0(w: np.ndarray, out: np.ndarray, w32: int) -> None:
     for b in range(out.size // 32):
         o = b * 34
         d = half_at(w, o)
-        for j in range(32):
+        for j in range(w32):
             out[b * 32 + j] = d * f32(np.int8(w[o + 2 + j]))
 
 
 @njit(cache=True)
-def _row_k4(w: np.ndarray, out: np.ndarray, five_bits: bool) -> None:
+def _row_k4(w: np.ndarray, out: np.ndarray, five_bits: bool, w32: int) -> None:
     """Q4_K (144-byte blocks) or Q5_K (176-byte blocks, qh before qs)."""
     size = 176 if five_bits else 144
     for b in range(out.size // 256):
@@ -79,7 +84,7 @@ def _row_k4(w: np.ndarray, out: np.ndarray, five_bits: bool) -> None:
             d0, d1 = d * f32(sc0), d * f32(sc1)
             m0f, m1f = dmin * f32(m0), dmin * f32(m1)
             base = b * 256 + c * 64
-            for j in range(32):
+            for j in range(w32):
                 q = np.int32(w[qs + c * 32 + j])
                 lo, hi = q & 15, q >> 4
                 if five_bits:
@@ -91,7 +96,7 @@ def _row_k4(w: np.ndarray, out: np.ndarray, five_bits: bool) -> None:
 
 
 @njit(cache=True)
-def _row_q6_k(w: np.ndarray, out: np.ndarray) -> None:
+def _row_q6_k(w: np.ndarray, out: np.ndarray, w32: int) -> None:
     for b in range(out.size // 256):
         o = b * 210
         d = half_at(w, o + 208)
@@ -100,46 +105,49 @@ def _row_q6_k(w: np.ndarray, out: np.ndarray) -> None:
             qh = o + 128 + h * 32
             sc = o + 192 + h * 8
             base = b * 256 + h * 128
-            for j in range(32):
-                a, c, hb = np.int32(w[ql + j]), np.int32(w[ql + 32 + j]), np.int32(w[qh + j])
-                g = j // 16
-                out[base + j] = (d * f32(np.int8(w[sc + g]))) * f32(((a & 15) | ((hb & 3) << 4)) - 32)
-                out[base + 32 + j] = (d * f32(np.int8(w[sc + g + 2]))) * f32(((c & 15) | (((hb >> 2) & 3) << 4)) - 32)
-                out[base + 64 + j] = (d * f32(np.int8(w[sc + g + 4]))) * f32(((a >> 4) | (((hb >> 4) & 3) << 4)) - 32)
-                out[base + 96 + j] = (d * f32(np.int8(w[sc + g + 6]))) * f32(((c >> 4) | ((hb >> 6) << 4)) - 32)
+            for g in range(2):
+                d0, d1 = d * f32(np.int8(w[sc + g])), d * f32(np.int8(w[sc + g + 2]))
+                d2, d3 = d * f32(np.int8(w[sc + g + 4])), d * f32(np.int8(w[sc + g + 6]))
+                for i in range(w32 // 2):
+                    j = g * 16 + i
+                    a, c, hb = np.int32(w[ql + j]), np.int32(w[ql + 32 + j]), np.int32(w[qh + j])
+                    out[base + j] = d0 * f32(((a & 15) | ((hb & 3) << 4)) - 32)
+                    out[base + 32 + j] = d1 * f32(((c & 15) | (((hb >> 2) & 3) << 4)) - 32)
+                    out[base + 64 + j] = d2 * f32(((a >> 4) | (((hb >> 4) & 3) << 4)) - 32)
+                    out[base + 96 + j] = d3 * f32(((c >> 4) | ((hb >> 6) << 4)) - 32)
 
 
 @njit(cache=True)
-def dequantize_row(kind: int, w: np.ndarray, out: np.ndarray) -> None:
+def dequantize_row(kind: int, w: np.ndarray, out: np.ndarray, w32: int) -> None:
     """One row of raw blocks (uint8) -> float32 `out` (its length is the row's element count)."""
     if kind == 0:
-        _row_q4_0(w, out)
+        _row_q4_0(w, out, w32)
     elif kind == 1:
-        _row_q8_0(w, out)
+        _row_q8_0(w, out, w32)
     elif kind == 2:
-        _row_k4(w, out, False)
+        _row_k4(w, out, False, w32)
     elif kind == 3:
-        _row_k4(w, out, True)
+        _row_k4(w, out, True, w32)
     else:
-        _row_q6_k(w, out)
+        _row_q6_k(w, out, w32)
 
 
 @njit(parallel=True, cache=True)
-def dequantize_rows(kind: int, w: np.ndarray, out: np.ndarray) -> None:
+def dequantize_rows(kind: int, w: np.ndarray, out: np.ndarray, w32: int) -> None:
     """w uint8 [N, row_bytes] -> out float32 [N, K], rows spread over threads."""
     for r in prange(w.shape[0]):
-        dequantize_row(kind, w[r], out[r])
+        dequantize_row(kind, w[r], out[r], w32)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def gemv_raw(kind: int, x: np.ndarray, w: np.ndarray, y: np.ndarray) -> None:
+def gemv_raw(kind: int, x: np.ndarray, w: np.ndarray, y: np.ndarray, w32: int) -> None:
     """y[n, N] = x[n, K] @ dequant(w[N, row_bytes]).T"""
     n, k_dim = x.shape
     n_rows = w.shape[0]
     for task in prange((n_rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
         buf = np.empty(k_dim, dtype=np.float32)
         for r in range(task * _ROWS_PER_TASK, min(n_rows, (task + 1) * _ROWS_PER_TASK)):
-            dequantize_row(kind, w[r], buf)
+            dequantize_row(kind, w[r], buf, w32)
             for t in range(n):
                 s = f32(0.0)
                 for k in range(k_dim):

@@ -1,0 +1,1 @@
+"""Compute kernels: `cpu` (numba, over GGUF quantized blocks) and `gpu` (triton)."""
