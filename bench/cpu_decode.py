@@ -19,7 +19,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as Q
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "tests")]
 
 D, I, E, K, H, HKV, HD, VOCAB = 2048, 768, 128, 8, 32, 4, 128, 384
 

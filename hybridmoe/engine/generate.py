@@ -49,7 +49,7 @@ def generate_loop(model: Transformer, tok: Tokenizer | None, eos_ids: set[int], 
                     "shorten the prompt or raise --ctx")
         yield Done("context", n_prompt, 0, "")
         return
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     sample = make_sampler(cfg)
     max_len = min(max_context, n_prompt + cfg.max_tokens)
     decoder = StreamDecoder(tok) if tok is not None else None  # without a tokenizer: token ids only

@@ -111,10 +111,10 @@ class Transformer(nn.Module):
         return [b.attn.cache_shapes() for b in self.layers]
 
     def devices(self) -> list[torch.device]:
-        return self.layer_devices or [self.output.weight.device] * len(self.layers)
+        return self.layer_devices or [self.norm.weight.device] * len(self.layers)
 
     def new_cache(self, n_slots: int, max_len: int) -> KVCache:
-        return KVCache(self.cache_shapes(), n_slots, max_len, self.output.weight.dtype, self.devices())
+        return KVCache(self.cache_shapes(), n_slots, max_len, self.norm.weight.dtype, self.devices())
 
     def forward(self, tokens: torch.Tensor, batch: Batch, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -129,7 +129,7 @@ class Transformer(nn.Module):
             x = block(x, i, b, cos, sin, None if cache is None else cache.layers[i], self.experts)
             for observe in self.observers:
                 observe(i, x)
-        x = x.to(self.output.weight.device)
+        x = x.to(self.norm.weight.device)  # the final norm lives with the head (which may be quantized)
         if last_only:
             last = torch.tensor([n - 1 for n in batch.n_new], device=x.device)
             x = x[torch.arange(x.shape[0], device=x.device), last]

@@ -5,6 +5,8 @@ Strict like the HF loader: every tensor we expect must be present with its shape
 from __future__ import annotations
 
 import re
+
+import numpy as np
 from pathlib import Path
 
 import torch
@@ -39,6 +41,29 @@ def join_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
     """attn_k_b [H, R, N] and attn_v_b [H, V, R] -> our wkv_b [H*(N+V), R]."""
     H, R, _ = k_b.shape
     return torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(-1, R)
+
+
+# Linear layers whose weight is read directly elsewhere (MLA folds wkv_b into the query and output) stay dense.
+_DENSE_ONLY = (".attn.wkv_b",)
+
+
+def keep_quantized(model, found: dict[str, GGUFTensor], permuted) -> None:
+    """On the CPU, linear layers keep their GGUF blocks (QuantLinear) instead of dequantized f32 weights."""
+    from ..layers.quant_linear import QuantLinear
+    for name, module in list(model.named_modules()):
+        t = found.get(name + ".weight")
+        if not isinstance(module, torch.nn.Linear) or t is None or name.endswith(_DENSE_ONLY):
+            continue
+        if not QuantLinear.supports(t.qtype):
+            continue
+        raw = t.raw
+        heads = next((h for p, h in permuted if p.match(name + ".weight")), None)
+        if heads is not None:  # whole rows move, so the blocks can be permuted as they are
+            raw = unpermute_rope_rows(torch.from_numpy(np.ascontiguousarray(raw)), heads).numpy()
+        bias = module.bias.detach().float() if module.bias is not None else None
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf,
+                QuantLinear(raw, t.qtype, module.out_features, module.in_features, bias))
 
 
 def _split_shapes(args) -> dict[str, tuple[int, ...]]:
@@ -116,6 +141,8 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     model.load_state_dict({k: fetch(k) for k in params}, assign=True, strict=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
+    elif torch.device(device).type == "cpu":
+        keep_quantized(model, found, permuted)
     experts = {i: tuple(found[f"layers.{i}.experts.{p}"] for p in PROJ_SHAPES) for i in model.moe_layers()}
     for t in (t for projs in experts.values() for t in projs):
         try:

@@ -4,8 +4,8 @@ One expert is a contiguous byte range of each stacked `ffn_{gate,up,down}_exps` 
 slicing `raw[e]`: nothing is dequantized ahead of time and the weights are read from the page cache. Activations are
 float32 (the exact path: no 8-bit quantization of x). Types the CPU kernels cover go through their fused
 dequant-GEMV; with many tokens per expert (prefill), or for other types, rows are dequantized in tiles for a matmul.
-tier="packed" copies each expert, on first use, into the kernels' lane-interleaved layout, which decodes several
-times faster than the file's layout; the copy is as large as the expert (the file's pages can then be dropped).
+tier="packed" copies every expert at load into the kernels' lane-interleaved layout, which decodes several times
+faster than the file's layout; the copy is as large as the expert (the file's pages can then be dropped).
 
 Letters: N tokens, K experts per token, D hidden, I expert hidden.
 """
@@ -42,6 +42,12 @@ class QuantExperts:
         self.packed: dict[tuple[int, int, int], PackedWeight] = {}  # (layer, projection, expert) -> copy
         self.activity: dict[int, dict[int, int]] = {}  # layer -> expert -> tokens routed, since the last take
         self.cpu_s = 0.0
+        if tier == "packed":  # the pinned tier is copied once, at load, so no step pays for it later
+            for layer, projs in layers.items():
+                for proj, w in enumerate(projs):
+                    if w.qtype in PACKED_TYPES:
+                        for e in range(w.shape[0]):
+                            self.packed[(layer, proj, e)] = repack(w.raw[e], w.qtype)
 
     def take_stats(self) -> dict:
         """Counters since the last call, for the per-step stats event."""
