@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("plan", help="where layers, KV cache and experts would live on this (or a described) machine")
-    p.add_argument("model", help="model directory or its config.json (weights not needed)")
+    p.add_argument("model", help="model directory or its config.json (weights not needed), or a GGUF file")
     p.add_argument("--ctx", type=int, default=4096, help="context length to budget KV cache for (default: 4096)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: 1)")
     p.add_argument("--gpus", default=None, help='describe GPUs instead of probing, e.g. "2x48GiB" or "80GiB,24GiB"')
@@ -256,7 +256,11 @@ def cmd_convert(args) -> int:
 def cmd_inspect(args) -> int:
     from .models.loader import read_config
     from .models.summary import summarize
-    s = summarize(read_config(args.model))
+    if str(args.model).endswith(".gguf"):
+        from .models.summary import summarize_gguf
+        s = summarize_gguf(args.model)
+    else:
+        s = summarize(read_config(args.model))
     if args.json:
         print(json.dumps(s, indent=1))
         return 0
@@ -311,12 +315,15 @@ def _hardware(args):
 def cmd_plan(args) -> int:
     from .engine.engine import DTYPES
     from .models.loader import read_config
-    from .offload.plan import GiB, PlanOptions, footprint_from_config, make_plan
+    from .offload.plan import GiB, PlanOptions, footprint_from_config, footprint_from_gguf, make_plan
     if args.dtype not in DTYPES:
         raise HybridMoEError(f"--dtype {args.dtype!r}: use one of {', '.join(DTYPES)}")
-    cfg = read_config(args.model)
-    wbytes = 4 if DTYPES[args.dtype].is_floating_point and DTYPES[args.dtype].itemsize == 4 else 2
-    fp = footprint_from_config(cfg, weight_bytes=wbytes, expert_bytes=wbytes)
+    wbytes = 4 if DTYPES[args.dtype].itemsize == 4 else 2
+    if str(args.model).endswith(".gguf"):  # experts as the file stores them
+        cfg, fp = {}, footprint_from_gguf(args.model, weight_bytes=wbytes)
+    else:
+        cfg = read_config(args.model)
+        fp = footprint_from_config(cfg, weight_bytes=wbytes, expert_bytes=wbytes)
     plan = make_plan(fp, _hardware(args), PlanOptions(context=args.ctx, batch=args.batch,
                                                       experts_tier=args.experts_tier,
                                                       max_slots=args.expert_cache_slots))

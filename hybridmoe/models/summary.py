@@ -75,3 +75,45 @@ def summarize(cfg: dict) -> dict:
         "bytes_read_per_token": read,
         "bytes_read_per_token_total": sum(read.values()),
     }
+
+
+def _gguf_category(name: str) -> str:
+    if name.startswith(("token_embd", "output.")):
+        return "embeddings"
+    if "_exps." in name:
+        return "routed_experts"
+    if "_shexp" in name:
+        return "shared_experts"
+    if "ffn_gate_inp" in name or "exp_probs_b" in name:
+        return "routers"
+    if name.endswith("norm.weight") and "attn_" not in name:
+        return "norms"
+    if ".attn_" in name:
+        return "attention"
+    return "dense"
+
+
+def summarize_gguf(path) -> dict:
+    """As summarize(), with bytes as the GGUF file stores them (quantized), from the header and tensor table."""
+    from ..formats.gguf import GGUFFile, hf_config
+    f = GGUFFile(path)
+    s = summarize(hf_config(f))
+    nbytes = dict.fromkeys(CATEGORIES, 0)
+    n_layers = s["layers"]
+    for name, t in f.tensors.items():
+        layer = name.split(".")[1] if name.startswith("blk.") else None
+        if layer is not None and int(layer) >= n_layers:
+            continue  # multi-token-prediction layers
+        nbytes[_gguf_category(name)] += t.nbytes
+    n_experts = max(1, s["moe_layers"] * s["routed_experts"])
+    per_expert = nbytes["routed_experts"] / n_experts
+    read = dict(nbytes)
+    read["routed_experts"] = int(per_expert * s["experts_per_token"] * s["moe_layers"])
+    emb = f.tensors.get("token_embd.weight")
+    if emb is not None and "output.weight" in f.tensors:
+        read["embeddings"] -= emb.nbytes - emb.nbytes // max(1, emb.shape[0])  # one embedding row per token
+    types = sorted({t.qtype.name for n, t in f.tensors.items() if "_exps." in n})
+    s.update(dtype=f"GGUF, experts {'/'.join(types)}", bytes=nbytes, bytes_total=sum(nbytes.values()),
+             bytes_per_expert=int(per_expert), bytes_read_per_token=read,
+             bytes_read_per_token_total=sum(read.values()))
+    return s

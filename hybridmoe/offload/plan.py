@@ -22,9 +22,12 @@ class Footprint:
     expert_host_bytes: int
     kv_bytes_per_token: tuple[int, ...]
     top_k: int
+    expert_bytes_by_layer: tuple[int, ...] | None = None  # all experts of each layer, when types differ by layer
 
     @property
     def expert_host_total(self) -> int:
+        if self.expert_bytes_by_layer is not None:
+            return sum(self.expert_bytes_by_layer)
         return sum(self.experts_per_layer) * self.expert_host_bytes
 
 
@@ -182,3 +185,21 @@ def footprint_from_config(cfg: dict, weight_bytes: float = 2.0, expert_bytes: fl
     return Footprint(cfg.get("model_type", "?"), layer_bytes, embed, head,
                      tuple(args.n_routed_experts if i in moe else 0 for i in range(args.n_layers)),
                      per_expert, per_expert, kv, args.router.top_k if getattr(args, "router", None) else 0)
+
+
+def footprint_from_gguf(path, weight_bytes: float = 2.0, kv_bytes: int = 2) -> Footprint:
+    """Sizes from a GGUF file's header: experts as stored (host and slots hold the blocks), the other weights at
+    `weight_bytes` per parameter (they are widened to bf16 on the GPU)."""
+    from ..formats.gguf import GGUFFile, hf_config
+    f = GGUFFile(path)
+    base = footprint_from_config(hf_config(f), weight_bytes=weight_bytes, kv_bytes=kv_bytes)
+    per_layer: dict[int, int] = {}
+    for name, t in f.tensors.items():
+        if "_exps." in name:
+            layer = int(name.split(".")[1])
+            per_layer[layer] = per_layer.get(layer, 0) + t.nbytes
+    by_layer = tuple(per_layer.get(i, 0) for i in range(len(base.layer_bytes)))
+    # a slot must hold the largest layer's expert (Q4_K_M gives some layers' down projections Q6_K)
+    per_expert = max((b // n for b, n in zip(by_layer, base.experts_per_layer) if n), default=0)
+    return Footprint(base.name, base.layer_bytes, base.embed_bytes, base.head_bytes, base.experts_per_layer,
+                     per_expert, per_expert, base.kv_bytes_per_token, base.top_k, by_layer)

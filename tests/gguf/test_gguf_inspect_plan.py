@@ -1,0 +1,29 @@
+"""`inspect` and `plan` read a GGUF header: sizes as the file stores them."""
+import json
+
+from hybridmoe.cli import main
+from hybridmoe.formats.gguf import GGUFFile
+
+
+def test_inspect_gguf_counts_the_file_bytes(gguf_models, capsys):
+    _, path = gguf_models("deepseek_v3", "q4_k_m")
+    capsys.readouterr()
+    assert main(["inspect", str(path), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    f = GGUFFile(path)
+    assert s["bytes"]["routed_experts"] == sum(t.nbytes for n, t in f.tensors.items() if "_exps." in n)
+    assert s["bytes_total"] == sum(t.nbytes for t in f.tensors.values())
+    assert "Q4_K" in s["dtype"]
+    # top-k of the experts per MoE layer are read per token
+    per_token = s["bytes"]["routed_experts"] * s["experts_per_token"] // s["routed_experts"]
+    assert abs(s["bytes_read_per_token"]["routed_experts"] - per_token) <= s["moe_layers"]
+
+
+def test_plan_gguf_slots_hold_the_blocks(gguf_models, capsys):
+    _, path = gguf_models("deepseek_v3", "q4_k_m")
+    capsys.readouterr()
+    assert main(["plan", str(path), "--gpus", "1x1GiB", "--ram", "8GiB", "--json"]) in (0, 3)
+    p = json.loads(capsys.readouterr().out)
+    f = GGUFFile(path)
+    expert_bytes = sum(t.nbytes for n, t in f.tensors.items() if "_exps." in n)
+    assert abs(p["experts"]["bytes"] - expert_bytes) <= expert_bytes * 0.02
