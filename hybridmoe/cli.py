@@ -45,12 +45,25 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args):
-    """The engine for a parsed command line (model, device, dtype, ctx and the offload options)."""
+    """The engine for a parsed command line (model, device, dtype, ctx, the offload options, and --profile, whose
+    plan and measured rates fill in what the command line leaves at its defaults)."""
     from . import load
-    return load(args.model, device=args.device, dtype=args.dtype, context=args.ctx,
+    slots, tier, ctx = getattr(args, "expert_cache_slots", None), getattr(args, "experts_tier", "mmap"), args.ctx
+    cost = None
+    spec = getattr(args, "profile", None)
+    if spec:
+        from .hardware.profile import resolve
+        prof = resolve(spec)
+        cost = prof.cost
+        if slots is None and prof.plan.expert_cache_slots:
+            slots = min(prof.plan.expert_cache_slots)
+        if tier == "mmap" and prof.plan.experts_tier in ("mmap", "pinned"):
+            tier = prof.plan.experts_tier
+        ctx = ctx or prof.plan.context
+    return load(args.model, device=args.device, dtype=args.dtype, context=ctx,
                 accelerator=getattr(args, "accelerator", None), devices=getattr(args, "devices", 1),
-                expert_cache_slots=getattr(args, "expert_cache_slots", None),
-                prefetch=not getattr(args, "no_prefetch", False), experts_tier=getattr(args, "experts_tier", "mmap"))
+                expert_cache_slots=slots, prefetch=not getattr(args, "no_prefetch", False), experts_tier=tier,
+                cost_model=cost)
 
 
 def _sampling_opts(p: argparse.ArgumentParser) -> None:
@@ -75,14 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="terminal chat with a live monitor (Textual)")
     _model_opts(p, optional=True)
     _offload_opts(p)
-    p.add_argument("--profile", default=None, help="hardware profile (TOML)")
+    p.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("repl", help="plain line-based chat on stdin/stdout (scriptable)")
     _model_opts(p, optional=True)
     _offload_opts(p)
-    p.add_argument("--profile", default=None, help="hardware profile (TOML)")
+    p.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_repl)
 
@@ -93,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     _sampling_opts(p)
     _offload_opts(p)
+    p.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("perplexity", help="negative log-likelihood and perplexity of a text or token ids")

@@ -136,3 +136,13 @@ def test_console_script_help():
     assert res.returncode == 0
     for sub in ("chat", "repl", "generate", "perplexity", "inspect"):
         assert sub in res.stdout
+
+
+def test_generate_with_a_profile(capsys, tiny_models, tmp_path):
+    code, out, _ = run(capsys, "generate", tiny_models("deepseek_v3"), "-p", "Hi", "-n", "4", "--accelerator", "cpu",
+                       "--profile", "cpu-only")
+    assert code == 0 and out.strip()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[hardware]\nram_total_gib = 'lots'\n")
+    code, _, err = run(capsys, "generate", tiny_models("deepseek_v3"), "-p", "Hi", "--profile", str(bad))
+    assert_one_line_error(code, err, "bad.toml")
