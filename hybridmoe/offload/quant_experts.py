@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from ..formats.gguf import GGUFTensor
-from ..kernels.cpu import GEMV_TYPES, PACKED_TYPES, PackedWeight, gemv, gemv_packed, matmul, repack
+from ..kernels.cpu import GEMV_TYPES, PACKED_TYPES, PackedWeight, ffn_packed, gemv, gemv_packed, matmul, repack
 from ..layers.moe import combine
 
 # From this many tokens per expert on, dequantizing tiles for a matmul beats the GEMV kernels, which read each row
@@ -64,6 +64,11 @@ class QuantExperts:
         N, K = ids.shape
         xs = x.detach().to("cpu", torch.float32).contiguous()  # experts run on the host: the hidden state goes there
         ids_host = ids.cpu()  # host sync: which experts run is decided on the host
+        if N == 1 and self.tier == "packed" and all((layer, 2, e) in self.packed and (layer, 0, e) in self.packed
+                                                      for e in ids_host[0].tolist()):
+            y = self._decode_packed(layer, xs, ids_host[0].tolist(), weights, x.dtype)
+            self.cpu_s += time.perf_counter() - t0
+            return y.to(x.device)
         parts = torch.zeros(N, K, xs.shape[-1], dtype=torch.float32)  # [N, K, D]
         uniq, n_tok = torch.unique(ids_host, return_counts=True)
         counts = self.activity.setdefault(layer, {})
@@ -76,6 +81,17 @@ class QuantExperts:
         y = combine(parts, weights.detach().cpu().float(), x.dtype)
         self.cpu_s += time.perf_counter() - t0
         return y.to(x.device)
+
+    def _decode_packed(self, layer: int, xs: torch.Tensor, experts: list[int], weights: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """One token: each chosen expert's whole FFN in one call on its repacked weights."""
+        xn = xs.numpy()
+        parts = np.empty((1, len(experts), xn.shape[-1]), dtype=np.float32)  # [N=1, K, D]
+        counts = self.activity.setdefault(layer, {})
+        for k, e in enumerate(experts):
+            counts[e] = counts.get(e, 0) + 1
+            parts[0, k] = ffn_packed(xn, *(self.packed[(layer, p, e)] for p in range(3)))[0]
+        return combine(torch.from_numpy(parts), weights.detach().cpu().float(), dtype)
 
     def _linear(self, x: torch.Tensor, layer: int, proj: int, e: int) -> torch.Tensor:
         """x [n, cols] @ expert e's [rows, cols].T, from its raw bytes (or its packed copy)."""

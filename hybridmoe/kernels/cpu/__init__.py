@@ -9,6 +9,7 @@ Decode (a few tokens per expert), weights as they are in the file (the "mmap" ti
 Decode at memory speed, after a one-time copy into a lane-interleaved layout (the "pinned RAM" tier):
     repack(w_raw, ggml_type, lanes=64) -> PackedWeight          same types
     gemv_packed(x, packed) -> [n, N]
+    ffn_packed(x, gate, up, down) -> [n, D]                      one expert's whole FFN, checked once
 
 Prefill (many tokens per expert): float32 tiles of W and torch.matmul; any type `hybridmoe.quant` knows.
     matmul(x, w_raw, ggml_type) -> torch.Tensor [T, N]
@@ -25,8 +26,8 @@ from .target import use_full_vector_width
 
 use_full_vector_width()
 
-from .api import GEMV_TYPES, dequantize, gemv, gemv_packed, matmul, repack, set_threads  # noqa: E402
+from .api import GEMV_TYPES, dequantize, ffn_packed, gemv, gemv_packed, matmul, repack, set_threads  # noqa: E402
 from .repack import PACKED_TYPES, PackedWeight  # noqa: E402
 
-__all__ = ["GEMV_TYPES", "PACKED_TYPES", "PackedWeight", "dequantize", "gemv", "gemv_packed", "matmul", "repack",
+__all__ = ["GEMV_TYPES", "PACKED_TYPES", "PackedWeight", "dequantize", "ffn_packed", "gemv", "gemv_packed", "matmul", "repack",
            "set_threads"]

@@ -72,6 +72,26 @@ def gemv_packed(x: Array, w: PackedWeight) -> Array:
     return _like_input(y, x)
 
 
+def _packed(xa: np.ndarray, w: PackedWeight) -> np.ndarray:
+    kernel, group = _PACKED[w.qtype]
+    y = np.empty((xa.shape[0], w.n_rows), dtype=np.float32)
+    kernel(xa, xa.reshape(xa.shape[0], -1, group).sum(axis=-1), *w.arrays, y)
+    return y
+
+
+def ffn_packed(x: np.ndarray, gate: PackedWeight, up: PackedWeight, down: PackedWeight) -> np.ndarray:
+    """One expert at decode, down(silu(gate(x)) * up(x)), from repacked weights: f32 [n, D] -> f32 [n, D].
+    Checks once and calls the kernels directly, for the dozens of experts a decode step runs."""
+    xa = activations(x)
+    if xa.shape[1] != gate.n_cols or up.n_cols != gate.n_cols or down.n_cols != gate.n_rows:
+        raise ValueError(f"expert shapes do not fit: x K={xa.shape[1]}, gate {gate.n_rows}x{gate.n_cols}, "
+                         f"up {up.n_rows}x{up.n_cols}, down {down.n_rows}x{down.n_cols}")
+    g = _packed(xa, gate)
+    with np.errstate(over="ignore"):  # exp(-g) -> inf for very negative g gives silu's limit, -0
+        h = g / (np.float32(1) + np.exp(-g)) * _packed(xa, up)  # silu(gate) * up
+    return _packed(np.ascontiguousarray(h, dtype=np.float32), down)
+
+
 def dequantize(w_raw: np.ndarray, ggml_type: T | int, n_cols: int) -> np.ndarray:
     """Raw rows -> float32 [N, n_cols], multithreaded for kernel types, the numpy reference for the others."""
     qtype = as_qtype(ggml_type)
