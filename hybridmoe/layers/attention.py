@@ -13,11 +13,9 @@ from .rope import apply_rope
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, T, H, Dq], k [B, L, Hk, Dq], v [B, L, Hk, Dv], mask [B, 1, T, L] -> [B, T, H, Dv].
     Kv heads are shared by H/Hk query heads each."""
-    rep = q.shape[2] // k.shape[2]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    # enable_gqa lets each kv head serve its query heads without copying the cache H/Hk times
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, scale=scale)
+                                         attn_mask=mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
 

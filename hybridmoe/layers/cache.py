@@ -61,6 +61,9 @@ class LayerCache:
         for buf, x in zip(self.buffers, new):
             for b, (slot, s, n) in enumerate(zip(batch.slots, batch.start, batch.n_new)):
                 buf[slot, s:s + n] = x[b, :n]
+        if len(batch.slots) == 1:  # one row: a view of its slot, no gather copy of the whole history
+            s = batch.slots[0]
+            return tuple(buf[s:s + 1, :L] for buf in self.buffers)
         return tuple(buf[batch.slot_index, :L] for buf in self.buffers)
 
 
