@@ -9,7 +9,7 @@ CATEGORIES = ("embeddings", "attention", "dense", "shared_experts", "routers", "
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 
 
-def _category(name: str, dense_layers: set[int]) -> str:
+def _category(name: str) -> str:
     if name.startswith(("tok_embeddings", "output")):
         return "embeddings"
     if "experts." in name:
@@ -43,7 +43,7 @@ def summarize(cfg: dict) -> dict:
         n = 1
         for s in shape:
             n *= s
-        cat = _category(name, set())
+        cat = _category(name)
         params[cat] += n
         quantized = fp8 and len(shape) == 2 and cat in ("attention", "dense", "shared_experts", "routed_experts")
         # fp8 weights carry one f32 scale per 128x128 block
@@ -77,34 +77,20 @@ def summarize(cfg: dict) -> dict:
     }
 
 
-def _gguf_category(name: str) -> str:
-    if name.startswith(("token_embd", "output.")):
-        return "embeddings"
-    if "_exps." in name:
-        return "routed_experts"
-    if "_shexp" in name:
-        return "shared_experts"
-    if "ffn_gate_inp" in name or "exp_probs_b" in name:
-        return "routers"
-    if name.endswith("norm.weight") and "attn_" not in name:
-        return "norms"
-    if ".attn_" in name:
-        return "attention"
-    return "dense"
-
-
 def summarize_gguf(path) -> dict:
     """As summarize(), with bytes as the GGUF file stores them (quantized), from the header and tensor table."""
     from ..formats.gguf import GGUFFile, hf_config
+    from ..formats.gguf_names import GGUF_IGNORED, GGUF_TENSORS
+    from ..formats.names import NameMap
     f = GGUFFile(path)
     s = summarize(hf_config(f))
+    names = NameMap(GGUF_TENSORS[f.arch], ignored=GGUF_IGNORED)
     nbytes = dict.fromkeys(CATEGORIES, 0)
-    n_layers = s["layers"]
     for name, t in f.tensors.items():
-        layer = name.split(".")[1] if name.startswith("blk.") else None
-        if layer is not None and int(layer) >= n_layers:
-            continue  # multi-token-prediction layers
-        nbytes[_gguf_category(name)] += t.nbytes
+        mapped = names(name)
+        if mapped is None or (mapped[1] is not None and mapped[1] >= s["layers"]):
+            continue  # unused tensors and multi-token-prediction layers
+        nbytes[_category(mapped[0].partition(":")[0])] += t.nbytes
     n_experts = max(1, s["moe_layers"] * s["routed_experts"])
     per_expert = nbytes["routed_experts"] / n_experts
     read = dict(nbytes)
