@@ -42,6 +42,7 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefetch", action="store_true", help="do not prefetch predicted experts")
     g.add_argument("--experts-tier", choices=("mmap", "pinned"), default="mmap",
                    help="host tier of the experts: mmap (page cache, default) or pinned (copied once to pinned RAM)")
+    g.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
 
 
 def load_from_args(args):
@@ -85,19 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"hybridmoe {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("chat", help="terminal chat with a live monitor (Textual)")
-    _model_opts(p, optional=True)
-    _offload_opts(p)
-    p.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser("repl", help="plain line-based chat on stdin/stdout (scriptable)")
-    _model_opts(p, optional=True)
-    _offload_opts(p)
-    p.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.set_defaults(func=cmd_repl)
+    for name, text, func in (("chat", "terminal chat with a live monitor (Textual)", cmd_chat),
+                             ("repl", "plain line-based chat on stdin/stdout (scriptable)", cmd_repl)):
+        p = sub.add_parser(name, help=text)
+        _model_opts(p, optional=True)
+        _offload_opts(p)
+        p.add_argument("--system", default=None, help="system prompt")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("generate", help="complete a prompt and stream the text to stdout")
     _model_opts(p)
@@ -106,7 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     _sampling_opts(p)
     _offload_opts(p)
-    p.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("perplexity", help="negative log-likelihood and perplexity of a text or token ids")
@@ -151,7 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-_load = load_from_args
 
 
 def cmd_chat(args) -> int:
@@ -173,7 +166,7 @@ def cmd_generate(args) -> int:
     cfg = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
                            seed=args.seed, stop=tuple(args.stop))
-    engine = _load(args)
+    engine = load_from_args(args)
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": prompt}]
@@ -210,7 +203,7 @@ def cmd_generate(args) -> int:
 
 def cmd_perplexity(args) -> int:
     import torch
-    engine = _load(args)
+    engine = load_from_args(args)
     if args.tokens is not None:
         try:
             ids = [int(t) for t in args.tokens.replace(",", " ").split()]
@@ -329,7 +322,7 @@ def _hardware(args):
 def cmd_plan(args) -> int:
     from .engine.engine import DTYPES
     from .models.loader import read_config
-    from .offload.plan import GiB, PlanOptions, footprint_from_config, footprint_from_gguf, make_plan
+    from .offload.plan import PlanOptions, footprint_from_config, footprint_from_gguf, make_plan
     if args.dtype not in DTYPES:
         raise HybridMoEError(f"--dtype {args.dtype!r}: use one of {', '.join(DTYPES)}")
     wbytes = 4 if DTYPES[args.dtype].itemsize == 4 else 2
@@ -418,7 +411,7 @@ def cmd_bench(args) -> int:
     opts = BenchOptions(_ints(args.n_prompt, "-p"), _ints(args.n_gen, "-n"), args.repetitions, not args.no_warmup)
     if args.ctx is None:  # room for the longest test, within the model's own limit
         args.ctx = max(4096, max(opts.n_prompt) + 2, max(opts.n_gen) + 3)
-    results = run_bench(_load(args), opts, progress=lambda s: print(s, file=sys.stderr))
+    results = run_bench(load_from_args(args), opts, progress=lambda s: print(s, file=sys.stderr))
     print(to_json(results) if args.json else format_table(results))
     return 0
 

@@ -58,6 +58,14 @@ def _randomize(model, std: float = 0.08) -> None:
                 b.copy_(0.05 * torch.randn(b.shape, generator=g))
 
 
+def _build(config_cls, model_cls, kw: dict, out: Path, template: str = CHAT_TEMPLATE) -> Path:
+    """A seeded random model of transformers' own class, saved as an HF directory with a tokenizer."""
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kw))
+    _randomize(model)
+    return _save(model, out, template)
+
+
 def deepseek_v3(out: Path, template: str = CHAT_TEMPLATE, **over) -> Path:
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
     kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
@@ -67,11 +75,7 @@ def deepseek_v3(out: Path, template: str = CHAT_TEMPLATE, **over) -> Path:
               routed_scaling_factor=2.5, max_position_embeddings=512,
               rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
                             "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1})
-    kw.update(over)
-    torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**kw))
-    _randomize(model)
-    return _save(model, out, template)
+    return _build(DeepseekV3Config, DeepseekV3ForCausalLM, kw | over, out, template)
 
 
 def deepseek_v2(out: Path, **over) -> Path:
@@ -81,11 +85,7 @@ def deepseek_v2(out: Path, **over) -> Path:
               n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
               qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, topk_method="greedy", n_group=1,
               topk_group=1, routed_scaling_factor=1.0, max_position_embeddings=512)
-    kw.update(over)
-    torch.manual_seed(0)
-    model = DeepseekV2ForCausalLM(DeepseekV2Config(**kw))
-    _randomize(model)
-    return _save(model, out)
+    return _build(DeepseekV2Config, DeepseekV2ForCausalLM, kw | over, out)
 
 
 def qwen3_moe(out: Path, **over) -> Path:
@@ -93,11 +93,7 @@ def qwen3_moe(out: Path, **over) -> Path:
     kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0], max_position_embeddings=512)
-    kw.update(over)
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw))
-    _randomize(model)
-    return _save(model, out)
+    return _build(Qwen3MoeConfig, Qwen3MoeForCausalLM, kw | over, out)
 
 
 def qwen2_moe(out: Path, **over) -> Path:
@@ -105,22 +101,14 @@ def qwen2_moe(out: Path, **over) -> Path:
     kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
               shared_expert_intermediate_size=48, max_position_embeddings=512)
-    kw.update(over)
-    torch.manual_seed(0)
-    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**kw))
-    _randomize(model)
-    return _save(model, out)
+    return _build(Qwen2MoeConfig, Qwen2MoeForCausalLM, kw | over, out)
 
 
 def mixtral(out: Path, **over) -> Path:
     from transformers import MixtralConfig, MixtralForCausalLM
     kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512)
-    kw.update(over)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(**kw))
-    _randomize(model)
-    return _save(model, out)
+    return _build(MixtralConfig, MixtralForCausalLM, kw | over, out)
 
 
 def to_upstream_config(directory: Path) -> None:
@@ -141,5 +129,5 @@ def deepseek_v2_group(out: Path) -> Path:
                        routed_scaling_factor=1.5)
 
 
-BUILDERS = {"deepseek_v3": deepseek_v3, "deepseek_v2": deepseek_v2, "deepseek_v2_group": deepseek_v2_group, "qwen3_moe": qwen3_moe, "qwen2_moe": qwen2_moe,
-            "mixtral": mixtral}
+BUILDERS = {"deepseek_v3": deepseek_v3, "deepseek_v2": deepseek_v2, "deepseek_v2_group": deepseek_v2_group,
+            "qwen3_moe": qwen3_moe, "qwen2_moe": qwen2_moe, "mixtral": mixtral}

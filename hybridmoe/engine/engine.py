@@ -1,7 +1,6 @@
 """The engine object behind hybridmoe.load(): a loaded model, its tokenizer, and generation entry points."""
 from __future__ import annotations
 
-import math
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -10,8 +9,9 @@ import torch
 
 from ..errors import ConfigError, ContextOverflowError
 from ..layers.cache import Batch
-from ..models.loader import LoadedModel, load_hf, model_args, read_config
-from ..offload.plan import split_stages
+from ..models.loader import LoadedModel, load_hf, read_config
+from ..formats.gguf import GGUFFile, hf_config
+from ..offload.plan import footprint_from_config, split_stages
 from ..offload.runtime import OffloadOptions, OffloadRuntime, make_store, stage_devices
 from .config import GenerationConfig
 from .events import Event
@@ -128,14 +128,6 @@ class Engine:
         self.cancel.set()
 
 
-def _layer_bytes(cfg: dict) -> list[int]:
-    """Non-expert bytes of each layer (from a meta-device build), to balance pipeline stages."""
-    family, args = model_args(cfg)
-    with torch.device("meta"):
-        model = family.build(args)
-    return [sum(p.numel() for p in block.parameters()) for block in model.layers]
-
-
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          context: int | None = None, *, accelerator: str | None = None, devices: int = 1,
          expert_cache_slots: int | None = None, prefetch: bool = True, experts_tier: str = "mmap",
@@ -169,17 +161,17 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         if accelerator == "cuda" and devices > torch.cuda.device_count():
             raise ConfigError(f"--devices {devices}: only {torch.cuda.device_count()} GPU(s) visible")
         stage_devs = stage_devices(opts)
+        source = GGUFFile(path) if gguf else path
+        fp = footprint_from_config(hf_config(source) if gguf else read_config(path), kv_bytes=dt.itemsize)
+        stages = split_stages(list(fp.layer_bytes), devices)  # contiguous stages balanced by bytes
+        layer_devs = [stage_devs[s] for s in stages]
         if gguf:
-            loaded = _load_gguf(path, stage_devs[0], dt, "mmap")
-            stages = split_stages([sum(p.numel() for p in b.parameters()) for b in loaded.model.layers], devices)
-            _place_stages(loaded.model, [stage_devs[s] for s in stages])
+            loaded = _load_gguf(source, stage_devs[0], dt, "mmap", layer_devs)
         else:
-            stages = split_stages(_layer_bytes(read_config(path)), devices)
-            loaded = load_hf(path, stage_devs[0], dt, [stage_devs[s] for s in stages], experts_device="cpu")
+            loaded = load_hf(path, stage_devs[0], dt, layer_devs, experts_device="cpu")
         model = loaded.model
         ctx = context or 4096
-        kv = [sum(math.prod(sh) for i, b in enumerate(model.layers) if stages[i] == s
-                  for sh in b.attn.cache_shapes()) * ctx * torch.finfo(dt).bits // 8 for s in range(devices)]
+        kv = [ctx * sum(b for b, st in zip(fp.kv_bytes_per_token, stages) if st == s) for s in range(devices)]
         model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, cost_model)
         dev = stage_devs[0]
     tokenizer = getattr(loaded, "tokenizer", None)
@@ -188,28 +180,20 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     return Engine(loaded, tokenizer, path, dev, dt, context)
 
 
-def _place_stages(model, layer_devices: list[torch.device]) -> None:
-    """Move each layer to its stage's device; embeddings with the first stage, the head with the last."""
-    for block, d in zip(model.layers, layer_devices):
-        block.to(d)
-    model.tok_embeddings.to(layer_devices[0])
-    model.norm.to(layer_devices[-1])
-    model.output.to(layer_devices[-1])
-    model.layer_devices = list(layer_devices)
-
-
 # --- GGUF files (llama.cpp's format): non-expert weights dequantized, routed experts computed from their bytes ---
-def _load_gguf(path: Path, dev: torch.device, dt: torch.dtype, experts_tier: str) -> LoadedModel:
+def _load_gguf(path, dev: torch.device, dt: torch.dtype, experts_tier: str,
+               layer_devices: list[torch.device] | None = None) -> LoadedModel:
     from ..models.gguf_loader import load_gguf
     from ..offload.quant_experts import QuantExperts
     from .gguf_tokenizer import GGUFTokenizer, llama_cpp_available
 
-    loaded, experts = load_gguf(path, dev, dt)
+    loaded, experts = load_gguf(path, dev, dt, layer_devices)
     if experts_tier not in ("mmap", "pinned"):
         raise ConfigError(f"--experts-tier {experts_tier!r} is not one of mmap, pinned")
     # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout
     loaded.model.experts = QuantExperts(experts, tier="packed" if experts_tier == "pinned" else "mmap")
     # Without llama-cpp-python the model still scores token ids; text needs its tokenizer.
-    loaded.tokenizer = GGUFTokenizer(path, loaded.config.get("chat_template")) if llama_cpp_available() else None
+    file = path.path if isinstance(path, GGUFFile) else path
+    loaded.tokenizer = GGUFTokenizer(file, loaded.config.get("chat_template")) if llama_cpp_available() else None
     return loaded
 # --- end GGUF ---

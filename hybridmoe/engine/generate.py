@@ -55,6 +55,7 @@ def generate_loop(model: Transformer, tok: Tokenizer | None, eos_ids: set[int], 
     decoder = StreamDecoder(tok) if tok is not None else None  # without a tokenizer: token ids only
     stops, think = StopFilter(cfg.stop), ThinkSplitter(in_think)
     generated: list[int] = []
+    history = list(prompt_ids)  # prompt + generated, for the repetition penalty; grown in place, not rebuilt
     text_parts: list[str] = []
 
     def emit(piece: str, ids: tuple[int, ...]) -> Iterator[Event]:
@@ -95,11 +96,12 @@ def generate_loop(model: Transformer, tok: Tokenizer | None, eos_ids: set[int], 
             t_decode = time.perf_counter()
             pos = n_prompt
             while True:
-                token = sample(logits, prompt_ids + generated)  # host sync: the token decides what comes next
+                token = sample(logits, history)  # host sync: the token decides what comes next
                 if token in eos_ids and not cfg.ignore_eos:
                     yield from finish("eos")
                     return
                 generated.append(token)
+                history.append(token)
                 piece, hit = stops.push(decoder.push(token) if decoder else "")
                 yield from emit(piece, (token,))
                 if hit:

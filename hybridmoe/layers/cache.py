@@ -44,10 +44,6 @@ class Batch:
         move = (lambda t: None if t is None else t.to(device))
         return Batch(self.start, self.n_new, self.slots, move(self.positions), move(self.mask), move(self.slot_index))
 
-    @property
-    def cached(self) -> bool:
-        return self.slots is not None
-
 
 class LayerCache:
     """One layer's cache: a few buffers shaped [slots, max_len, ...] (GQA: k and v; MLA: latent and rope key)."""
@@ -75,6 +71,3 @@ class KVCache:
         self.n_slots, self.max_len = n_slots, max_len
         self.layers = [LayerCache(*(torch.zeros(n_slots, max_len, *s, dtype=dtype, device=dev) for s in layer))
                        for layer, dev in zip(shapes, devices)]
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for layer in self.layers for b in layer.buffers)

@@ -94,6 +94,32 @@ def combine(parts: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> t
     return (parts.float() * weights[:, :, None]).sum(1).to(dtype)
 
 
+def run_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                compute: Callable[[int, torch.Tensor], torch.Tensor], counts: dict[int, int]) -> torch.Tensor:
+    """Each routed expert once on its tokens, outputs combined in a fixed order; counts tokens per expert.
+    compute(e, x_e [n, D]) -> [n, D]."""
+    N, K = ids.shape
+    parts = x.new_zeros(N, K, x.shape[-1])
+    ids_host = ids.cpu()  # host sync: which experts run is decided on the host
+    if N == 1:  # decode: each chosen expert (all distinct) runs on the one token, no index bookkeeping
+        for k, e in enumerate(ids_host[0].tolist()):
+            counts[e] = counts.get(e, 0) + 1
+            parts[0, k] = compute(e, x)[0]
+        return combine(parts, weights, x.dtype)
+    uniq, n_tok = torch.unique(ids_host, return_counts=True)
+    for e, c in zip(uniq.tolist(), n_tok.tolist()):
+        counts[e] = counts.get(e, 0) + c
+        tok, k = token_positions(ids_host, e, x.device)
+        parts[tok, k] = compute(e, x[tok])
+    return combine(parts, weights, x.dtype)
+
+
+def token_positions(ids_host: torch.Tensor, e: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, k) indices where expert e was chosen, on `device`."""
+    tok, k = (ids_host == e).nonzero(as_tuple=True)
+    return tok.to(device), k.to(device)
+
+
 class LocalExperts:
     """Experts held as per-expert weight views (zero-copy from the checkpoint) on one device."""
 
@@ -108,14 +134,5 @@ class LocalExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         experts = self.weights[layer]
-        N, K = ids.shape
-        parts = x.new_zeros(N, K, x.shape[-1])
-        ids_host = ids.cpu()  # host sync: which experts run is decided on the host
-        uniq, n_tok = torch.unique(ids_host, return_counts=True)
-        counts = self.activity.setdefault(layer, {})
-        for e, c in zip(uniq.tolist(), n_tok.tolist()):
-            counts[e] = counts.get(e, 0) + c
-            tok, k = (ids_host == e).nonzero(as_tuple=True)
-            tok, k = tok.to(x.device), k.to(x.device)
-            parts[tok, k] = expert_ffn(x[tok], *experts[e])
-        return combine(parts, weights, x.dtype)
+        return run_experts(x, ids, weights, lambda e, xe: expert_ffn(xe, *experts[e]),
+                           self.activity.setdefault(layer, {}))

@@ -16,7 +16,7 @@ from ..formats.gguf import GGUFFile, GGUFTensor, hf_config
 from ..formats.gguf_names import GGUF_IGNORED, GGUF_ROPE_PERMUTED, GGUF_TENSORS
 from ..formats.names import NameMap
 from ..quant import dequantize, get_format
-from .loader import F32_PARAMS, LoadedModel, model_args
+from .loader import F32_PARAMS, LoadedModel, model_args, param_device
 
 LAYER = re.compile(r"blk\.(\d+)\.")
 PROJ_SHAPES = {"gate": lambda inter, dim: (inter, dim), "up": lambda inter, dim: (inter, dim),
@@ -74,11 +74,11 @@ def _split_shapes(args) -> dict[str, tuple[int, ...]]:
 ExpertTensors = dict[int, tuple[GGUFTensor, GGUFTensor, GGUFTensor]]  # layer -> (gate, up, down), each [E, ...]
 
 
-def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-              ) -> tuple[LoadedModel, ExpertTensors]:
+def load_gguf(path: str | Path | GGUFFile, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              layer_devices: list[torch.device] | None = None) -> tuple[LoadedModel, ExpertTensors]:
     """The model with every non-expert weight filled, and its routed experts as raw GGUF tensors (the caller sets
-    `model.experts`)."""
-    gf = GGUFFile(path)
+    `model.experts`). layer_devices: one device per layer (pipeline stages; default all on `device`)."""
+    gf = path if isinstance(path, GGUFFile) else GGUFFile(path)
     cfg = hf_config(gf)
     family, args = model_args(cfg, f"{gf.path} (GGUF metadata)")
     with torch.device("meta"):
@@ -124,6 +124,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
                              f"{' and %d more' % (len(missing) - 3) if len(missing) > 3 else ''}; "
                              "the file is incomplete or does not match its metadata")
 
+    devices = layer_devices or [torch.device(device)] * args.n_layers
     permuted = [(re.compile(re.escape(k).replace(r"\{i\}", r"\d+") + "$"), cfg[v])
                 for k, v in GGUF_ROPE_PERMUTED.get(gf.arch, {}).items()]
 
@@ -136,13 +137,14 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
             heads = next((h for p, h in permuted if p.match(ours)), None)
             if heads is not None:
                 w = unpermute_rope_rows(w, heads)
-        return w.to(device=device, dtype=want)
+        return w.to(device=param_device(ours, devices), dtype=want)
 
     model.load_state_dict({k: fetch(k) for k in params}, assign=True, strict=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    elif torch.device(device).type == "cpu":
+    elif all(d.type == "cpu" for d in devices):
         keep_quantized(model, found, permuted)
+    model.layer_devices = list(devices) if layer_devices else None
     experts = {i: tuple(found[f"layers.{i}.experts.{p}"] for p in PROJ_SHAPES) for i in model.moe_layers()}
     for t in (t for projs in experts.values() for t in projs):
         try:

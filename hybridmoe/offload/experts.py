@@ -1,10 +1,10 @@
 """OffloadExperts: the Experts implementation of the offload engine.
 
 Per MoE layer and step: one host sync brings the chosen expert ids to the host. Experts already in a GPU slot of the
-layer's device run there; the others run on the CPU in a worker thread (the hidden state goes to the host, a few KB)
-unless the cost model says a copy into a slot pays off. The GPU work is queued first; the caller queues the shared
-expert; then the CPU experts run while the GPU works through its queue. Every
-expert's output lands in a fixed [token, k] position and is combined in a fixed order, so results do not depend on
+layer's device run there; the others run on the CPU (the hidden state goes to the host, a few KB) unless the cost
+model says a copy into a slot pays off. The GPU work is queued first; the caller queues the shared expert; then the
+CPU experts run in the calling thread (numba's kernels are multi-threaded themselves) while the GPU works through
+its queue. Every expert's output lands in a fixed [token, k] position and is combined in a fixed order, so results do not depend on
 where an expert ran, the cache size, prefetching, or timing.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..layers.moe import combine
+from ..layers.moe import combine, token_positions
 from .cache import SlotCache
 from .scheduler import CostModel
 
@@ -26,12 +26,6 @@ class LayerCounters:
     misses: int = 0
     copies: int = 0
     cpu: int = 0
-
-    def add(self, other: "LayerCounters") -> None:
-        self.hits += other.hits
-        self.misses += other.misses
-        self.copies += other.copies
-        self.cpu += other.cpu
 
 
 @dataclass
@@ -82,7 +76,6 @@ class OffloadExperts:
         self.stages = [DeviceSlots(store, n, d, decay) for d, n in zip(stage_devices, slots)]
         self.cost = cost or CostModel()
         self.stats = StepStats()
-        self.totals: dict[int, LayerCounters] = {}
         self.prefetched: dict[int, list[tuple[int, int]]] = {}  # layer -> keys pinned until that layer runs
         self.on_routed: Callable[[int, set[int]], None] | None = None  # prefetch quality bookkeeping
 
@@ -143,19 +136,21 @@ class OffloadExperts:
         else:
             on_gpu_rest = on_gpu
         for e, slot in on_gpu_rest:
-            tok, k = (ids_host == e).nonzero(as_tuple=True)
-            tok, k = tok.to(x.device), k.to(x.device)
+            tok, k = token_positions(ids_host, e, x.device)
             parts[tok, k] = self.store.compute_slot(dev.buffers, slot, layer, x[tok])
         for e in staged:
-            tok, k = (ids_host == e).nonzero(as_tuple=True)
-            tok, k = tok.to(x.device), k.to(x.device)
+            tok, k = token_positions(ids_host, e, x.device)
             parts[tok, k] = self._staged(dev, layer, e, x[tok])
         self.stats.gpu_s += time.perf_counter() - t0
 
         def finish() -> torch.Tensor:
-            if on_cpu:  # in this thread: the CPU kernels are multi-threaded themselves
-                for e, tok, k, y in self._run_cpu(layer, on_cpu, x_host, ids_host):
+            if on_cpu:
+                t0 = time.perf_counter()
+                for e in on_cpu:
+                    tok, k = token_positions(ids_host, e, "cpu")
+                    y = self.store.compute_host(layer, e, x_host[tok])
                     parts[tok.to(x.device), k.to(x.device)] = y.to(x.device)
+                self.stats.cpu_s += time.perf_counter() - t0
             for e, _ in on_gpu:
                 cache.unpin((layer, e))
             for key in self.prefetched.pop(layer, []):
@@ -164,15 +159,6 @@ class OffloadExperts:
             return combine(parts, weights, x.dtype)
 
         return finish
-
-    def _run_cpu(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor):
-        t0 = time.perf_counter()
-        out = []
-        for e in experts:
-            tok, k = (ids == e).nonzero(as_tuple=True)
-            out.append((e, tok, k, self.store.compute_host(layer, e, x[tok])))
-        self.stats.cpu_s += time.perf_counter() - t0
-        return out
 
     # -- slots ----------------------------------------------------------------------------------------------
     def _copy(self, dev: DeviceSlots, slot: int, layer: int, e: int, wait: bool) -> int:
@@ -220,9 +206,7 @@ class OffloadExperts:
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Copy predicted experts of `layer` ahead of use; they stay pinned until that layer has run."""
         dev = self.stages[self.layer_stage[layer]]
-        missing = [e for e in experts if dev.cache.lookup((layer, e)) is None]
-        if hasattr(self.store, "will_need"):
-            self.store.will_need(layer, missing)
+        self.store.will_need(layer, [e for e in experts if dev.cache.lookup((layer, e)) is None])
         pinned = self.prefetched.setdefault(layer, [])
         for e in experts:
             key = (layer, e)
@@ -268,8 +252,6 @@ class OffloadExperts:
         s, self.stats = self.stats, StepStats()
         hits = sum(c.hits for c in s.layers.values())
         misses = sum(c.misses for c in s.layers.values())
-        for layer, c in s.layers.items():
-            self.totals.setdefault(layer, LayerCounters()).add(c)
         return {"expert_tokens": s.expert_tokens, "cache_hits": hits, "cache_misses": misses,
                 "cache_hit_rate": hits / max(1, hits + misses), "bytes_copied": s.bytes_copied,
                 "cpu_expert_s": s.cpu_s, "gpu_expert_s": s.gpu_s,

@@ -13,7 +13,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..kernels import cpu as ck
+from .store import will_need
+
+# From this many tokens per expert on, dequantizing tiles for a matmul beats the GEMV kernels, which read each row
+# once for all tokens (on 768x2048 Q4_K, 2 cores: a tile matmul costs 4x the GEMV at 64 tokens).
+PREFILL_TOKENS = 256
 
 try:  # the GPU kernels need triton; the CPU stand-in does not
     from ..kernels import gpu as gk
@@ -22,18 +28,23 @@ except ImportError:  # pragma: no cover - triton is missing
 
 
 class _Layout:
-    """gate/up/down byte ranges of one expert row; kernels.gpu.SlotLayout when available, else the same rule."""
+    """gate/up/down byte ranges of one expert row: kernels.gpu.SlotLayout when the GPU kernels exist and take these
+    types, else the same rule (256-byte aligned parts) with no GPU layout."""
 
     def __init__(self, dim: int, inter: int, types: tuple, sizes: tuple[int, int, int]):
+        self.sizes, self.types, self.gpu = sizes, types, None
         if gk is not None:
-            lay = gk.SlotLayout(dim, inter, *types)
-            self.offsets = (lay.gate_offset, lay.up_offset, lay.down_offset)
-            self.nbytes, self.gpu = lay.nbytes, lay
+            try:
+                self.gpu = gk.SlotLayout(dim, inter, *types)
+            except ValueError:  # a block type without a GPU kernel: the CPU computes it
+                pass
+        if self.gpu is not None:
+            self.offsets = (self.gpu.gate_offset, self.gpu.up_offset, self.gpu.down_offset)
+            self.nbytes = self.gpu.nbytes
         else:
             align = lambda n: -(-n // 256) * 256  # noqa: E731
             self.offsets = (0, align(sizes[0]), align(sizes[0]) + align(sizes[1]))
-            self.nbytes, self.gpu = self.offsets[2] + align(sizes[2]), None
-        self.sizes = sizes
+            self.nbytes = self.offsets[2] + align(sizes[2])
 
 
 class QuantStore:
@@ -51,11 +62,12 @@ class QuantStore:
         self.layouts = {layer: _Layout(self.dim, self.inter, self.types[layer], tuple(p.raw[0].nbytes for p in t))
                         for layer, t in layers.items()}
         self.row_bytes = max(lay.nbytes for lay in self.layouts.values())
+        self.packable = {layer: all(t in ck.PACKED_TYPES for t in types) for layer, types in self.types.items()}
         self.rows: dict[int, torch.Tensor] = {}  # pinned tier: layer -> uint8 [E, nbytes]
         if tier == "pinned":
             for layer in layers:
                 self.rows[layer] = self._pack_layer(layer, pin)
-        self.packed: dict[tuple[int, int, int], object] = {}
+        self.packed: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> repacked gate, up, down
 
     def _pack_layer(self, layer: int, pin: bool) -> torch.Tensor:
         E = self.n_experts[layer]
@@ -80,11 +92,17 @@ class QuantStore:
 
     def prepack(self) -> None:
         """Make every expert's lane-interleaved copy now rather than on first use (repack=True)."""
-        for layer, tensors in self.layers.items():
+        for layer in self.layers:
             for e in range(self.n_experts[layer]):
-                for p, t in enumerate(tensors):
-                    if t.qtype in ck.PACKED_TYPES and (layer, e, p) not in self.packed:
-                        self.packed[(layer, e, p)] = ck.repack(self._raw(layer, p, e), t.qtype)
+                self._packed_expert(layer, e, lambda: self.host(layer, e))
+
+    def _packed_expert(self, layer: int, e: int, raws) -> tuple | None:
+        """The repacked gate, up and down of an expert (made on first use), or None without repack."""
+        packed = self.packed.get((layer, e))
+        if packed is not None or not self.repack or not self.packable[layer]:
+            return packed
+        packed = self.packed[(layer, e)] = tuple(ck.repack(r, t) for r, t in zip(raws(), self.types[layer]))
+        return packed
 
     # -- interface used by OffloadExperts ---------------------------------------------------------------------
     def expert_nbytes(self) -> int:
@@ -99,27 +117,32 @@ class QuantStore:
     def host(self, layer: int, e: int):
         return tuple(self._raw(layer, p, e) for p in range(3))
 
-    def _linear(self, x: torch.Tensor, raw: np.ndarray, qtype, key=None) -> torch.Tensor:
-        if x.shape[0] >= 256 or qtype not in ck.GEMV_TYPES:
+    @staticmethod
+    def _linear(x: torch.Tensor, raw: np.ndarray, qtype) -> torch.Tensor:
+        if x.shape[0] >= PREFILL_TOKENS or qtype not in ck.GEMV_TYPES:
             return ck.matmul(x, raw, qtype)
-        if key is not None and self.repack and qtype in ck.PACKED_TYPES:
-            packed = self.packed.get(key)
-            if packed is None:
-                packed = self.packed[key] = ck.repack(raw, qtype)
-            return ck.gemv_packed(x, packed)
         return ck.gemv(x, raw, qtype)
 
     def _ffn(self, x: torch.Tensor, layer: int, raws, e: int | None) -> torch.Tensor:
+        """One expert on the CPU. raws() gives its raw rows, asked for only when needed (e given: the repacked
+        copy is used when there is one)."""
         xs = x.to("cpu", torch.float32).contiguous()
-        types = self.types[layer]
-        key = (lambda p: (layer, e, p)) if e is not None else (lambda p: None)
-        h = F.silu(self._linear(xs, raws[0], types[0], key(0))) * self._linear(xs, raws[1], types[1], key(1))
-        return self._linear(h.contiguous(), raws[2], types[2], key(2)).to(x.dtype)
+        packed = self._packed_expert(layer, e, raws) if e is not None and xs.shape[0] < PREFILL_TOKENS else None
+        if packed is not None:
+            return torch.from_numpy(ck.ffn_packed(xs.numpy(), *packed)).to(x.dtype)
+        (g, u, d), types = raws(), self.types[layer]
+        h = F.silu(self._linear(xs, g, types[0])) * self._linear(xs, u, types[1])
+        return self._linear(h.contiguous(), d, types[2]).to(x.dtype)
 
     def compute_host(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
-        return self._ffn(x, layer, self.host(layer, e), e)
+        return self._ffn(x, layer, lambda: self.host(layer, e), e)
 
     def new_slots(self, n: int, device: torch.device) -> torch.Tensor:
+        if device.type == "cuda":
+            lacking = sorted({t.name for lay in self.layouts.values() if lay.gpu is None for t in lay.types})
+            if lacking:
+                raise ConfigError(f"experts of type {', '.join(lacking)} have no GPU kernel"
+                                  f"{'' if gk else ' (triton is not installed)'}; run this model with --device cpu")
         return torch.empty(n, self.row_bytes, dtype=torch.uint8, device=device)
 
     def copy_to_slot(self, slots: torch.Tensor, slot: int, layer: int, e: int) -> int:
@@ -147,7 +170,7 @@ class QuantStore:
         row = slots[slot].numpy()
         raws = [row[off:off + size].reshape(t.raw.shape[1:])
                 for t, off, size in zip(self.layers[layer], lay.offsets, lay.sizes)]
-        return self._ffn(x, layer, raws, None)
+        return self._ffn(x, layer, lambda: raws, None)
 
     def compute_slots(self, slots: torch.Tensor, slot_ids: list[int], layer: int, x: torch.Tensor) -> torch.Tensor:
         """Several slots' experts on the same tokens -> [G, n, D]; one grouped launch on CUDA when it applies."""
@@ -161,12 +184,6 @@ class QuantStore:
         """mmap tier: read predicted experts ahead (madvise WILLNEED on their byte ranges)."""
         if self.tier != "mmap":
             return
-        import ctypes
-        import mmap
-        libc = ctypes.CDLL(None)
-        page = mmap.PAGESIZE
         for e in experts:
             for t in self.layers[layer]:
-                a = t.raw[e]
-                start = a.ctypes.data // page * page
-                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(a.ctypes.data + a.nbytes - start), 3)
+                will_need(t.raw[e].ctypes.data, t.raw[e].nbytes)

@@ -25,6 +25,17 @@ def _libc():
         return None
 
 
+_LIBC = _libc()
+
+
+def will_need(address: int, nbytes: int) -> None:
+    """Ask the kernel to read a mapped byte range ahead (madvise WILLNEED), so NVMe reads overlap compute."""
+    if _LIBC is None:
+        return
+    start = address // mmap.PAGESIZE * mmap.PAGESIZE
+    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), _MADV_WILLNEED)
+
+
 class SlotBuffers:
     """n slots of one expert each on one device: gate [S, I, D], up [S, I, D], down [S, D, I]."""
 
@@ -32,9 +43,6 @@ class SlotBuffers:
         self.gate = torch.empty(n, inter, dim, dtype=dtype, device=device)
         self.up = torch.empty(n, inter, dim, dtype=dtype, device=device)
         self.down = torch.empty(n, dim, inter, dtype=dtype, device=device)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
 
 
 class DenseStore:
@@ -50,7 +58,6 @@ class DenseStore:
             self.weights = {layer: self._pack(experts, pin) for layer, experts in weights.items()}
         else:
             self.weights = weights
-        self._libc = _libc() if tier == "mmap" else None
 
     @staticmethod
     def _pack(experts: list[ExpertWeights], pin: bool) -> list[ExpertWeights]:
@@ -73,9 +80,6 @@ class DenseStore:
     def flops_per_token(self) -> float:
         return 6.0 * self.inter * self.dim
 
-    def host(self, layer: int, e: int) -> ExpertWeights:
-        return self.weights[layer][e]
-
     def compute_host(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         return expert_ffn(x, *self.weights[layer][e])
 
@@ -97,12 +101,9 @@ class DenseStore:
         return torch.stack([self.compute_slot(slots, s, layer, x) for s in slot_ids])
 
     def will_need(self, layer: int, experts: list[int]) -> None:
-        """mmap tier: ask the kernel to read predicted experts ahead (so NVMe reads overlap compute)."""
-        if self._libc is None:
+        """mmap tier: read predicted experts ahead."""
+        if self.tier != "mmap":
             return
-        page = mmap.PAGESIZE
         for e in experts:
             for t in self.weights[layer][e]:
-                start = t.data_ptr() // page * page
-                length = t.data_ptr() + t.numel() * t.element_size() - start
-                self._libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_WILLNEED)
+                will_need(t.data_ptr(), t.numel() * t.element_size())

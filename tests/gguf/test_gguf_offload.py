@@ -1,6 +1,5 @@
 """GGUF experts through the offload engine (accelerator = cpu): slots hold the raw blocks, and outputs are
 bit-identical whatever the cache size, prefetch, device count or host tier."""
-import itertools
 
 import pytest
 import torch
