@@ -1,6 +1,7 @@
-"""Where a decode step's time goes: cProfile of hybridmoe generating tokens on a GGUF file.
+"""Where a decode step's time goes: cProfile (host Python) and optionally torch.profiler (kernels) of hybridmoe
+generating tokens on a GGUF file.
 
-    python bench/profile_decode.py MODEL.gguf [--slots N] [--tokens 24] [--device cuda]
+    python bench/profile_decode.py MODEL.gguf [--slots N] [--tokens 24] [--device cuda] [--kernels]
 """
 from __future__ import annotations
 
@@ -13,29 +14,52 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 import hybridmoe  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("--slots", type=int, default=None)
+    ap.add_argument("--slots", type=int, default=None, help="expert cache slots per GPU (default: the plan's)")
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tier", default="pinned", choices=["pinned", "mmap"])
+    ap.add_argument("--no-prefetch", action="store_true")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--kernels", action="store_true", help="also a torch.profiler table of operators and kernels")
     a = ap.parse_args()
     t0 = time.perf_counter()
-    eng = hybridmoe.load(a.model, device=a.device, context=256, expert_cache_slots=a.slots, prefetch=False)
+    eng = hybridmoe.load(a.model, device=a.device, dtype="bfloat16", context=256, expert_cache_slots=a.slots,
+                         prefetch=not a.no_prefetch, experts_tier=a.tier, cpu_repack=a.tier == "pinned")
+    if a.tier == "pinned" and hasattr(eng.model.experts, "store"):
+        eng.model.experts.store.prepack()
     print(f"loaded in {time.perf_counter() - t0:.0f} s", flush=True)
-    list(eng.generate([5, 6, 7], max_tokens=4, temperature=0, ignore_eos=True))
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        list(eng.generate([5, 6, 7], max_tokens=n, temperature=0, ignore_eos=True))
+        return time.perf_counter() - t0
+
+    run(4)
+    dt = run(a.tokens)
+    print(f"plain: {a.tokens / dt:.1f} tok/s ({1000 * dt / a.tokens:.1f} ms/token), slots {a.slots}", flush=True)
     prof = cProfile.Profile()
-    t0 = time.perf_counter()
     prof.enable()
-    list(eng.generate([5, 6, 7], max_tokens=a.tokens, temperature=0, ignore_eos=True))
+    dt = run(a.tokens)
     prof.disable()
-    dt = time.perf_counter() - t0
-    print(f"{a.tokens / dt:.1f} tok/s ({1000 * dt / a.tokens:.1f} ms/token), slots {a.slots}")
+    print(f"under cProfile: {a.tokens / dt:.1f} tok/s")
     pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)
+    if a.kernels:
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if a.device == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=acts) as p:
+            run(a.tokens)
+        key = "self_cuda_time_total" if a.device == "cuda" else "self_cpu_time_total"
+        print(p.key_averages().table(sort_by=key, row_limit=a.top, max_name_column_width=60))
+        print(p.key_averages().table(sort_by="cpu_time_total", row_limit=a.top, max_name_column_width=60))
     return 0
 
 

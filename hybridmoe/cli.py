@@ -43,6 +43,8 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--experts-tier", choices=("mmap", "pinned"), default="mmap",
                    help="host tier of the experts: mmap (page cache, default) or pinned (copied once to pinned RAM)")
     g.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="decode eagerly instead of replaying captured CUDA graphs (slower; for debugging)")
 
 
 def load_from_args(args):
@@ -64,7 +66,7 @@ def load_from_args(args):
     return load(args.model, device=args.device, dtype=args.dtype, context=ctx,
                 accelerator=getattr(args, "accelerator", None), devices=getattr(args, "devices", 1),
                 expert_cache_slots=slots, prefetch=not getattr(args, "no_prefetch", False), experts_tier=tier,
-                cost_model=cost)
+                cost_model=cost, cuda_graphs=not getattr(args, "no_cuda_graphs", False))
 
 
 def _sampling_opts(p: argparse.ArgumentParser) -> None:

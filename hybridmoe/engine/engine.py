@@ -9,6 +9,7 @@ import torch
 
 from ..errors import ConfigError, ContextOverflowError
 from ..layers.cache import Batch
+from ..models.graphs import DecodeGraphs
 from ..models.loader import LoadedModel, load_hf, read_config
 from ..formats.gguf import GGUFFile, hf_config
 from ..offload.plan import footprint_from_config, split_stages
@@ -131,7 +132,7 @@ class Engine:
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          context: int | None = None, *, accelerator: str | None = None, devices: int = 1,
          expert_cache_slots: int | None = None, prefetch: bool = True, experts_tier: str = "mmap",
-         cost_model=None, cpu_repack: bool = False) -> Engine:
+         cost_model=None, cpu_repack: bool = False, cuda_graphs: bool = True) -> Engine:
     """Load a model directory (HF config.json + safetensors + tokenizer.json) or a GGUF file (`x.gguf`, or any part
     of a split `x-00001-of-0000N.gguf`). No path: the built-in demo model.
 
@@ -140,7 +141,9 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     (None: as many as fit; 0: no cache), router-predicted `prefetch`, and the host tier `experts_tier`
     ("mmap" or "pinned"). `cost_model` (offload.scheduler.CostModel) holds the machine's measured rates; the
     default is a conservative workstation's. `cpu_repack` (GGUF) gives CPU-served experts a lane-interleaved copy
-    that decodes faster; it sums in another order, so results then match within kernel tolerance."""
+    that decodes faster; it sums in another order, so results then match within kernel tolerance.
+    `cuda_graphs` replays each layer's non-expert work at decode as a captured CUDA graph (much less host time per
+    token; attention then spans a masked window of keys, so results match eager decode within bf16 rounding)."""
     path = Path(path) if path is not None else DEMO_MODEL
     if not path.exists():
         raise ConfigError(f"{path}: no such file or directory")
@@ -174,6 +177,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         kv = [ctx * sum(b for b, st in zip(fp.kv_bytes_per_token, stages) if st == s) for s in range(devices)]
         model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, cost_model)
         dev = stage_devs[0]
+    if cuda_graphs and dev.type == "cuda":
+        loaded.model.decode_graphs = DecodeGraphs(loaded.model)
     tokenizer = getattr(loaded, "tokenizer", None)
     if not gguf and (path / "tokenizer.json").exists():
         tokenizer = Tokenizer(path, loaded.config)

@@ -19,6 +19,9 @@ class Batch:
     positions: torch.Tensor  # [B, T] long
     mask: torch.Tensor  # [B, 1, T, L] bool, True where a query may attend to a key
     slot_index: torch.Tensor | None = None  # [B] long, slots as a tensor for gathers
+    # Graph-captured decode (one row, one token): the position lives on the device and the cache is written
+    # there; the mask spans a fixed number of keys, so the same captured kernels serve every step.
+    write_at: torch.Tensor | None = None  # [1] long
 
     @staticmethod
     def make(start: list[int], n_new: list[int], slots: list[int] | None, device) -> "Batch":
@@ -38,11 +41,20 @@ class Batch:
         return Batch(list(start), list(n_new), None if slots is None else list(slots), positions, mask[:, None],
                      slot_index)
 
+    @staticmethod
+    def decode_static(position: torch.Tensor, n_keys: int, slot: int) -> "Batch":
+        """One row, one token at the device position `position` ([1, 1] long), attending to keys 0..position
+        of a window of `n_keys`. Built from device tensors only (no host values), so it can be graph-captured."""
+        keys = torch.arange(n_keys, device=position.device)
+        mask = (keys <= position[:, :, None])[:, None]  # [1, 1, 1, n_keys]
+        return Batch([0], [1], [slot], position, mask, None, position[0])
+
     def to(self, device) -> "Batch":
         if self.positions.device == torch.device(device):
             return self
         move = (lambda t: None if t is None else t.to(device))
-        return Batch(self.start, self.n_new, self.slots, move(self.positions), move(self.mask), move(self.slot_index))
+        return Batch(self.start, self.n_new, self.slots, move(self.positions), move(self.mask), move(self.slot_index),
+                     move(self.write_at))
 
 
 class LayerCache:
@@ -54,6 +66,11 @@ class LayerCache:
     def update(self, batch: Batch, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write each row's valid new entries [B, T, ...], then return the rows' whole histories [B, L, ...]."""
         L = batch.mask.shape[-1]
+        if batch.write_at is not None:  # device position (graph-captured decode)
+            s = batch.slots[0]
+            for buf, x in zip(self.buffers, new):
+                buf[s].index_copy_(0, batch.write_at, x[0])
+            return tuple(buf[s:s + 1, :L] for buf in self.buffers)
         for buf, x in zip(self.buffers, new):
             for b, (slot, s, n) in enumerate(zip(batch.slots, batch.start, batch.n_new)):
                 buf[slot, s:s + n] = x[b, :n]

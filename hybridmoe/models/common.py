@@ -57,13 +57,18 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # [N, D]
         ids, weights = self.route(x)
         finish = start_experts(experts, layer, x, ids, weights)
-        s = None
-        if self.shared is not None:  # runs while CPU-served experts are computed
-            s = self.shared(x)
-            if self.shared_gate is not None:
-                s = torch.sigmoid(self.shared_gate(x)) * s
-        y = finish()
-        return (y if s is None else y + s).view(shape)
+        s = self.shared_out(x)  # runs while CPU-served experts are computed
+        return self.combine(finish(), s).view(shape)
+
+    def shared_out(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.shared is None:
+            return None
+        s = self.shared(x)
+        return s if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * s
+
+    @staticmethod
+    def combine(routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        return routed if shared is None else routed + shared
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] (already normalised) -> (ids [N, K], weights [N, K] f32)."""
@@ -79,10 +84,14 @@ class Block(nn.Module):
         self.ffn = ffn
 
     def forward(self, x, layer, batch, cos, sin, cache, experts):
-        x = x + self.attn(self.attn_norm(x), batch, cos, sin, cache)
-        h = self.ffn_norm(x)
+        x, h = self.attend(x, batch, cos, sin, cache)
         h = self.ffn(h, layer, experts) if isinstance(self.ffn, MoE) else self.ffn(h)
         return x + h
+
+    def attend(self, x, batch, cos, sin, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention half: (x after attention, the normalised input of the feed-forward half)."""
+        x = x + self.attn(self.attn_norm(x), batch, cos, sin, cache)
+        return x, self.ffn_norm(x)
 
 
 class Transformer(nn.Module):
@@ -103,6 +112,8 @@ class Transformer(nn.Module):
         self.layer_devices: list[torch.device] | None = None
         # Called as f(layer, hidden) after each layer; used by the prefetcher, never changes results.
         self.observers: list[Callable[[int, torch.Tensor], None]] = []
+        self.decode_graphs = None  # models.graphs.DecodeGraphs, set by the loader on CUDA
+        self._cache: KVCache | None = None
 
     def moe_layers(self) -> list[int]:
         return [i for i, b in enumerate(self.layers) if isinstance(b.ffn, MoE)]
@@ -114,23 +125,41 @@ class Transformer(nn.Module):
         return self.layer_devices or [self.norm.weight.device] * len(self.layers)
 
     def new_cache(self, n_slots: int, max_len: int) -> KVCache:
-        return KVCache(self.cache_shapes(), n_slots, max_len, self.norm.weight.dtype, self.devices())
+        """A KV cache for `n_slots` sequences of up to `max_len` tokens. The last one is reused when it is large
+        enough (stale entries are never attended to), which keeps captured decode graphs valid across calls."""
+        old = self._cache
+        if old is not None and old.n_slots == n_slots and old.max_len >= max_len:
+            return old
+        self._cache = None  # free the old one before allocating
+        self._cache = KVCache(self.cache_shapes(), n_slots, max_len, self.norm.weight.dtype, self.devices())
+        return self._cache
+
+    def tables(self, dev: torch.device) -> RopeTables:
+        return self.rope_tables.get(dev) or self.rope_tables.setdefault(dev, RopeTables(self.rope, dev))
 
     def forward(self, tokens: torch.Tensor, batch: Batch, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (f32), or [B, V] at each row's last valid token if last_only."""
+        graphs = self.decode_graphs
+        x = graphs.run(tokens, batch, cache) if graphs is not None and graphs.applies(tokens, batch, cache) else None
+        if x is None:
+            x = self._layers(tokens, batch, cache)
+        x = x.to(self.norm.weight.device)  # the final norm lives with the head (which may be quantized)
+        if last_only and x.shape[:2] == (1, 1):
+            x = x[:, 0]
+        elif last_only:
+            last = torch.tensor([n - 1 for n in batch.n_new], device=x.device)
+            x = x[torch.arange(x.shape[0], device=x.device), last]
+        return self.output(self.norm(x)).float()
+
+    def _layers(self, tokens: torch.Tensor, batch: Batch, cache: KVCache | None) -> torch.Tensor:
         x = self.tok_embeddings(tokens.to(self.tok_embeddings.weight.device))
         stage = None
         for i, (block, dev) in enumerate(zip(self.layers, self.devices())):
             if dev != stage:  # entering a new pipeline stage
                 stage, x, b = dev, x.to(dev), batch.to(dev)
-                tables = self.rope_tables.get(dev) or self.rope_tables.setdefault(dev, RopeTables(self.rope, dev))
-                cos, sin = tables.cos_sin(b.positions)
+                cos, sin = self.tables(dev).cos_sin(b.positions)
             x = block(x, i, b, cos, sin, None if cache is None else cache.layers[i], self.experts)
             for observe in self.observers:
                 observe(i, x)
-        x = x.to(self.norm.weight.device)  # the final norm lives with the head (which may be quantized)
-        if last_only:
-            last = torch.tensor([n - 1 for n in batch.n_new], device=x.device)
-            x = x[torch.arange(x.shape[0], device=x.device), last]
-        return self.output(self.norm(x)).float()
+        return x

@@ -88,8 +88,11 @@ class OffloadExperts:
         cache = dev.cache
         N, K = ids.shape
         ids_host = ids.cpu()  # host sync: the one per MoE layer; placement is decided on the host
-        uniq, n_tok = torch.unique(ids_host, return_counts=True)
-        routed = dict(zip(uniq.tolist(), n_tok.tolist()))
+        if N == 1:  # decode: K distinct experts, kept in k order
+            routed = dict.fromkeys(ids_host[0].tolist(), 1)
+        else:
+            uniq, n_tok = torch.unique(ids_host, return_counts=True)
+            routed = dict(zip(uniq.tolist(), n_tok.tolist()))
         if self.on_routed is not None:
             self.on_routed(layer, set(routed))
         counters = self.stats.layers.setdefault(layer, LayerCounters())
@@ -121,21 +124,15 @@ class OffloadExperts:
             counters.cpu += 1
             on_cpu.append(e)
 
-        parts = x.new_zeros(N, K, x.shape[-1])
         # The hidden state goes to the host before any expert work is queued (a few KB at decode), so this copy
         # waits only for work the experts need anyway; the GPU experts and the caller's shared expert then run
         # while the CPU computes its experts in finish().
         x_host = x.to("cpu") if on_cpu else None
+        if N == 1 and not staged:
+            return self._start_decode(dev, layer, x, x_host, list(routed), on_gpu, on_cpu, weights)
+        parts = x.new_zeros(N, K, x.shape[-1])
         t0 = time.perf_counter()
-        if N == 1 and len(on_gpu) > 1:  # decode: all cached experts of the token in one grouped launch
-            where = {e: k for k, e in enumerate(ids_host[0].tolist())}
-            ys = self.store.compute_slots(dev.buffers, [s for _, s in on_gpu], layer, x)  # [G, 1, D]
-            cols = torch.tensor([where[e] for e, _ in on_gpu]).to(x.device, non_blocking=True)
-            parts[0, cols] = ys[:, 0]
-            on_gpu_rest = []
-        else:
-            on_gpu_rest = on_gpu
-        for e, slot in on_gpu_rest:
+        for e, slot in on_gpu:
             tok, k = token_positions(ids_host, e, x.device)
             parts[tok, k] = self.store.compute_slot(dev.buffers, slot, layer, x[tok])
         for e in staged:
@@ -151,14 +148,47 @@ class OffloadExperts:
                     y = self.store.compute_host(layer, e, x_host[tok])
                     parts[tok.to(x.device), k.to(x.device)] = y.to(x.device)
                 self.stats.cpu_s += time.perf_counter() - t0
-            for e, _ in on_gpu:
-                cache.unpin((layer, e))
-            for key in self.prefetched.pop(layer, []):
-                cache.unpin(key)
-            self._admit_hot(dev, layer, on_cpu)
+            self._release(dev, layer, on_gpu, on_cpu)
             return combine(parts, weights, x.dtype)
 
         return finish
+
+    def _start_decode(self, dev: DeviceSlots, layer: int, x, x_host, order: list[int], on_gpu, on_cpu, weights):
+        """One token: the cached experts in one grouped launch, the CPU's experts in one batch, their outputs
+        placed in k order with at most one small index copy."""
+        t0 = time.perf_counter()
+        where = {e: k for k, e in enumerate(order)}
+        on_gpu = sorted(on_gpu, key=lambda es: where[es[0]])
+        ys = self.store.compute_slots(dev.buffers, [s for _, s in on_gpu], layer, x) if on_gpu else None  # [G, 1, D]
+        self.stats.gpu_s += time.perf_counter() - t0
+
+        def finish() -> torch.Tensor:
+            parts = ys
+            if on_cpu:
+                t0 = time.perf_counter()
+                ys_cpu = self._cpu_experts(layer, on_cpu, x_host).to(x.device, non_blocking=True)  # [C, 1, D]
+                self.stats.cpu_s += time.perf_counter() - t0
+                parts = ys_cpu if ys is None else torch.cat((ys, ys_cpu))
+                cols = [where[e] for e, _ in on_gpu] + [where[e] for e in on_cpu]
+                if cols != sorted(cols):  # back into k order
+                    inverse = sorted(range(len(cols)), key=cols.__getitem__)
+                    parts = parts[torch.tensor(inverse).to(x.device, non_blocking=True)]
+            self._release(dev, layer, on_gpu, on_cpu)
+            return combine(parts.transpose(0, 1), weights, x.dtype)  # [1, K, D] -> [1, D]
+
+        return finish
+
+    def _cpu_experts(self, layer: int, experts: list[int], x_host: torch.Tensor) -> torch.Tensor:
+        """Experts on the same host tokens -> [G, n, D]."""
+        return torch.stack([self.store.compute_host(layer, e, x_host) for e in experts])
+
+    def _release(self, dev: DeviceSlots, layer: int, on_gpu, on_cpu) -> None:
+        cache = dev.cache
+        for e, _ in on_gpu:
+            cache.unpin((layer, e))
+        for key in self.prefetched.pop(layer, []):
+            cache.unpin(key)
+        self._admit_hot(dev, layer, on_cpu)
 
     # -- slots ----------------------------------------------------------------------------------------------
     def _copy(self, dev: DeviceSlots, slot: int, layer: int, e: int, wait: bool) -> int:
