@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import hybridmoe  # noqa: E402
+from hybridmoe.offload.scheduler import CostModel  # noqa: E402
 
 
 def main() -> int:
@@ -29,10 +30,15 @@ def main() -> int:
     ap.add_argument("--no-prefetch", action="store_true")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--kernels", action="store_true", help="also a torch.profiler table of operators and kernels")
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--no-cprofile", action="store_true")
+    ap.add_argument("--cpu-gbs", type=float, default=None, help="cost model: CPU expert read rate (GB/s)")
     a = ap.parse_args()
     t0 = time.perf_counter()
+    cost = CostModel(cpu_bytes_per_s=a.cpu_gbs * 1e9, h2d_bytes_per_s=50e9) if a.cpu_gbs else None
     eng = hybridmoe.load(a.model, device=a.device, dtype="bfloat16", context=256, expert_cache_slots=a.slots,
-                         prefetch=not a.no_prefetch, experts_tier=a.tier, cpu_repack=a.tier == "pinned")
+                         prefetch=not a.no_prefetch, experts_tier=a.tier, cpu_repack=a.tier == "pinned",
+                         cost_model=cost, cuda_graphs=not a.no_cuda_graphs)
     if a.tier == "pinned" and hasattr(eng.model.experts, "store"):
         eng.model.experts.store.prepack()
     print(f"loaded in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -44,7 +50,11 @@ def main() -> int:
 
     run(4)
     dt = run(a.tokens)
-    print(f"plain: {a.tokens / dt:.1f} tok/s ({1000 * dt / a.tokens:.1f} ms/token), slots {a.slots}", flush=True)
+    graphs = eng.model.decode_graphs
+    print(f"plain: {a.tokens / dt:.1f} tok/s ({1000 * dt / a.tokens:.1f} ms/token), slots {a.slots}, graphs "
+          f"{'off' if graphs is None else f'captured {graphs.captured}, enabled {graphs.enabled}'}", flush=True)
+    if a.no_cprofile:
+        return 0
     prof = cProfile.Profile()
     prof.enable()
     dt = run(a.tokens)
