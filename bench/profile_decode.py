@@ -52,7 +52,8 @@ def main() -> int:
     dt = run(a.tokens)
     graphs = eng.model.decode_graphs
     print(f"plain: {a.tokens / dt:.1f} tok/s ({1000 * dt / a.tokens:.1f} ms/token), slots {a.slots}, graphs "
-          f"{'off' if graphs is None else f'captured {graphs.captured}, enabled {graphs.enabled}'}", flush=True)
+          f"{'off' if graphs is None else f'captured {graphs.captured}, enabled {graphs.enabled} {graphs.failure}'}",
+          flush=True)
     if a.no_cprofile:
         return 0
     prof = cProfile.Profile()

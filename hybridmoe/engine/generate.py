@@ -78,6 +78,10 @@ def generate_loop(model: Transformer, tok: Tokenizer | None, eos_ids: set[int], 
 
     def stats_events(phase: str, n: int, decode_rate: float) -> Iterator[Event]:
         extra = expert_stats(model)
+        graphs = model.decode_graphs
+        if graphs is not None and graphs.failure:
+            notices.append(graphs.failure)
+            graphs.failure = None
         for msg in notices + extra.pop("notices", []):
             yield Notice(msg)
         notices.clear()
@@ -86,7 +90,9 @@ def generate_loop(model: Transformer, tok: Tokenizer | None, eos_ids: set[int], 
     try:
         t0 = time.perf_counter()
         prefill_rate = 0.0
-        cache = with_memory_retry(lambda: model.new_cache(1, max_len), model, notices)
+        # rounded up, so that the next calls can reuse this cache (and the decode graphs that write into it)
+        size = min(max_context, max(256, 1 << (max_len - 1).bit_length()))
+        cache = with_memory_retry(lambda: model.new_cache(1, size), model, notices)
         with torch.inference_mode():
             for s in range(0, n_prompt, prefill_chunk):
                 chunk = prompt_ids[s:s + prefill_chunk]

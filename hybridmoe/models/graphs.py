@@ -32,6 +32,7 @@ class DecodeGraphs:
         self.inputs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (x, position)
         self.pools: dict[torch.device, object] = {}
         self.captured = 0
+        self.failure: str | None = None  # why graphs were turned off, for the engine to report once
 
     def applies(self, tokens: torch.Tensor, batch: Batch, cache: KVCache | None) -> bool:
         return (self.enabled and cache is not None and batch.slots is not None and len(batch.slots) == 1
@@ -42,7 +43,7 @@ class DecodeGraphs:
         """The hidden state [1, 1, D] after the last layer, or None if graphs cannot be used here (then the
         caller runs the step eagerly; nothing has been written)."""
         if cache is not self.cache:
-            self.graphs.clear()
+            self._drop()
             self.cache = cache
         model, pos, slot = self.model, batch.start[0], batch.slots[0]
         window = min(cache.max_len, max(MIN_WINDOW, 1 << pos.bit_length()))  # > pos
@@ -66,6 +67,11 @@ class DecodeGraphs:
             for observe in model.observers:
                 observe(i, x)
         return x
+
+    def _drop(self) -> None:
+        """Forget every graph, and their memory pools with them (a pool does not outlive its graphs)."""
+        self.graphs.clear()
+        self.pools.clear()
 
     def _inputs(self, dev: torch.device, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         got = self.inputs.get(dev)
@@ -97,9 +103,10 @@ class DecodeGraphs:
             return got[1]
         try:
             got = self.graphs[key] = self._capture(i, window, slot, dev)
-        except RuntimeError:  # a kernel that cannot be captured: decode eagerly from now on
+        except RuntimeError as e:  # something that cannot be captured: decode eagerly from now on
             self.enabled = False
-            self.graphs.clear()
+            self.failure = f"CUDA graphs turned off (layer {i}: {str(e).splitlines()[0]}); decoding eagerly"
+            self._drop()
             return None
         got[0].replay()
         return got[1]
