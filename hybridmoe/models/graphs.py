@@ -32,6 +32,7 @@ class DecodeGraphs:
         self.inputs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (x, position)
         self.pools: dict[torch.device, object] = {}
         self.captured = 0
+        self.generation = 0  # the experts' slot generation the graphs were captured against
         self.failure: str | None = None  # why graphs were turned off, for the engine to report once
 
     def applies(self, tokens: torch.Tensor, batch: Batch, cache: KVCache | None) -> bool:
@@ -42,9 +43,10 @@ class DecodeGraphs:
     def run(self, tokens: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor | None:
         """The hidden state [1, 1, D] after the last layer, or None if graphs cannot be used here (then the
         caller runs the step eagerly; nothing has been written)."""
-        if cache is not self.cache:
+        generation = getattr(self.model.experts, "generation", 0)
+        if cache is not self.cache or generation != self.generation:
             self._drop()
-            self.cache = cache
+            self.cache, self.generation = cache, generation
         model, pos, slot = self.model, batch.start[0], batch.slots[0]
         window = min(cache.max_len, max(MIN_WINDOW, 1 << pos.bit_length()))  # > pos
         x = model.tok_embeddings(tokens.to(model.tok_embeddings.weight.device))
@@ -58,7 +60,10 @@ class DecodeGraphs:
             out = self._replay(i, window, slot, dev)
             if out is None:
                 return None
-            if isinstance(block.ffn, MoE):
+            if len(out) == 1 and isinstance(block.ffn, MoE):  # its experts ran inside the graph
+                model.experts.ran_resident(i)
+                x = out[0]
+            elif isinstance(block.ffn, MoE):
                 x_mid, h, ids, weights, shared = out
                 finish = start_experts(model.experts, i, h, ids, weights)
                 x = x_mid + block.ffn.combine(finish(), shared).view(x_mid.shape)
@@ -91,7 +96,12 @@ class DecodeGraphs:
             return (x_mid + block.ffn(h),)
         h = h.reshape(-1, h.shape[-1])  # [1, D]
         ids, weights = block.ffn.route(h)
-        return x_mid, h, ids, weights, block.ffn.shared_out(h)
+        shared = block.ffn.shared_out(h)
+        resident = getattr(self.model.experts, "resident", None)
+        y = resident(i, h, ids, weights) if resident is not None else None
+        if y is not None:  # every expert of the layer is in a GPU slot: no host sync needed
+            return (x_mid + block.ffn.combine(y, shared).view(x_mid.shape),)
+        return x_mid, h, ids, weights, shared
 
     def _replay(self, i: int, window: int, slot: int, dev: torch.device) -> tuple | None:
         if not self.capture:

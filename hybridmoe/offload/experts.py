@@ -78,6 +78,12 @@ class OffloadExperts:
         self.stats = StepStats()
         self.prefetched: dict[int, list[tuple[int, int]]] = {}  # layer -> keys pinned until that layer runs
         self.on_routed: Callable[[int, set[int]], None] | None = None  # prefetch quality bookkeeping
+        # Layers whose every expert sits in a slot for good (their stage's cache holds all of its experts): at
+        # decode they run without a host sync, inside the captured decode graphs. layer -> slot of each expert.
+        self.resident_slots: dict[int, torch.Tensor] = {}
+        self.resident_ids: dict[int, torch.Tensor] = {}  # layer -> the ids tensor its graph writes
+        self.resident_steps: list[int] = []  # resident layers run since the last stats, read lazily
+        self.generation = 0  # bumped when slot buffers are reallocated: captured graphs must be dropped
 
     # -- the Experts protocol ---------------------------------------------------------------------------------
     def __call__(self, layer, x, ids, weights):
@@ -190,6 +196,42 @@ class OffloadExperts:
             cache.unpin(key)
         self._admit_hot(dev, layer, on_cpu)
 
+    def resident(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        """The routed experts of one token as device work only, when every expert of the layer's stage is in a
+        slot (nothing is ever evicted there), so that it can be captured in a graph; else None. Call
+        `ran_resident(layer)` after each run so that the step's stats count it."""
+        dev = self.stages[self.layer_stage[layer]]
+        table = self.resident_slots.get(layer)
+        if table is None:
+            if x.shape[0] != 1 or not self._stage_full(dev) or not hasattr(self.store, "compute_slots_graph"):
+                return None
+            slot_of = [dev.cache.lookup((layer, e)) for e in range(self.store.n_experts[layer])]
+            table = torch.tensor(slot_of, device=x.device)
+            self.resident_slots[layer] = table
+        ys = self.store.compute_slots_graph(dev.buffers, table[ids[0]], layer, x)  # [K, 1, D]
+        if ys is None:
+            return None
+        self.resident_ids[layer] = ids
+        return combine(ys.transpose(0, 1), weights, x.dtype)
+
+    def ran_resident(self, layer: int) -> None:
+        self.resident_steps.append(layer)
+
+    def _stage_full(self, dev: DeviceSlots) -> bool:
+        stage = self.stages.index(dev)
+        total = sum(n for layer, n in self.store.n_experts.items() if self.layer_stage[layer] == stage)
+        return dev.cache.n_slots > 0 and len(dev.cache) == total
+
+    def _count_resident(self) -> None:
+        """Hits and expert use of resident layers' steps, read from their ids after the fact (one small copy)."""
+        for layer in self.resident_steps:
+            row = self.resident_ids[layer][0].tolist()
+            self.stats.layers.setdefault(layer, LayerCounters()).hits += len(row)
+            used = self.stats.expert_tokens.setdefault(layer, {})
+            for e in row:
+                used[e] = used.get(e, 0) + 1
+        self.resident_steps.clear()
+
     # -- slots ----------------------------------------------------------------------------------------------
     def _copy(self, dev: DeviceSlots, slot: int, layer: int, e: int, wait: bool) -> int:
         if dev.copy_stream is None:
@@ -272,6 +314,8 @@ class OffloadExperts:
             torch.cuda.empty_cache()
         dev.allocate(self.store, int(before * fraction), dev.cache.decay)
         self.prefetched.clear()
+        self.resident_slots.clear()
+        self.generation += 1
         return before - dev.cache.n_slots
 
     def tick(self) -> None:
@@ -279,6 +323,7 @@ class OffloadExperts:
             dev.cache.tick()
 
     def take_stats(self) -> dict:
+        self._count_resident()
         s, self.stats = self.stats, StepStats()
         hits = sum(c.hits for c in s.layers.values())
         misses = sum(c.misses for c in s.layers.values())

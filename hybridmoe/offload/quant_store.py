@@ -180,6 +180,17 @@ class QuantStore:
             return gk.experts_ffn(x, slots, ids, lay.gpu).to(x.dtype)
         return torch.stack([self.compute_slot(slots, s, layer, x) for s in slot_ids])
 
+    def compute_slots_graph(self, slots: torch.Tensor, slot_ids: torch.Tensor, layer: int,
+                            x: torch.Tensor) -> torch.Tensor | None:
+        """As compute_slots with the slot ids already on the device (no host work, so it can be graph-captured);
+        None where that path does not apply."""
+        if slots.device.type == "cpu":  # the CPU standing in for a GPU: nothing to capture, same results
+            return self.compute_slots(slots, slot_ids.tolist(), layer, x)
+        lay = self.layouts[layer]
+        if x.shape[0] > gk.MAX_TOKENS or lay.gpu.nbytes != slots.shape[1]:
+            return None
+        return gk.experts_ffn(x, slots, slot_ids, lay.gpu).to(x.dtype)
+
     def will_need(self, layer: int, experts: list[int]) -> None:
         """mmap tier: read predicted experts ahead (madvise WILLNEED on their byte ranges)."""
         if self.tier != "mmap":

@@ -107,6 +107,16 @@ class OffloadRuntime:
     def start(self, layer, x, ids, weights):
         return self.experts.start(layer, x, ids, weights)
 
+    def resident(self, layer, x, ids, weights):
+        return self.experts.resident(layer, x, ids, weights)
+
+    def ran_resident(self, layer: int) -> None:
+        self.experts.ran_resident(layer)
+
+    @property
+    def generation(self) -> int:
+        return self.experts.generation
+
     def take_stats(self) -> dict:
         self.experts.tick()
         stats = self.experts.take_stats()

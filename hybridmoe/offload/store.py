@@ -100,6 +100,14 @@ class DenseStore:
         """Several slots' experts on the same tokens -> [G, n, D]."""
         return torch.stack([self.compute_slot(slots, s, layer, x) for s in slot_ids])
 
+    def compute_slots_graph(self, slots: SlotBuffers, slot_ids: torch.Tensor, layer: int,
+                            x: torch.Tensor) -> torch.Tensor | None:
+        """Slot ids on the device, no host work: only for the CPU standing in for a GPU (a gather of whole
+        float experts would cost more on a GPU than the host sync it saves)."""
+        if slots.gate.device.type != "cpu":
+            return None
+        return self.compute_slots(slots, slot_ids.tolist(), layer, x)
+
     def will_need(self, layer: int, experts: list[int]) -> None:
         """mmap tier: read predicted experts ahead."""
         if self.tier != "mmap":

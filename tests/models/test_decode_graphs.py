@@ -38,7 +38,7 @@ def test_one_token_steps_across_windows_match_transformers(tiny_models, name):
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "qwen3_moe"])
-@pytest.mark.parametrize("slots", [0, 4])
+@pytest.mark.parametrize("slots", [0, 4, None])  # None: every expert in a slot, run without host syncs
 def test_offloaded_greedy_decode_matches_transformers_generate(tiny_models, name, slots):
     path = tiny_models(name)
     eng, windows = static_engine(path, accelerator="cpu", expert_cache_slots=slots)
@@ -46,8 +46,15 @@ def test_offloaded_greedy_decode_matches_transformers_generate(tiny_models, name
     with torch.no_grad():
         out = reference(path).generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24,
                                        do_sample=False, eos_token_id=None, pad_token_id=0)
-    done = list(eng.generate(prompt, temperature=0, max_tokens=24, ignore_eos=True))[-1]
-    assert list(done.token_ids) == out[0, len(prompt):].tolist()
+    events = list(eng.generate(prompt, temperature=0, max_tokens=24, ignore_eos=True))
+    assert list(events[-1].token_ids) == out[0, len(prompt):].tolist()
+    stats = [e.extra for e in events if isinstance(e, hybridmoe.Stats) and e.phase == "decode"][1:]
+    model = eng.model
+    per_step = sum(model.layers[i].ffn.spec.top_k for i in model.moe_layers())
+    assert all(s["cache_hits"] + s["cache_misses"] == per_step for s in stats)  # resident layers counted too
+    if slots is None:
+        assert set(model.experts.experts.resident_slots) == set(model.moe_layers())
+        assert all(s["cache_hits"] == per_step for s in stats)
     assert len(windows) >= 23 * len(eng.model.layers)  # every decode step went through the segments
 
 
