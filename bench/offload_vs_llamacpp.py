@@ -68,11 +68,12 @@ def llama_bench(exe: str, gguf: Path, args: list[str], threads: int, reps: int) 
     return res
 
 
-def ours(gguf: Path, slots: int | None, reps: int, cost: CostModel, prefetch: bool = True) -> dict:
+def ours(gguf: Path, slots: int | None, reps: int, cost: CostModel, prefetch: bool = True, **load_kw) -> dict:
     # pinned: copies into GPU slots are asynchronous; repack: the CPU kernels' fast layout, made before timing
     tier = "mmap" if slots is None else "pinned"
     eng = hybridmoe.load(gguf, device="cuda", dtype="bfloat16", context=1024, expert_cache_slots=slots,
-                         prefetch=prefetch, cost_model=cost, experts_tier=tier, cpu_repack=slots is not None)
+                         prefetch=prefetch, cost_model=cost, experts_tier=tier, cpu_repack=slots is not None,
+                         **load_kw)
     rt = eng.model.experts
     if slots is not None:
         t0 = time.perf_counter()
@@ -105,7 +106,7 @@ def ours(gguf: Path, slots: int | None, reps: int, cost: CostModel, prefetch: bo
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-bench", required=True, help="path to llama.cpp's llama-bench built with CUDA")
+    ap.add_argument("--llama-bench", default=None, help="path to llama.cpp's llama-bench built with CUDA")
     ap.add_argument("--shape", choices=sorted(synthetic.SHAPES), default="deepseek_v3")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 5 for DeepSeek, 48 Qwen)")
     ap.add_argument("--dir", type=Path, default=Path("."), help="where the synthetic GGUF files are kept")
@@ -114,8 +115,24 @@ def main() -> int:
     ap.add_argument("--zipf", type=float, default=1.2, help="skew of the second file's router")
     ap.add_argument("--only", default="off,budget,vram,skewed", help="configurations to run")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--part", choices=("both", "ours", "llama"), default="both",
+                    help="ours: measure hybridmoe only and keep the rows in --json; llama: measure llama.cpp and "
+                         "complete the rows kept in --json (two calls on the same machine, e.g. while llama.cpp "
+                         "is still building)")
+    ap.add_argument("--load", default="{}", help="extra hybridmoe.load() options as JSON, e.g. "
+                                                 "'{\"cpu_activations\": \"int8\"}'")
     a = ap.parse_args()
+    load_kw = json.loads(a.load)
+    kept = {}
+    if a.part == "llama":
+        if a.json is None or not a.json.exists():
+            ap.error("--part llama needs the --json file that --part ours wrote")
+        kept = {r["config"]: r["ours"] for r in json.loads(a.json.read_text())["rows"]}
     only = set(a.only.split(","))
+    if a.part != "ours" and not a.llama_bench:
+        ap.error("--llama-bench is required (except with --part ours)")
+    if a.part == "ours" and a.json is None:
+        ap.error("--part ours needs --json to keep its rows")
     torch.set_num_threads(a.threads)
     from hybridmoe.kernels.cpu import set_threads
     set_threads(a.threads)
@@ -149,13 +166,20 @@ def main() -> int:
     for name, (kind, largs, slots) in plans.items():
         if name not in only:
             continue
-        lb = llama_bench(a.llama_bench, files[kind], largs, a.threads, a.reps)
-        us = ours(files[kind], slots, a.reps, cost)
+        if a.part == "llama" and name not in kept:
+            continue
+        lb = llama_bench(a.llama_bench, files[kind], largs, a.threads, a.reps) if a.part != "ours" else None
+        us = kept[name] if a.part == "llama" else ours(files[kind], slots, a.reps, cost, **load_kw)
         roof = bw / max(1.0, us["cpu_expert_bytes_per_token"])
-        rows.append(dict(config=name, file=kind, llama=lb, ours=us, roofline_tok_s=roof,
-                         decode_ratio=us["tg128"][0] / lb["tg128"][0], prefill_ratio=us["pp512"][0] / lb["pp512"][0],
-                         roofline_ratio=us["tg128"][0] / roof if us["cpu_expert_bytes_per_token"] else None))
-        print(json.dumps(rows[-1]), flush=True)
+        row = dict(config=name, file=kind, llama=lb, ours=us, roofline_tok_s=roof,
+                   roofline_ratio=us["tg128"][0] / roof if us["cpu_expert_bytes_per_token"] else None)
+        if lb is not None:
+            row.update(decode_ratio=us["tg128"][0] / lb["tg128"][0], prefill_ratio=us["pp512"][0] / lb["pp512"][0])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if a.part == "ours":
+        a.json.write_text(json.dumps({"bandwidth": bw, "h2d": h2d, "rows": rows}, indent=1))
+        return 0
     print(f"\n{a.shape}, {n_layers} layers, {torch.cuda.get_device_name()}, {a.threads} threads, reps {a.reps}")
     print(f"{'config':<8}{'llama pp512':>13}{'ours pp512':>12}{'ratio':>7}{'llama tg128':>13}{'ours tg128':>12}"
           f"{'ratio':>7}{'roofline':>9}{'hit':>6}{'recall':>7}")
