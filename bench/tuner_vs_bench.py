@@ -214,8 +214,10 @@ def main(argv=None) -> int:
     eng = engine_costs(prof, a, say)
     on_cpu = a.accelerator == "cpu"
     fp, cfg = footprint_for(a.model, "float32" if on_cpu else "bfloat16", layers_as_stored=on_cpu)
-    if on_cpu and a.sim_vram is None:
-        a.sim_vram = (sum(fp.layer_bytes) + fp.embed_bytes + fp.head_bytes + fp.expert_host_total / 2) / GiB + 1.5
+    if on_cpu and a.sim_vram is None:  # weights, KV and half the experts, with make_plan's reserve and margin
+        po = PlanOptions()
+        need = sum(fp.layer_bytes) + fp.embed_bytes + fp.head_bytes + sum(fp.kv_bytes_per_token) * a.ctx
+        a.sim_vram = ((need + fp.expert_host_total / 2 + po.vram_reserve) / (1 - po.vram_margin)) / GiB
     hw, cost = machine_for(prof, a)
     opts = TuneOptions(context=a.ctx, batch=1, engine=eng,
                        pageable_factor=min(1.0, prof.hardware.h2d_pageable_bytes_per_s / cost.h2d_bytes_per_s) or 0.5)
