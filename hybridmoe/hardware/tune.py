@@ -258,7 +258,8 @@ def tune(fp: Footprint, hw: Hardware, cost: CostModel, flops_per_token: float, m
         why_threads = "the CPU kernels' thread count when the engine's costs were measured"
     # Pinning only speeds up copies to a GPU; without one the experts stay mmap'd.
     pinned_fits = bool(hw.gpus) and fp.expert_host_total <= hw.ram_available * opts.plan.ram_fraction
-    tiers = ("pinned", "mmap") if pinned_fits else ("mmap",)
+    # Pinned only where it is faster: it costs RAM and load time.
+    tiers = ("mmap", "pinned") if pinned_fits else ("mmap",)
     args = (fp, hw, cost, opts, flops_per_token)
     b1 = opts.batch or 1
     by_ctx = {c: _best(*args, c, b1, tiers, threads, cpu_bw) for c in _contexts(opts, model_max_context)}
@@ -300,7 +301,10 @@ def explain(fp, hw, ch: Choice, opts, why_threads, no_prefetch: Prediction, by_c
                " GiB available RAM; pinned pages copy at the full PCIe rate")
     else:
         share = min(1.0, hw.ram_available * opts.page_cache_fraction / max(1, fp.expert_host_total))
-        start = "no GPU to copy to" if not plan.devices else f"{host:.0f} GiB of experts do not fit pinned"
+        pinned_fits = fp.expert_host_total <= hw.ram_available * opts.plan.ram_fraction
+        start = ("no GPU to copy to" if not plan.devices else
+                 "pinning would not be faster (and costs RAM and load time)" if pinned_fits else
+                 f"{host:.0f} GiB of experts do not fit pinned")
         why = (f"{start}; the page cache keeps {100 * share:.0f}%"
                + ("" if share >= 1 else f", the rest streams from disk at {hw.disk_read_bytes_per_s / 1e9:.1f} GB/s"))
     rows.append(("experts tier", ch.tier, why))
