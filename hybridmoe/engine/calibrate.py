@@ -2,7 +2,7 @@
 with the same machinery as `hybridmoe bench`.
 
 A twin has the model's family, experts per token, routing groups and block types at small dims (whole blocks),
-so its step time is almost all fixed cost: Python, launches, host syncs, kernel calls. Twins with 1 and 3 MoE
+so its step time is almost all fixed cost: Python, launches, host syncs, kernel calls. Twins with 1 and 4 MoE
 layers, each with every expert in a GPU slot and with the cache off, give
   step_s       the intercept (embedding, head, sampling, the loop, the twin's dense layer if the family has one),
   moe_layer_s  the slope per MoE layer with its experts served from slots,
@@ -21,7 +21,7 @@ import torch
 from ..hardware.profile import EngineCosts
 from .bench import _Counters, run_once
 
-MOE_LAYERS = (1, 3)
+MOE_LAYERS = (1, 4)
 
 
 def _model_types(model: str | Path) -> tuple[dict, tuple, object]:
@@ -48,7 +48,7 @@ def _step_s(engine, tokens: int, reps: int) -> float:
     return 1.0 / statistics.median(rates)
 
 
-def measure(model: str | Path, accelerator: str, tokens: int = 32, reps: int = 3, progress=None) -> EngineCosts:
+def measure(model: str | Path, accelerator: str, tokens: int = 32, reps: int = 5, progress=None) -> EngineCosts:
     """Time the twins of `model` on `accelerator` ("cuda" or "cpu") with the kernels' current thread count."""
     import numba
 

@@ -225,24 +225,30 @@ def _contexts(opts: TuneOptions, model_max: int) -> list[int]:
     return sorted({c for c in CONTEXTS if opts.min_context <= c <= top} | {min(opts.min_context, top)})
 
 
-def _plan(fp: Footprint, hw: Hardware, opts: TuneOptions, context: int, batch: int, tier: str) -> Plan:
+def _plan(fp: Footprint, hw: Hardware, opts: TuneOptions, context: int, batch: int, tier: str,
+          max_slots: int | None = None) -> Plan:
     o = opts.plan
+    slots = o.max_slots if max_slots is None else max_slots if o.max_slots is None else min(max_slots, o.max_slots)
     return make_plan(fp, hw, PlanOptions(context, batch, o.vram_reserve, o.vram_margin, o.ram_fraction, tier,
-                                         o.max_slots, o.prefetch_margin))
+                                         slots, o.prefetch_margin))
 
 
 def _best(fp, hw, cost, opts, flops, context, batch, tiers, threads, cpu_bw) -> Choice | None:
     """The fastest tier and prefetch margin for one context and batch, or None if nothing fits."""
     best = None
+    # The cache off too: where the engine's measured costs make copies dearer than the CPU's reads (the CPU
+    # standing in for the GPU), as many slots as fit are not the fastest.
+    caps = (None, 0) if opts.engine is not None and opts.engine.measured and hw.gpus else (None,)
     for tier in tiers:
-        plan = _plan(fp, hw, opts, context, batch, tier)
-        if not plan.fits:
-            continue
-        partial = 0 < plan.experts["cache_slots_total"] < sum(fp.experts_per_layer)
-        for margin in (opts.margins if partial else (0,)):
-            pred = predict(fp, hw, cost, plan, tier, margin, cpu_bw, flops, opts, batch)
-            if best is None or pred.tok_s > best.prediction.tok_s * 1.001:  # ties: the smaller margin
-                best = Choice(plan, tier, margin, threads, pred)
+        for cap in caps:
+            plan = _plan(fp, hw, opts, context, batch, tier, cap)
+            if not plan.fits:
+                continue
+            partial = 0 < plan.experts["cache_slots_total"] < sum(fp.experts_per_layer)
+            for margin in (opts.margins if partial else (0,)):
+                pred = predict(fp, hw, cost, plan, tier, margin, cpu_bw, flops, opts, batch)
+                if best is None or pred.tok_s > best.prediction.tok_s * 1.001:  # ties: the smaller margin, more slots
+                    best = Choice(plan, tier, margin, threads, pred)
     return best
 
 
@@ -291,8 +297,12 @@ def explain(fp, hw, ch: Choice, opts, why_threads, no_prefetch: Prediction, by_c
         rows.append(("layers per GPU", split, f"contiguous stages balanced by bytes (weights + KV: {sizes} GiB)"))
         slots = " | ".join(str(d.expert_slots) for d in plan.devices)
         frac = plan.experts["cache_slots_total"] / max(1, sum(fp.experts_per_layer))
-        rows.append(("expert cache slots", slots, f"the VRAM left after weights, KV and the reserve: {100 * frac:.0f}% "
-                     f"of experts, so a {100 * pred.hit_rate:.0f}% hit rate with uniform routing (skew helps)"))
+        if plan.experts["cache_slots_total"] or not fp.experts_per_layer:
+            why = (f"the VRAM left after weights, KV and the reserve: {100 * frac:.0f}% of experts, so a "
+                   f"{100 * pred.hit_rate:.0f}% hit rate with uniform routing (skew helps)")
+        else:
+            why = "the cache off: with the engine's measured costs, copies into slots cost more than they save"
+        rows.append(("expert cache slots", slots, why))
     else:
         rows.append(("layers", "CPU", "no GPU: every layer runs on the CPU"))
     host = fp.expert_host_total / GiB
