@@ -10,7 +10,7 @@ alternatives a user would plausibly try, in one run on one machine.
 2. The tuner's plan for MODEL at batch 1 and --ctx: expert slots, host tier, prefetch margin, CPU threads, and its
    predicted decode tok/s. With --accelerator cpu the CPU stands in for one GPU whose "VRAM" is --sim-vram.
 3. Alternatives: the expert cache off; half the tuned slots with the prefetch margin the tuner would pick for them;
-   the same without prefetch. (If the tuned plan caches no expert, the alternatives cache all or half of them.)
+   the same without prefetch. (If the tuned plan caches no expert: as many slots as fit, and half of those.)
 4. Each plan is loaded exactly as planned and timed with `hybridmoe bench`'s machinery (tgN: one-token prompt,
    N generated tokens, R repetitions after a warm-up). Predictions are made for that run's KV fill (1 + N/2).
 
@@ -122,7 +122,8 @@ def plans_to_try(fp, hw, cost, opts, flops, tuned, fill, cpu_bw) -> list[PlanRun
     ch = tuned.choice
     slots = ch.plan.devices[0].expert_slots
     total = sum(fp.experts_per_layer)
-    half = max(1, (slots or total) // 2)
+    fit = make_plan(fp, hw, PlanOptions(ch.plan.context, 1, experts_tier=ch.tier)).devices[0].expert_slots
+    half = max(1, (slots or fit) // 2)
 
     def best_margin(n: int, tier: str) -> int:
         plan = make_plan(fp, hw, PlanOptions(ch.plan.context, 1, experts_tier=tier, max_slots=n))
@@ -131,7 +132,7 @@ def plans_to_try(fp, hw, cost, opts, flops, tuned, fill, cpu_bw) -> list[PlanRun
         preds = {m: predict(fp, hw, cost, plan, tier, m, cpu_bw, flops, opts, 1, fill).tok_s for m in opts.margins}
         return max(preds, key=lambda m: (preds[m], -m))
     runs = [PlanRun("tuned", slots, ch.tier, ch.margin, ch.threads),
-            PlanRun("cache off" if slots else "all experts cached", 0 if slots else total, ch.tier, 0, ch.threads)]
+            PlanRun("cache off" if slots else "as many slots as fit", 0 if slots else fit, ch.tier, 0, ch.threads)]
     m = best_margin(half, ch.tier) or 2
     runs.append(PlanRun(f"half the slots, prefetch k+{m}", half, ch.tier, m, ch.threads))
     runs.append(PlanRun("half the slots, no prefetch", half, ch.tier, 0, ch.threads))
