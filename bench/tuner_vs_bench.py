@@ -91,14 +91,18 @@ def get_profile(a, say) -> Profile:
 
 def engine_costs(prof: Profile, a, say):
     """The profile's engine costs if they were timed for this family and accelerator, else timed now."""
-    from hybridmoe.engine.calibrate import _model_types, measure
-    family = _model_types(a.model)[0]["model_type"]
+    from hybridmoe.engine.calibrate import model_types, measure
+    family = model_types(a.model)[0]["model_type"]
     eng = prof.engine
     if eng.measured and eng.family == family and eng.accelerator == a.accelerator:
         return eng
     say(f"engine costs: the profile has them for {eng.family or 'no family'} on {eng.accelerator or '-'}; "
         f"timing {family} on {a.accelerator} now")
-    new = measure(a.model, a.accelerator, progress=say)
+    try:
+        new = measure(a.model, a.accelerator, progress=say)
+    except Exception as e:  # go on with what the profile has; the table shows how far off that is
+        say(f"engine costs: timing failed ({type(e).__name__}: {e}); using the profile's")
+        return eng
     new.cpu_expert_bytes_per_s = eng.cpu_expert_bytes_per_s or prof.cost.cpu_bytes_per_s
     new.cpu_layer_bytes_per_s = eng.cpu_layer_bytes_per_s
     return new

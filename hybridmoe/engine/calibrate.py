@@ -24,7 +24,7 @@ from .bench import _Counters, run_once
 MOE_LAYERS = (1, 4)
 
 
-def _model_types(model: str | Path) -> tuple[dict, tuple, object]:
+def model_types(model: str | Path) -> tuple[dict, tuple, object]:
     """(config, expert block types of gate/up/down, non-expert type) of a GGUF file or an HF config; HF models
     are timed as their Q4_K_M GGUF would run."""
     from gguf import GGMLQuantizationType as Q
@@ -53,7 +53,7 @@ def measure(model: str | Path, accelerator: str, tokens: int = 32, reps: int = 5
     import numba
 
     from .. import load
-    cfg, types, other = _model_types(model)
+    cfg, types, other = model_types(model)
     say = progress or (lambda s: None)
     device = "cuda" if accelerator == "cuda" else "cpu"
     times: dict[tuple[int, bool], float] = {}
