@@ -52,7 +52,7 @@ def load_from_args(args):
     plan and measured rates fill in what the command line leaves at its defaults)."""
     from . import load
     slots, tier, ctx = getattr(args, "expert_cache_slots", None), getattr(args, "experts_tier", "mmap"), args.ctx
-    cost = None
+    cost, margin = None, 2
     spec = getattr(args, "profile", None)
     if spec:
         from .hardware.profile import resolve
@@ -63,10 +63,11 @@ def load_from_args(args):
         if tier == "mmap" and prof.plan.experts_tier in ("mmap", "pinned"):
             tier = prof.plan.experts_tier
         ctx = ctx or prof.plan.context
+        margin = prof.plan.prefetch_margin or margin
     return load(args.model, device=args.device, dtype=args.dtype, context=ctx,
                 accelerator=getattr(args, "accelerator", None), devices=getattr(args, "devices", 1),
                 expert_cache_slots=slots, prefetch=not getattr(args, "no_prefetch", False), experts_tier=tier,
-                cost_model=cost, cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+                cost_model=cost, prefetch_margin=margin, cuda_graphs=not getattr(args, "no_cuda_graphs", False))
 
 
 def _sampling_opts(p: argparse.ArgumentParser) -> None:
@@ -395,9 +396,13 @@ def _add_hardware_commands(sub) -> None:
 
 
 def cmd_tune(args) -> int:
+    from .engine.calibrate import measure
     from .hardware.commands import TuneRequest, run_tune
+
+    def measure_engine(model: str, accelerator: str):
+        return measure(model, accelerator, progress=lambda s: print(f"  {s}", file=sys.stderr))
     run_tune(TuneRequest(args.model, args.output, args.quick, args.profile, args.ctx, args.batch, args.dtype,
-                         args.quant, args.budget))
+                         args.quant, args.budget), measure_engine=measure_engine)
     return 0
 
 

@@ -132,13 +132,14 @@ class Engine:
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          context: int | None = None, *, accelerator: str | None = None, devices: int = 1,
          expert_cache_slots: int | None = None, prefetch: bool = True, experts_tier: str = "mmap",
-         cost_model=None, cpu_repack: bool = False, cuda_graphs: bool = True) -> Engine:
+         cost_model=None, cpu_repack: bool = False, prefetch_margin: int = 2, cuda_graphs: bool = True) -> Engine:
     """Load a model directory (HF config.json + safetensors + tokenizer.json) or a GGUF file (`x.gguf`, or any part
     of a split `x-00001-of-0000N.gguf`). No path: the built-in demo model.
 
     With device="cuda" (or accelerator="cpu", which simulates the GPUs on the CPU) the routed experts stay on the
     host and run through the offload engine: `devices` pipeline stages, `expert_cache_slots` GPU slots per device
-    (None: as many as fit; 0: no cache), router-predicted `prefetch`, and the host tier `experts_tier`
+    (None: as many as fit; 0: no cache), router-predicted `prefetch` of the top (k + `prefetch_margin`) experts,
+    and the host tier `experts_tier`
     ("mmap" or "pinned"). `cost_model` (offload.scheduler.CostModel) holds the machine's measured rates; the
     default is a conservative workstation's. `cpu_repack` (GGUF) gives CPU-served experts a lane-interleaved copy
     that decodes faster; it sums in another order, so results then match within kernel tolerance.
@@ -157,7 +158,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
             raise ConfigError("--devices and --expert-cache-slots need --device cuda or --accelerator cpu")
         loaded = _load_gguf(path, dev, dt, experts_tier) if gguf else load_hf(path, dev, dt)
     else:
-        opts = OffloadOptions(accelerator, devices, expert_cache_slots, prefetch, experts_tier=experts_tier,
+        opts = OffloadOptions(accelerator, devices, expert_cache_slots, prefetch, prefetch_margin, experts_tier,
                               cpu_repack=cpu_repack)
         if accelerator == "cuda" and dev.type != "cuda":
             raise ConfigError("--accelerator cuda needs --device cuda")

@@ -12,7 +12,7 @@ from ..offload.plan import Hardware
 from ..offload.scheduler import CostModel
 from . import microbench, profile as profiles
 from .probe import Machine, probe, probe_machine
-from .profile import Meta, PlanSpec, Profile
+from .profile import EngineCosts, Meta, PlanSpec, Profile
 
 
 def plan_hardware(spec: str | None) -> Hardware:
@@ -79,8 +79,26 @@ def _constants(req: TuneRequest, machine: Machine | None, base: Profile | None, 
     return cost, "measured", how, m
 
 
-def run_tune(req: TuneRequest, out=print, say=None) -> Path:
-    """Tune, print the explanation table, write the profile; returns its path."""
+def engine_costs(req: TuneRequest, machine: Machine | None, base: Profile | None, got, measure_engine,
+                 say) -> EngineCosts | None:
+    """The engine's fixed costs for the model's family: timed now (measure_engine(model, accelerator)) when this
+    machine is measured, else the base profile's if it has them."""
+    if machine is not None and not req.quick and req.model and measure_engine is not None:
+        try:
+            eng = measure_engine(req.model, "cuda" if machine.gpus else "cpu")
+        except Exception as e:  # a failed measurement must not stop tuning; the tuner falls back to launch counts
+            say(f"note: engine costs not measured ({type(e).__name__}: {e})")
+            return None
+        if got is not None:
+            eng.cpu_expert_bytes_per_s = got.cpu_quant_raw_bytes_per_s or got.cpu_bytes_per_s or 0.0
+            eng.cpu_layer_bytes_per_s = got.cpu_layer_bytes_per_s or 0.0
+        return eng
+    return base.engine if base is not None and base.engine.measured else None
+
+
+def run_tune(req: TuneRequest, out=print, say=None, measure_engine=None) -> Path:
+    """Tune, print the explanation table, write the profile; returns its path. measure_engine(model, accelerator)
+    -> EngineCosts times the engine's own fixed costs (hybridmoe.engine.calibrate.measure)."""
     from .tune import TuneOptions, expert_flops, footprint_for, format_rows, tune
     say = say or (lambda s: print(s, file=sys.stderr))
     machine, base = None, None
@@ -95,7 +113,8 @@ def run_tune(req: TuneRequest, out=print, say=None) -> Path:
     gpus = bool(machine.gpus) if machine is not None else bool(base.hardware.gpus)
     fp = cfg = None
     if req.model:
-        fp, cfg = footprint_for(req.model, req.dtype or ("bfloat16" if gpus else "float32"), req.quant)
+        fp, cfg = footprint_for(req.model, req.dtype or ("bfloat16" if gpus else "float32"), req.quant,
+                                layers_as_stored=not gpus)
     gguf = bool(req.model) and Path(req.model).suffix == ".gguf"
     cost, source, how, got = _constants(req, machine, base, cfg, gguf, say)
     spec = base.hardware if machine is None else profiles.spec_from_machine(
@@ -106,14 +125,16 @@ def run_tune(req: TuneRequest, out=print, say=None) -> Path:
         spec.disk_read_bytes_per_s = got.disk_read_bytes_per_s
     if got is not None and got.h2d_pageable_bytes_per_s:
         spec.h2d_pageable_bytes_per_s = got.h2d_pageable_bytes_per_s
-    prof = Profile(Meta("", source, created=date.today().isoformat(), how=how), spec, cost, PlanSpec())
+    eng = engine_costs(req, machine, base, got, measure_engine, say) if fp is not None else None
+    prof = Profile(Meta("", source, created=date.today().isoformat(), how=how), spec, cost, PlanSpec(),
+                   eng or EngineCosts())
     if fp is not None:
         hw = prof.hardware_for_plan()
         # mmap-tier copies run at the measured pageable rate where known, else about half the pinned one
         pageable = min(1.0, spec.h2d_pageable_bytes_per_s / cost.h2d_bytes_per_s) or 0.5
         result = tune(fp, hw, cost, expert_flops(cfg), int(cfg.get("max_position_embeddings") or 4096),
                       TuneOptions(context=req.context, batch=req.batch, pageable_factor=pageable,
-                                  cpu_curve=got.cpu_by_threads if got else {}))
+                                  cpu_curve=got.cpu_by_threads if got else {}, engine=eng))
         out(f"\nplan for {Path(req.model).name} ({fp.expert_host_total / 2 ** 30:.2f} GiB of routed experts):")
         out(format_rows(result.rows))
         for note in result.notes:
@@ -133,6 +154,8 @@ def run_tune(req: TuneRequest, out=print, say=None) -> Path:
                                       f"source = {source}: {how}.",
                                       f"Use it with: {use}"],
                   comments={"cost": "bytes/s, FLOP/s and seconds, as the offload scheduler's CostModel reads them",
-                            "plan": "what `hybridmoe tune` chose, and the decode speed it predicts"})
+                            "plan": "what `hybridmoe tune` chose, and the decode speed it predicts",
+                            "engine": "the engine's own costs per decode step, MoE layer and CPU-served expert (timed "
+                                      "on small twins of the model), and the CPU kernels' rates; seconds, bytes/s"})
     out(f"wrote {path}")
     return path

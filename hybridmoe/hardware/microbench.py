@@ -21,6 +21,7 @@ MiB = 1 << 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Share of the time budget per step; steps that cannot run (no GPU, no kernels) give their share back.
 Q4K, Q4K_BLOCK, Q4K_ROW_BYTES = 12, 256, 144  # GGML type 12: 144 bytes per block of 256 weights
+Q8, Q8_BLOCK, Q8_ROW_BYTES = 8, 32, 34  # GGML type 8 (Q8_0): 34 bytes per block of 32 weights
 SHARES = {"cpu_decode": 0.30, "cpu_prefill": 0.10, "cpu_quant": 0.20, "h2d": 0.10, "gpu": 0.15, "disk": 0.15}
 
 
@@ -70,6 +71,9 @@ class Measurements:
     cpu_by_threads: dict[int, float] = field(default_factory=dict)
     cpu_flops: float | None = None
     cpu_quant_bytes_per_s: float | None = None
+    cpu_quant_raw_bytes_per_s: float | None = None  # the file's layout, all threads: offload CPU experts run it
+    cpu_quant_raw_by_threads: dict[int, float] = field(default_factory=dict)
+    cpu_layer_bytes_per_s: float | None = None  # repacked Q8_0 [dim, dim]: quantized non-expert layers on the CPU
     h2d_bytes_per_s: float | None = None
     h2d_by_size: dict[int, float] = field(default_factory=dict)
     h2d_pageable_bytes_per_s: float | None = None
@@ -194,8 +198,11 @@ def quant_kernels_usable(dims: ExpertDims, notes: list[str]) -> bool:
 
 
 def bench_cpu_quant(s: BenchSettings, m: Measurements, max_s: float) -> None:
-    """The quantized GEMV kernels over Q4_K rows, as stored (raw) and repacked; the faster one counts.
-    The first call compiles the kernels (numba caches them on disk), which can overrun max_s once."""
+    """The quantized GEMV kernels over Q4_K experts, as stored (raw: what the offload engine's host tier runs, at
+    each thread count) and repacked (the faster one counts for the cost model), and the repacked Q8_0 kernel over
+    [dim, dim] matrices (the non-expert layers a CPU run keeps quantized). The first call compiles the kernels
+    (numba caches them on disk), which can overrun max_s once."""
+    import numba
     import numpy as np
 
     from ..kernels import cpu as kernels
@@ -208,23 +215,39 @@ def bench_cpu_quant(s: BenchSettings, m: Measurements, max_s: float) -> None:
              np.full((s.dims.dim, s.dims.inter // Q4K_BLOCK * row), 0x11, np.uint8)) for _ in range(n)]
     xd = np.full((1, s.dims.dim), 0.1, np.float32)
     xi = np.full((1, s.dims.inter), 0.1, np.float32)
+    cores = numba.config.NUMBA_NUM_THREADS
+    counts = [t for t in (s.thread_counts or _default_threads(cores)) if t <= cores] or [cores]
     bar = Bar("CPU expert, 1 token (Q4_K kernel)", s.progress)
+    raw_pass = lambda: [(kernels.gemv(xd, g, Q4K), kernels.gemv(xd, u, Q4K), kernels.gemv(xi, d, Q4K))  # noqa: E731
+                        for g, u, d in mats]
     try:
-        sec = _repeat(lambda: [(kernels.gemv(xd, g, Q4K), kernels.gemv(xd, u, Q4K), kernels.gemv(xi, d, Q4K))
-                               for g, u, d in mats], max_s / 2, bar)
-        rates = {"raw": n * one / sec}
+        for t in counts:
+            kernels.set_threads(t)
+            m.cpu_quant_raw_by_threads[t] = n * one / _repeat(raw_pass, max_s / 2 / len(counts), bar)
+        kernels.set_threads(cores)
+        m.cpu_quant_raw_bytes_per_s = m.cpu_quant_raw_by_threads.get(cores) or max(m.cpu_quant_raw_by_threads.values())
+        rates = {"raw": max(m.cpu_quant_raw_by_threads.values())}
         packed = [tuple(kernels.repack(w, Q4K) for w in e) for e in mats]
         mats.clear()  # the raw copies are not needed any more
         sec = _repeat(lambda: [(kernels.gemv_packed(xd, g), kernels.gemv_packed(xd, u), kernels.gemv_packed(xi, d))
-                               for g, u, d in packed], max_s / 2, bar)
+                               for g, u, d in packed], max_s / 4, bar)
         rates["repacked"] = n * one / sec
+        packed.clear()
+        q8_row = s.dims.dim // Q8_BLOCK * Q8_ROW_BYTES
+        n8 = max(2, min(32, math.ceil(s.rotation_bytes / (s.dims.dim * q8_row))))
+        layers = [kernels.repack(np.full((s.dims.dim, q8_row), 0x11, np.uint8), Q8) for _ in range(n8)]
+        sec = _repeat(lambda: [kernels.gemv_packed(xd, w) for w in layers], max_s / 4, bar)
+        m.cpu_layer_bytes_per_s = n8 * s.dims.dim * q8_row / sec
     except Exception as e:  # a kernel change must not break tuning
         m.notes.append(f"quantized CPU kernel failed ({type(e).__name__}: {e})")
         bar.done("failed")
         return
+    finally:
+        kernels.set_threads(cores)
     best = max(rates, key=rates.get)
     m.cpu_quant_bytes_per_s = rates[best]
-    bar.done(f"{rates[best] / 1e9:.1f} GB/s ({best})")
+    bar.done(f"{rates[best] / 1e9:.1f} GB/s ({best}); raw {m.cpu_quant_raw_bytes_per_s / 1e9:.1f} at {cores} "
+             f"threads; Q8_0 layers {m.cpu_layer_bytes_per_s / 1e9:.1f}")
 
 
 def bench_h2d(s: BenchSettings, m: Measurements, max_s: float, device: torch.device) -> None:

@@ -105,11 +105,38 @@ class PlanSpec:
 
 
 @dataclass(slots=True)
+class EngineCosts:
+    """What this engine's own code costs on the machine, beyond reading bytes: timed decode steps of small twins
+    of a model family (hybridmoe.engine.calibrate), and the rates of the CPU kernels the engine's paths run.
+    accelerator "": not measured (the tuner then falls back to launch counts and defaults)."""
+    accelerator: str = ""  # "cuda", or "cpu" (the CPU standing in for the GPU)
+    family: str = ""  # model_type of the twins timed (attention differs by family)
+    step_s: float = 0.0  # per decode step: embedding, head, sampling, the generate loop, a dense layer if any
+    moe_layer_s: float = 0.0  # per MoE layer with its experts in GPU slots: attention, router, host sync, launches
+    cpu_expert_s: float = 0.0  # added per expert served on the CPU instead of from a slot (bytes not included)
+    cpu_expert_bytes_per_s: float = 0.0  # CPU kernel over experts in the file's layout (offload host tier)
+    cpu_layer_bytes_per_s: float = 0.0  # CPU kernel over quantized non-expert layers (accelerator cpu)
+    threads: int = 0  # CPU threads of these measurements
+
+    def __post_init__(self):
+        if self.accelerator not in ("", "cuda", "cpu"):
+            raise ValueError(f"engine.accelerator {self.accelerator!r}: use cuda or cpu")
+        if min(self.step_s, self.moe_layer_s, self.cpu_expert_s, self.cpu_expert_bytes_per_s,
+               self.cpu_layer_bytes_per_s, self.threads) < 0:
+            raise ValueError("engine costs and rates must be >= 0")
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.accelerator)
+
+
+@dataclass(slots=True)
 class Profile:
     profile: Meta
     hardware: HardwareSpec
     cost: CostModel = field(default_factory=CostModel)
     plan: PlanSpec = field(default_factory=PlanSpec)
+    engine: EngineCosts = field(default_factory=EngineCosts)
 
     def hardware_for_plan(self) -> Hardware:
         h = self.hardware

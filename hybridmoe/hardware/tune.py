@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..offload.plan import Footprint, GiB, Hardware, Plan, PlanOptions, footprint_from_config, make_plan
 from ..offload.scheduler import CostModel
+from .profile import EngineCosts
 
 DTYPE_BYTES = {"float32": 4, "f32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "f16": 2}
 # Bits per weight (GPU-resident layers, routed experts) of GGUF files as hybrid runners use them: non-expert
@@ -44,6 +45,7 @@ class TuneOptions:
     pageable_factor: float = 0.5  # copies from the mmap tier are pageable: about half the pinned rate
     page_cache_fraction: float = 0.9  # of available RAM that the page cache can give to mmap'd experts
     cpu_curve: dict[int, float] = field(default_factory=dict)  # measured CPU expert read rate by thread count
+    engine: EngineCosts | None = None  # the engine's measured fixed costs; None: launch counts and defaults
     plan: PlanOptions = field(default_factory=PlanOptions)  # margins and reserves for make_plan
 
     def __post_init__(self):
@@ -85,9 +87,11 @@ class TuneResult:
     notes: list[str]
 
 
-def footprint_for(model: str | Path, dtype: str = "bfloat16", quant: str | None = None) -> tuple[Footprint, dict]:
+def footprint_for(model: str | Path, dtype: str = "bfloat16", quant: str | None = None,
+                  layers_as_stored: bool = False) -> tuple[Footprint, dict]:
     """A model's sizes as it will run. GGUF: experts at the file's bytes, other layers widened to `dtype` as the
-    loader does; HF: `dtype` for all (FP8 experts are widened on load), or `quant`'s bits per weight."""
+    loader does for a GPU, or as the file stores them (layers_as_stored: the CPU runs them quantized); HF: `dtype`
+    for all (FP8 experts are widened on load), or `quant`'s bits per weight."""
     from ..models.loader import read_config
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"--dtype {dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
@@ -99,7 +103,11 @@ def footprint_for(model: str | Path, dtype: str = "bfloat16", quant: str | None 
         exps = [t for name, t in f.tensors.items() if "_exps" in name]
         params = sum(math.prod(t.shape) for t in exps)
         expert_bytes = sum(t.nbytes for t in exps) / params if params else DTYPE_BYTES[dtype]
-        return footprint_from_config(cfg, DTYPE_BYTES[dtype], expert_bytes), cfg
+        weight_bytes = DTYPE_BYTES[dtype]
+        if layers_as_stored:
+            rest = [t for name, t in f.tensors.items() if "_exps" not in name and len(t.shape) > 1]
+            weight_bytes = sum(t.nbytes for t in rest) / max(1, sum(math.prod(t.shape) for t in rest))
+        return footprint_from_config(cfg, weight_bytes, expert_bytes, kv_bytes=DTYPE_BYTES[dtype]), cfg
     cfg = read_config(path)
     if quant is not None:
         if quant.lower() not in QUANT_BITS:
@@ -122,24 +130,40 @@ def pick_threads(cores: int, cost: CostModel, curve: dict[int, float], gpus: boo
 
 
 def predict(fp: Footprint, hw: Hardware, cost: CostModel, plan: Plan, tier: str, margin: int, cpu_bw: float,
-            flops_per_token: float, opts: TuneOptions, batch: int = 1) -> Prediction:
-    """Predicted decode speed of `plan` with `batch` sequences; cpu_bw: the CPU's expert read rate."""
+            flops_per_token: float, opts: TuneOptions, batch: int = 1, fill: int | None = None) -> Prediction:
+    """Predicted decode speed of `plan` with `batch` sequences; cpu_bw: the CPU's expert read rate; fill: tokens
+    in the KV cache (default: half the context, a conversation that fills it).
+
+    With the engine's measured costs (opts.engine), each step pays its measured fixed costs (per step, per MoE
+    layer, per CPU-served expert) on top of reading bytes at the rates of the kernels the engine runs; with the
+    CPU standing in for the GPU (engine accelerator "cpu"), slot-served and CPU-served experts share the cores,
+    so their times add up instead of overlapping."""
+    eng = opts.engine if opts.engine is not None and opts.engine.measured else None
+    sim = eng is not None and eng.accelerator == "cpu"
     gpus = bool(plan.devices)
-    gpu_bw = cost.gpu_bytes_per_s if gpus else cpu_bw  # without GPUs the CPU runs every layer
-    launch = cost.launch_s if gpus else 0.0
-    fill = plan.context // 2  # the KV read, averaged over a conversation that fills the context
+    gpu_bw = cost.gpu_bytes_per_s if gpus and not sim else cpu_bw  # without GPUs the CPU runs every layer
+    if eng is not None and (sim or not gpus) and eng.cpu_layer_bytes_per_s:
+        gpu_bw = eng.cpu_layer_bytes_per_s  # the CPU runs the layers kept quantized
+    launch = cost.launch_s if gpus and eng is None else 0.0
+    fill = plan.context // 2 if fill is None else fill
     stage = {layer: s for s, d in enumerate(plan.devices) for layer in d.layers}
     frac = [d.expert_slots / max(1, sum(fp.experts_per_layer[i] for i in d.layers)) for d in plan.devices]
     budget = hw.ram_available * opts.page_cache_fraction
     resident = 1.0 if tier == "pinned" else min(1.0, budget / max(1, fp.expert_host_total))
     h2d = cost.h2d_bytes_per_s * (1.0 if tier == "pinned" else opts.pageable_factor)
+    # The engine copies mmap'd experts from pageable memory: the host waits for each copy.
+    blocking_copies = eng is not None and (tier == "mmap" or sim)
     k = fp.top_k
     total = gpu_t = cpu_t = disk_t = copy_t = served = work = hits = 0.0
     window = 0.0
+    dense_seen = 0
     for layer, wbytes in enumerate(fp.layer_bytes):
         nonexp = (wbytes + fp.kv_bytes_per_token[layer] * fill * batch) / gpu_bw + opts.launches_per_layer * launch
         n_exp = fp.experts_per_layer[layer]
         if not n_exp or not k:
+            dense_seen += 1
+            if eng is not None and dense_seen > 1:  # the twins had one dense layer; charge others as MoE layers
+                nonexp += eng.moe_layer_s
             total += nonexp
             gpu_t += nonexp
             window = nonexp
@@ -153,19 +177,35 @@ def predict(fp: Footprint, hw: Hardware, cost: CostModel, plan: Plan, tier: str,
             recall = 1 - (1 - opts.prefetch_recall) * k / (k + margin)
             n_copy = used * (k + margin) / k * (1 - f)
             t_copy = n_copy * fp.expert_slot_bytes * (1 / h2d + (1 - resident) / hw.disk_read_bytes_per_s)
-            converted = miss * recall * min(1.0, window / t_copy)  # copies land while the previous layer runs
-            t_copy = min(t_copy, window)
+            if blocking_copies:
+                converted = miss * recall
+            else:
+                converted = miss * recall * min(1.0, window / t_copy)  # copies land while the previous layer runs
+                t_copy = min(t_copy, window)
         on_cpu = miss - converted
         t_cpu = on_cpu * max(fp.expert_host_bytes / cpu_bw, per * flops_per_token / cost.cpu_flops)
         t_disk = on_cpu * fp.expert_host_bytes * (1 - resident) / hw.disk_read_bytes_per_s
-        t_gpu = (used - on_cpu) * cost.gpu_s(max(1, round(per)), fp.expert_slot_bytes, flops_per_token) if gpus else 0.0
-        t_layer = nonexp + max(t_gpu, t_cpu + t_disk) + (opts.host_sync_s if gpus else 0.0)
+        if not gpus:
+            t_gpu = 0.0
+        elif sim:  # slots computed by the same CPU kernels, over the slot's copy in the file's layout
+            t_gpu = (used - on_cpu) * fp.expert_slot_bytes / cpu_bw
+        else:
+            fixed = cost.launch_s if eng is not None else 0.0  # in the measured per-layer cost
+            t_gpu = (used - on_cpu) * (cost.gpu_s(max(1, round(per)), fp.expert_slot_bytes, flops_per_token) - fixed)
+        if eng is None:
+            t_layer = nonexp + max(t_gpu, t_cpu + t_disk) + (opts.host_sync_s if gpus else 0.0)
+        else:
+            t_cpu += on_cpu * eng.cpu_expert_s
+            experts = t_gpu + t_cpu + t_disk if sim or not gpus else max(t_gpu, t_cpu + t_disk)
+            if 0 < f < 1:  # a CPU-served expert hotter than the coldest cached one takes its slot: almost every
+                t_copy += on_cpu * fp.expert_slot_bytes / h2d  # one, with uniform routing
+            t_layer = nonexp + eng.moe_layer_s + experts + (t_copy if blocking_copies else 0.0)
         total += t_layer
         gpu_t, cpu_t, disk_t, copy_t = gpu_t + nonexp + t_gpu, cpu_t + t_cpu + t_disk, disk_t + t_disk, copy_t + t_copy
         served, work, hits = served + used - on_cpu, work + used, hits + used * f
         window = t_layer
     head = (fp.head_bytes or fp.embed_bytes) / gpu_bw
-    step = total + head + STEP_OVERHEAD_S
+    step = total + head + (eng.step_s if eng is not None else STEP_OVERHEAD_S)
     return Prediction(1.0 / step, batch, gpu_t + head, cpu_t, disk_t, copy_t, hits / max(1e-9, work),
                       served / max(1e-9, work))
 
@@ -185,24 +225,30 @@ def _contexts(opts: TuneOptions, model_max: int) -> list[int]:
     return sorted({c for c in CONTEXTS if opts.min_context <= c <= top} | {min(opts.min_context, top)})
 
 
-def _plan(fp: Footprint, hw: Hardware, opts: TuneOptions, context: int, batch: int, tier: str) -> Plan:
+def _plan(fp: Footprint, hw: Hardware, opts: TuneOptions, context: int, batch: int, tier: str,
+          max_slots: int | None = None) -> Plan:
     o = opts.plan
+    slots = o.max_slots if max_slots is None else max_slots if o.max_slots is None else min(max_slots, o.max_slots)
     return make_plan(fp, hw, PlanOptions(context, batch, o.vram_reserve, o.vram_margin, o.ram_fraction, tier,
-                                         o.max_slots, o.prefetch_margin))
+                                         slots, o.prefetch_margin))
 
 
 def _best(fp, hw, cost, opts, flops, context, batch, tiers, threads, cpu_bw) -> Choice | None:
     """The fastest tier and prefetch margin for one context and batch, or None if nothing fits."""
     best = None
+    # The cache off too: where the engine's measured costs make copies dearer than the CPU's reads (the CPU
+    # standing in for the GPU), as many slots as fit are not the fastest.
+    caps = (None, 0) if opts.engine is not None and opts.engine.measured and hw.gpus else (None,)
     for tier in tiers:
-        plan = _plan(fp, hw, opts, context, batch, tier)
-        if not plan.fits:
-            continue
-        partial = 0 < plan.experts["cache_slots_total"] < sum(fp.experts_per_layer)
-        for margin in (opts.margins if partial else (0,)):
-            pred = predict(fp, hw, cost, plan, tier, margin, cpu_bw, flops, opts, batch)
-            if best is None or pred.tok_s > best.prediction.tok_s * 1.001:  # ties: the smaller margin
-                best = Choice(plan, tier, margin, threads, pred)
+        for cap in caps:
+            plan = _plan(fp, hw, opts, context, batch, tier, cap)
+            if not plan.fits:
+                continue
+            partial = 0 < plan.experts["cache_slots_total"] < sum(fp.experts_per_layer)
+            for margin in (opts.margins if partial else (0,)):
+                pred = predict(fp, hw, cost, plan, tier, margin, cpu_bw, flops, opts, batch)
+                if best is None or pred.tok_s > best.prediction.tok_s * 1.001:  # ties: the smaller margin, more slots
+                    best = Choice(plan, tier, margin, threads, pred)
     return best
 
 
@@ -211,9 +257,15 @@ def tune(fp: Footprint, hw: Hardware, cost: CostModel, flops_per_token: float, m
     """Search contexts, batches, host tiers and prefetch margins; explain the winner."""
     opts = opts or TuneOptions()
     threads, cpu_bw, why_threads = pick_threads(hw.cpu_cores, cost, opts.cpu_curve, bool(hw.gpus))
+    eng = opts.engine
+    if eng is not None and eng.measured:  # its rates and fixed costs hold at the thread count they were timed at
+        threads = eng.threads or hw.cpu_cores
+        cpu_bw = eng.cpu_expert_bytes_per_s or cost.cpu_bytes_per_s
+        why_threads = "the CPU kernels' thread count when the engine's costs were measured"
     # Pinning only speeds up copies to a GPU; without one the experts stay mmap'd.
     pinned_fits = bool(hw.gpus) and fp.expert_host_total <= hw.ram_available * opts.plan.ram_fraction
-    tiers = ("pinned", "mmap") if pinned_fits else ("mmap",)
+    # Pinned only where it is faster: it costs RAM and load time.
+    tiers = ("mmap", "pinned") if pinned_fits else ("mmap",)
     args = (fp, hw, cost, opts, flops_per_token)
     b1 = opts.batch or 1
     by_ctx = {c: _best(*args, c, b1, tiers, threads, cpu_bw) for c in _contexts(opts, model_max_context)}
@@ -245,8 +297,12 @@ def explain(fp, hw, ch: Choice, opts, why_threads, no_prefetch: Prediction, by_c
         rows.append(("layers per GPU", split, f"contiguous stages balanced by bytes (weights + KV: {sizes} GiB)"))
         slots = " | ".join(str(d.expert_slots) for d in plan.devices)
         frac = plan.experts["cache_slots_total"] / max(1, sum(fp.experts_per_layer))
-        rows.append(("expert cache slots", slots, f"the VRAM left after weights, KV and the reserve: {100 * frac:.0f}% "
-                     f"of experts, so a {100 * pred.hit_rate:.0f}% hit rate with uniform routing (skew helps)"))
+        if plan.experts["cache_slots_total"] or not fp.experts_per_layer:
+            why = (f"the VRAM left after weights, KV and the reserve: {100 * frac:.0f}% of experts, so a "
+                   f"{100 * pred.hit_rate:.0f}% hit rate with uniform routing (skew helps)")
+        else:
+            why = "the cache off: with the engine's measured costs, copies into slots cost more than they save"
+        rows.append(("expert cache slots", slots, why))
     else:
         rows.append(("layers", "CPU", "no GPU: every layer runs on the CPU"))
     host = fp.expert_host_total / GiB
@@ -255,7 +311,10 @@ def explain(fp, hw, ch: Choice, opts, why_threads, no_prefetch: Prediction, by_c
                " GiB available RAM; pinned pages copy at the full PCIe rate")
     else:
         share = min(1.0, hw.ram_available * opts.page_cache_fraction / max(1, fp.expert_host_total))
-        start = "no GPU to copy to" if not plan.devices else f"{host:.0f} GiB of experts do not fit pinned"
+        pinned_fits = fp.expert_host_total <= hw.ram_available * opts.plan.ram_fraction
+        start = ("no GPU to copy to" if not plan.devices else
+                 "pinning would not be faster (and costs RAM and load time)" if pinned_fits else
+                 f"{host:.0f} GiB of experts do not fit pinned")
         why = (f"{start}; the page cache keeps {100 * share:.0f}%"
                + ("" if share >= 1 else f", the rest streams from disk at {hw.disk_read_bytes_per_s / 1e9:.1f} GB/s"))
     rows.append(("experts tier", ch.tier, why))
