@@ -146,7 +146,11 @@ class OffloadExperts:
         def finish() -> torch.Tensor:
             if on_cpu:
                 t0 = time.perf_counter()
-                for e in on_cpu:
+                if N == 1:  # decode: the CPU experts of the token in one call (one kernel call when it can)
+                    where = {e: k for k, e in enumerate(ids_host[0].tolist())}
+                    ys = self.store.compute_host_many(layer, on_cpu, x_host)  # [G, 1, D]
+                    parts[0, torch.tensor([where[e] for e in on_cpu]).to(x.device)] = ys[:, 0].to(x.device)
+                for e in on_cpu if N > 1 else []:
                     tok, k = token_positions(ids_host, e, "cpu")
                     y = self.store.compute_host(layer, e, x_host[tok])
                     parts[tok.to(x.device), k.to(x.device)] = y.to(x.device)

@@ -13,7 +13,8 @@ from . import int8 as int8_kernels
 from . import packed as packed_kernels
 from .checks import Array, activations, kernel_type, weights
 from .raw import KIND, W32, dequantize_rows, gemv_raw
-from .repack import ACTIVATIONS, DEFAULT_LANES, PACKED_TYPES, PackedExperts, PackedWeight, repack_experts_raw, repack_raw
+from .repack import (ACTIVATIONS, DEFAULT_LANES, PACKED_TYPES, PackedExperts, PackedWeight, repack_experts_raw,
+                     repack_raw)
 
 # (kernel, group size of the activation sums it takes)
 _PACKED = {

@@ -155,8 +155,9 @@ def dpbusd(typingctx, acc, a, b):
         bytes64, wide = ir.VectorType(ir.IntType(8), 64), ir.VectorType(I32, 64)
         products = builder.mul(builder.zext(builder.bitcast(a, bytes64), wide),
                                builder.sext(builder.bitcast(b, bytes64), wide))
-        for i in range(4):
-            acc = builder.add(acc, builder.shuffle_vector(products, products, ir.Constant(I32x16, list(range(i, 64, 4)))))
+        for i in range(4):  # byte i of every word
+            every_4th = ir.Constant(I32x16, list(range(i, 64, 4)))
+            acc = builder.add(acc, builder.shuffle_vector(products, products, every_4th))
         return acc
     return ivec(acc, a, b), codegen
 
