@@ -45,7 +45,7 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-activations", choices=("f32", "int8"), default="f32",
                    help="GGUF experts decoded on the CPU from their repacked copy (--experts-tier pinned): f32 is "
                         "exact (default); int8 rounds activations to 8 bits per group of 32 as llama.cpp does, "
-                        "2-3x faster, logits no longer exact")
+                        "faster (memory-bound kernels), logits no longer exact")
     g.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
 
 
