@@ -77,10 +77,10 @@ def write_model(path: Path, layers: int) -> Path:
     return path
 
 
-def bench_ours(path: Path, ids: list[int], n_decode: int, tier: str) -> tuple[float, float]:
+def bench_ours(path: Path, ids: list[int], n_decode: int, tier: str, activations: str = "f32") -> tuple[float, float]:
     import hybridmoe
     from hybridmoe.layers.cache import Batch
-    model = hybridmoe.load(path, experts_tier=tier).model
+    model = hybridmoe.load(path, experts_tier=tier, cpu_activations=activations).model
     cache = model.new_cache(1, len(ids) + n_decode + 1)
     with torch.inference_mode():
         model(torch.tensor([ids]), Batch.make([0], [len(ids)], [0], "cpu"), cache)  # warm-up: compile, page in, pack
@@ -136,6 +136,7 @@ def main() -> None:
     # no one in particular.
     runs = {"hybridmoe mmap": lambda: bench_ours(path, ids, a.decode, "mmap"),
             "hybridmoe pinned": lambda: bench_ours(path, ids, a.decode, "pinned"),
+            "pinned int8 acts": lambda: bench_ours(path, ids, a.decode, "pinned", "int8"),
             "llama.cpp": lambda: bench_llama(path, ids, a.decode, a.threads)}
     best = {name: (0.0, 0.0) for name in runs}
     for _ in range(a.rounds):

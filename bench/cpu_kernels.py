@@ -69,6 +69,8 @@ def kernel_routes(qtype: T, experts: list[np.ndarray], x: np.ndarray,
     }
     packed = [cpu.repack(w, qtype) for w in experts]
     routes["numba packed"] = (lambda e: cpu.gemv_packed(x, packed[e]), packed[0].nbytes - experts[0].nbytes)
+    int8 = [cpu.repack(w, qtype, activations="int8") for w in experts]
+    routes["numba packed (int8 acts)"] = (lambda e: cpu.gemv_packed(x, int8[e]), int8[0].nbytes - experts[0].nbytes)
     if with_ggml and ggml.available() and qtype in ggml.GGML_TYPES:
         routes["ggml raw (q8 acts)"] = (lambda e: ggml.gemv(x, experts[e], qtype), 0)
     return routes

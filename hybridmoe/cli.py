@@ -42,6 +42,10 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefetch", action="store_true", help="do not prefetch predicted experts")
     g.add_argument("--experts-tier", choices=("mmap", "pinned"), default="mmap",
                    help="host tier of the experts: mmap (page cache, default) or pinned (copied once to pinned RAM)")
+    g.add_argument("--cpu-activations", choices=("f32", "int8"), default="f32",
+                   help="GGUF experts decoded on the CPU from their repacked copy (--experts-tier pinned): f32 is "
+                        "exact (default); int8 rounds activations to 8 bits per group of 32 as llama.cpp does, "
+                        "faster (memory-bound kernels), logits no longer exact")
     g.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="decode eagerly instead of replaying captured CUDA graphs (slower; for debugging)")
@@ -67,7 +71,8 @@ def load_from_args(args):
     return load(args.model, device=args.device, dtype=args.dtype, context=ctx,
                 accelerator=getattr(args, "accelerator", None), devices=getattr(args, "devices", 1),
                 expert_cache_slots=slots, prefetch=not getattr(args, "no_prefetch", False), experts_tier=tier,
-                cost_model=cost, prefetch_margin=margin, cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+                cost_model=cost, prefetch_margin=margin, cpu_activations=getattr(args, "cpu_activations", "f32"),
+                cuda_graphs=not getattr(args, "no_cuda_graphs", False))
 
 
 def _sampling_opts(p: argparse.ArgumentParser) -> None:

@@ -132,7 +132,8 @@ class Engine:
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          context: int | None = None, *, accelerator: str | None = None, devices: int = 1,
          expert_cache_slots: int | None = None, prefetch: bool = True, experts_tier: str = "mmap",
-         cost_model=None, cpu_repack: bool = False, prefetch_margin: int = 2, cuda_graphs: bool = True) -> Engine:
+         cost_model=None, cpu_repack: bool = False, prefetch_margin: int = 2, cpu_activations: str = "f32",
+         cuda_graphs: bool = True) -> Engine:
     """Load a model directory (HF config.json + safetensors + tokenizer.json) or a GGUF file (`x.gguf`, or any part
     of a split `x-00001-of-0000N.gguf`). No path: the built-in demo model.
 
@@ -143,6 +144,9 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     ("mmap" or "pinned"). `cost_model` (offload.scheduler.CostModel) holds the machine's measured rates; the
     default is a conservative workstation's. `cpu_repack` (GGUF) gives CPU-served experts a lane-interleaved copy
     that decodes faster; it sums in another order, so results then match within kernel tolerance.
+    `cpu_activations` (GGUF): "f32" (exact) or "int8", which rounds x to 8 bits per group of 32 in the decode
+    kernels of repacked CPU experts ("pinned" tier, `cpu_repack`), as llama.cpp does: several times less compute,
+    and all CPU experts of a layer in one call per decode step.
     `cuda_graphs` replays each layer's non-expert work at decode as a captured CUDA graph (much less host time per
     token; attention then spans a masked window of keys, so results match eager decode within bf16 rounding)."""
     path = Path(path) if path is not None else DEMO_MODEL
@@ -156,10 +160,11 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     if accelerator is None:
         if devices != 1 or expert_cache_slots is not None:
             raise ConfigError("--devices and --expert-cache-slots need --device cuda or --accelerator cpu")
-        loaded = _load_gguf(path, dev, dt, experts_tier) if gguf else load_hf(path, dev, dt)
+        loaded = _load_gguf(path, dev, dt, experts_tier, cpu_activations=cpu_activations) if gguf \
+            else load_hf(path, dev, dt)
     else:
         opts = OffloadOptions(accelerator, devices, expert_cache_slots, prefetch, prefetch_margin, experts_tier,
-                              cpu_repack=cpu_repack)
+                              cpu_repack=cpu_repack, cpu_activations=cpu_activations)
         if accelerator == "cuda" and dev.type != "cuda":
             raise ConfigError("--accelerator cuda needs --device cuda")
         if accelerator == "cuda" and devices > torch.cuda.device_count():
@@ -188,16 +193,19 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
 
 # --- GGUF files (llama.cpp's format): non-expert weights dequantized, routed experts computed from their bytes ---
 def _load_gguf(path, dev: torch.device, dt: torch.dtype, experts_tier: str,
-               layer_devices: list[torch.device] | None = None) -> LoadedModel:
+               layer_devices: list[torch.device] | None = None, cpu_activations: str = "f32") -> LoadedModel:
     from ..models.gguf_loader import load_gguf
     from ..offload.quant_experts import QuantExperts
     from .gguf_tokenizer import GGUFTokenizer, llama_cpp_available
 
-    loaded, experts = load_gguf(path, dev, dt, layer_devices)
     if experts_tier not in ("mmap", "pinned"):
         raise ConfigError(f"--experts-tier {experts_tier!r} is not one of mmap, pinned")
+    if cpu_activations not in ("int8", "f32"):
+        raise ConfigError(f"--cpu-activations {cpu_activations!r} is not one of int8, f32")
+    loaded, experts = load_gguf(path, dev, dt, layer_devices)
     # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout
-    loaded.model.experts = QuantExperts(experts, tier="packed" if experts_tier == "pinned" else "mmap")
+    loaded.model.experts = QuantExperts(experts, tier="packed" if experts_tier == "pinned" else "mmap",
+                                        activations=cpu_activations)
     # Without llama-cpp-python the model still scores token ids; text needs its tokenizer.
     file = path.path if isinstance(path, GGUFFile) else path
     loaded.tokenizer = GGUFTokenizer(file, loaded.config.get("chat_template")) if llama_cpp_available() else None

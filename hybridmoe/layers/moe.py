@@ -95,16 +95,23 @@ def combine(parts: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> t
 
 
 def run_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                compute: Callable[[int, torch.Tensor], torch.Tensor], counts: dict[int, int]) -> torch.Tensor:
+                compute: Callable[[int, torch.Tensor], torch.Tensor], counts: dict[int, int],
+                compute_many: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Each routed expert once on its tokens, outputs combined in a fixed order; counts tokens per expert.
-    compute(e, x_e [n, D]) -> [n, D]."""
+    compute(e, x_e [n, D]) -> [n, D]; compute_many(experts, x [n, D]) -> [G, n, D], if given, runs a decode step's
+    experts together (each with compute's result)."""
     N, K = ids.shape
     parts = x.new_zeros(N, K, x.shape[-1])
     ids_host = ids.cpu()  # host sync: which experts run is decided on the host
     if N == 1:  # decode: each chosen expert (all distinct) runs on the one token, no index bookkeeping
-        for k, e in enumerate(ids_host[0].tolist()):
+        chosen = ids_host[0].tolist()
+        for e in chosen:
             counts[e] = counts.get(e, 0) + 1
-            parts[0, k] = compute(e, x)[0]
+        if compute_many is not None:
+            parts[0] = compute_many(chosen, x)[:, 0]
+        else:
+            for k, e in enumerate(chosen):
+                parts[0, k] = compute(e, x)[0]
         return combine(parts, weights, x.dtype)
     uniq, n_tok = torch.unique(ids_host, return_counts=True)
     for e, c in zip(uniq.tolist(), n_tok.tolist()):

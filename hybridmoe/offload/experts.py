@@ -149,7 +149,7 @@ class OffloadExperts:
         def finish() -> torch.Tensor:
             if on_cpu:
                 t0 = time.perf_counter()
-                for e in on_cpu:
+                for e in on_cpu:  # (one-token steps with staged experts only; others take _start_decode)
                     tok, k = token_positions(ids_host, e, "cpu")
                     y = self.store.compute_host(layer, e, x_host[tok])
                     parts[tok.to(x.device), k.to(x.device)] = y.to(x.device)
@@ -172,7 +172,8 @@ class OffloadExperts:
             parts = ys
             if on_cpu:
                 t0 = time.perf_counter()
-                ys_cpu = self._cpu_experts(layer, on_cpu, x_host).to(x.device, non_blocking=True)  # [C, 1, D]
+                ys_cpu = self.store.compute_host_many(layer, on_cpu, x_host)  # [C, 1, D]
+                ys_cpu = ys_cpu.to(x.device, non_blocking=True)
                 self.stats.cpu_s += time.perf_counter() - t0
                 parts = ys_cpu if ys is None else torch.cat((ys, ys_cpu))
                 cols = [where[e] for e, _ in on_gpu] + [where[e] for e in on_cpu]
@@ -183,10 +184,6 @@ class OffloadExperts:
             return combine(parts.transpose(0, 1), weights, x.dtype)  # [1, K, D] -> [1, D]
 
         return finish
-
-    def _cpu_experts(self, layer: int, experts: list[int], x_host: torch.Tensor) -> torch.Tensor:
-        """Experts on the same host tokens -> [G, n, D]."""
-        return torch.stack([self.store.compute_host(layer, e, x_host) for e in experts])
 
     def _release(self, dev: DeviceSlots, layer: int, on_gpu, on_cpu) -> None:
         cache = dev.cache

@@ -2,10 +2,12 @@
 
 One expert is a contiguous byte range of each stacked `ffn_{gate,up,down}_exps` tensor, so selecting expert e is
 slicing `raw[e]`: nothing is dequantized ahead of time and the weights are read from the page cache. Activations are
-float32 (the exact path: no 8-bit quantization of x). Types the CPU kernels cover go through their fused
+float32 there (the exact path: no 8-bit quantization of x). Types the CPU kernels cover go through their fused
 dequant-GEMV; with many tokens per expert (prefill), or for other types, rows are dequantized in tiles for a matmul.
-tier="packed" copies every expert at load into the kernels' lane-interleaved layout, which decodes several times
-faster than the file's layout; the copy is as large as the expert (the file's pages can then be dropped).
+tier="packed" copies every expert at load into the kernels' lane-interleaved layout, stacked per layer, which decodes
+several times faster than the file's layout; the copy is as large as the experts (the file's pages can then be
+dropped). There `activations` picks the kernels: "int8" rounds x to 8 bits per group of 32 and runs a decode step's
+experts of a layer in one call, "f32" is exact.
 
 Letters: N tokens, K experts per token, D hidden, I expert hidden.
 """
@@ -26,7 +28,8 @@ class QuantExperts:
     """Experts protocol over raw GGUF expert tensors: layer -> (gate [E, I, D], up [E, I, D], down [E, D, I]).
     Each expert is computed by a QuantStore, the same code the offload engine's host tier runs."""
 
-    def __init__(self, layers: dict[int, tuple[GGUFTensor, GGUFTensor, GGUFTensor]], tier: str = "mmap"):
+    def __init__(self, layers: dict[int, tuple[GGUFTensor, GGUFTensor, GGUFTensor]], tier: str = "mmap",
+                 activations: str = "f32"):
         if tier not in TIERS:
             raise ValueError(f"experts tier {tier!r} is not one of {', '.join(TIERS)}")
         for layer, projs in layers.items():
@@ -34,7 +37,7 @@ class QuantExperts:
             if projs[1].shape != (E, I, D) or down != (E, D, I):
                 raise ValueError(f"layer {layer}: expert shapes {[p.shape for p in projs]} do not fit together")
         self.layers, self.tier = layers, tier
-        self.store = QuantStore(layers, "mmap", repack=tier == "packed")
+        self.store = QuantStore(layers, "mmap", repack=tier == "packed", activations=activations)
         if tier == "packed":  # the pinned tier is copied once, at load, so no step pays for it later
             self.store.prepack()
         self.activity: dict[int, dict[int, int]] = {}  # layer -> expert -> tokens routed, since the last take
@@ -55,6 +58,7 @@ class QuantExperts:
         t0 = time.perf_counter()
         xs = x.detach().to("cpu", torch.float32).contiguous()  # experts run on the host: the hidden state goes there
         y = run_experts(xs, ids, weights.detach().cpu().float(),
-                        lambda e, xe: self.store.compute_host(layer, e, xe), self.activity.setdefault(layer, {}))
+                        lambda e, xe: self.store.compute_host(layer, e, xe), self.activity.setdefault(layer, {}),
+                        lambda experts, xe: self.store.compute_host_many(layer, experts, xe))
         self.cpu_s += time.perf_counter() - t0
         return y.to(x.device, x.dtype)

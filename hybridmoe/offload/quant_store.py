@@ -2,8 +2,10 @@
 
 Host tiers: "mmap" computes from the file's pages; "pinned" copies each layer's experts once into pinned RAM in the
 GPU slot layout (one contiguous row per expert), so a host-to-device copy is a single asynchronous transfer.
-`repack=True` also keeps a lane-interleaved copy for the CPU kernels, which decode faster but sum in another order
-(results then agree within kernel tolerance, not bit for bit).
+`repack=True` also keeps a lane-interleaved copy for the CPU kernels, one stacked copy per layer ([E, ...] per
+projection, made when the layer is first computed), which decodes faster but sums in another order (results then
+agree within kernel tolerance, not bit for bit). Its `activations` ("int8" or "f32", kernels.cpu) say whether x is
+rounded to 8 bits there; with "int8" a decode step computes all of a layer's CPU experts in one kernel call.
 GPU slots hold the same raw bytes (kernels.gpu.SlotLayout); with the CPU standing in for the GPU, slots are computed
 with the CPU kernels on the slot's own copy of the bytes.
 """
@@ -48,11 +50,14 @@ class _Layout:
 
 
 class QuantStore:
-    def __init__(self, layers: dict, tier: str = "mmap", pin: bool = False, repack: bool = False):
+    def __init__(self, layers: dict, tier: str = "mmap", pin: bool = False, repack: bool = False,
+                 activations: str = "f32"):
         """layers: layer -> (gate, up, down) GGUFTensor, each [E, rows, row_bytes] of raw blocks."""
         if tier not in ("mmap", "pinned"):
             raise ValueError(f"experts tier {tier!r}: use mmap or pinned")
-        self.layers, self.tier, self.repack = layers, tier, repack
+        if activations not in ck.ACTIVATIONS:
+            raise ValueError(f"CPU activations {activations!r}: use one of {', '.join(ck.ACTIVATIONS)}")
+        self.layers, self.tier, self.repack, self.activations = layers, tier, repack, activations
         gate, up, down = next(iter(layers.values()))
         self.n_experts = {layer: t[0].shape[0] for layer, t in layers.items()}
         self.inter, self.dim = gate.shape[1], gate.shape[2]
@@ -67,7 +72,7 @@ class QuantStore:
         if tier == "pinned":
             for layer in layers:
                 self.rows[layer] = self._pack_layer(layer, pin)
-        self.packed: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> repacked gate, up, down
+        self.packed: dict[int, tuple] = {}  # layer -> repacked gate, up, down (kernels.cpu.PackedExperts)
 
     def _pack_layer(self, layer: int, pin: bool) -> torch.Tensor:
         E = self.n_experts[layer]
@@ -91,17 +96,20 @@ class QuantStore:
         return t.raw[e]
 
     def prepack(self) -> None:
-        """Make every expert's lane-interleaved copy now rather than on first use (repack=True)."""
+        """Make every layer's lane-interleaved copy now rather than on first use (repack=True)."""
         for layer in self.layers:
-            for e in range(self.n_experts[layer]):
-                self._packed_expert(layer, e, lambda: self.host(layer, e))
+            self._packed_layer(layer)
 
-    def _packed_expert(self, layer: int, e: int, raws) -> tuple | None:
-        """The repacked gate, up and down of an expert (made on first use), or None without repack."""
-        packed = self.packed.get((layer, e))
+    def _packed_layer(self, layer: int) -> tuple | None:
+        """The layer's repacked gate, up and down, all experts stacked (made on first use), or None without repack."""
+        packed = self.packed.get(layer)
         if packed is not None or not self.repack or not self.packable[layer]:
             return packed
-        packed = self.packed[(layer, e)] = tuple(ck.repack(r, t) for r, t in zip(raws(), self.types[layer]))
+        raws = (np.asarray(t.raw) for t in self.layers[layer])
+        if layer in self.rows:  # the pinned copy, not the file's pages
+            raws = (np.stack([self._raw(layer, p, e) for e in range(self.n_experts[layer])]) for p in range(3))
+        packed = self.packed[layer] = tuple(ck.repack_experts(r, t, self.activations)
+                                            for r, t in zip(raws, self.types[layer]))
         return packed
 
     # -- interface used by OffloadExperts ---------------------------------------------------------------------
@@ -127,15 +135,24 @@ class QuantStore:
         """One expert on the CPU. raws() gives its raw rows, asked for only when needed (e given: the repacked
         copy is used when there is one)."""
         xs = x.to("cpu", torch.float32).contiguous()
-        packed = self._packed_expert(layer, e, raws) if e is not None and xs.shape[0] < PREFILL_TOKENS else None
+        packed = self._packed_layer(layer) if e is not None and xs.shape[0] < PREFILL_TOKENS else None
         if packed is not None:
-            return torch.from_numpy(ck.ffn_packed(xs.numpy(), *packed)).to(x.dtype)
+            return torch.from_numpy(ck.ffn_packed(xs.numpy(), *(p.expert(e) for p in packed))).to(x.dtype)
         (g, u, d), types = raws(), self.types[layer]
         h = F.silu(self._linear(xs, g, types[0])) * self._linear(xs, u, types[1])
         return self._linear(h.contiguous(), d, types[2]).to(x.dtype)
 
     def compute_host(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         return self._ffn(x, layer, lambda: self.host(layer, e), e)
+
+    def compute_host_many(self, layer: int, experts: list[int], x: torch.Tensor) -> torch.Tensor:
+        """Several experts on the same tokens -> [G, n, D], each as compute_host gives it; from the repacked copy at
+        decode, in one kernel call with 8-bit activations."""
+        packed = self._packed_layer(layer) if x.shape[0] < PREFILL_TOKENS else None
+        if packed is None:
+            return torch.stack([self.compute_host(layer, e, x) for e in experts])
+        xs = x.to("cpu", torch.float32).contiguous()
+        return torch.from_numpy(ck.ffn_experts(xs.numpy(), *packed, experts)).to(x.dtype)
 
     def new_slots(self, n: int, device: torch.device) -> torch.Tensor:
         if device.type == "cuda":

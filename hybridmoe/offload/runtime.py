@@ -23,7 +23,8 @@ def make_store(experts, opts: "OffloadOptions"):
     if hasattr(experts, "weights"):  # LocalExperts
         return DenseStore(experts.weights, opts.experts_tier, pin=pin)
     from .quant_store import QuantStore
-    return QuantStore(experts.layers, opts.experts_tier, pin=pin, repack=opts.cpu_repack)
+    return QuantStore(experts.layers, opts.experts_tier, pin=pin, repack=opts.cpu_repack,
+                      activations=opts.cpu_activations)
 
 
 @dataclass(slots=True)
@@ -36,6 +37,7 @@ class OffloadOptions:
     experts_tier: str = "mmap"  # "pinned" (copied once into pinned RAM) or "mmap" (page cache)
     decay: float = 0.95
     cpu_repack: bool = False  # GGUF experts: lane-interleaved copies for faster CPU decode (not bit-identical)
+    cpu_activations: str = "f32"  # GGUF experts repacked for the CPU: "int8" rounds x to 8 bits there (faster)
 
     def __post_init__(self):
         if self.accelerator not in ("cpu", "cuda"):
@@ -46,6 +48,8 @@ class OffloadOptions:
             raise ValueError("--expert-cache-slots must be >= 0")
         if self.experts_tier not in ("pinned", "mmap"):
             raise ValueError(f"--experts-tier {self.experts_tier!r}: use pinned or mmap")
+        if self.cpu_activations not in ("int8", "f32"):
+            raise ValueError(f"--cpu-activations {self.cpu_activations!r}: use int8 or f32")
         if self.prefetch_margin < 0:
             raise ValueError("prefetch margin must be >= 0")
 

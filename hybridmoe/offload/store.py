@@ -83,6 +83,9 @@ class DenseStore:
     def compute_host(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         return expert_ffn(x, *self.weights[layer][e])
 
+    def compute_host_many(self, layer: int, experts: list[int], x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.compute_host(layer, e, x) for e in experts])
+
     def new_slots(self, n: int, device: torch.device) -> SlotBuffers:
         return SlotBuffers(n, self.inter, self.dim, self.dtype, device)
 

@@ -30,3 +30,16 @@ def test_gguf_offload_is_lossless(q4, slots, prefetch, devices, tier):
     if slots:
         stats = [e.extra for e in events if isinstance(e, hybridmoe.Stats) and e.phase == "decode"]
         assert sum(s["cache_hits"] for s in stats) > 0
+
+
+@pytest.mark.parametrize("activations", ["f32", "int8"])
+def test_repacked_cpu_experts_match_the_packed_tier(q4, activations):
+    """With no cache every expert runs on the CPU from the repacked copy (a decode step's experts in one call), as
+    the packed tier without the offload engine computes them: bit-identical, in either activation mode."""
+    path = q4[0]
+    ref = hybridmoe.load(path, experts_tier="pinned", cpu_activations=activations)
+    eng = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=0, cpu_repack=True,
+                         cpu_activations=activations)
+    assert torch.equal(eng.logits(IDS), ref.logits(IDS))
+    want = list(ref.generate(IDS[:6], temperature=0, max_tokens=8, ignore_eos=True))[-1].token_ids
+    assert list(eng.generate(IDS[:6], temperature=0, max_tokens=8, ignore_eos=True))[-1].token_ids == want

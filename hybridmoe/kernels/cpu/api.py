@@ -9,10 +9,12 @@ from gguf import GGMLQuantizationType as T
 from hybridmoe.quant import as_qtype, get_format
 from hybridmoe.quant import dequantize as reference_dequantize
 
+from . import int8 as int8_kernels
 from . import packed as packed_kernels
 from .checks import Array, activations, kernel_type, weights
 from .raw import KIND, W32, dequantize_rows, gemv_raw
-from .repack import DEFAULT_LANES, PACKED_TYPES, PackedWeight, repack_raw
+from .repack import (ACTIVATIONS, DEFAULT_LANES, PACKED_TYPES, PackedExperts, PackedWeight, repack_experts_raw,
+                     repack_raw)
 
 # (kernel, group size of the activation sums it takes)
 _PACKED = {
@@ -47,24 +49,53 @@ def gemv(x: Array, w_raw: np.ndarray, ggml_type: T | int) -> Array:
     return _like_input(y, x)
 
 
-def repack(w_raw: np.ndarray, ggml_type: T | int, lanes: int = DEFAULT_LANES) -> PackedWeight:
-    """Copy raw GGUF rows into the lane-interleaved layout that `gemv_packed` reads at memory speed."""
-    qtype = kernel_type(ggml_type, PACKED_TYPES)
-    if lanes < 1:
-        raise ValueError(f"lanes must be >= 1, got {lanes}")
+def _activation_mode(mode: str) -> str:
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"activations {mode!r}: use one of {', '.join(ACTIVATIONS)}")
+    return mode
+
+
+def _columns(w_raw: np.ndarray, qtype: T) -> int:
     if not isinstance(w_raw, np.ndarray) or w_raw.ndim != 2:
         raise ValueError("w_raw must be a [N, row_bytes] numpy array")
     fmt = get_format(qtype)
     k_dim = w_raw.shape[1] // fmt.type_size * fmt.block_size
     weights(w_raw, qtype, k_dim)
-    return repack_raw(w_raw, qtype, k_dim, lanes)
+    return k_dim
+
+
+def repack(w_raw: np.ndarray, ggml_type: T | int, lanes: int = DEFAULT_LANES, activations: str = "f32") -> PackedWeight:
+    """Copy raw GGUF rows into the lane-interleaved layout that `gemv_packed` reads at memory speed.
+    activations="int8": the layout of the kernels that round x to 8 bits per group of 32 (16 lanes, `lanes` unused)."""
+    qtype = kernel_type(ggml_type, PACKED_TYPES)
+    if lanes < 1:
+        raise ValueError(f"lanes must be >= 1, got {lanes}")
+    return repack_raw(w_raw, qtype, _columns(w_raw, qtype), lanes, _activation_mode(activations))
+
+
+def repack_experts(raw: np.ndarray, ggml_type: T | int, activations: str = "f32") -> PackedExperts:
+    """Every expert of a stacked GGUF tensor (uint8 [E, N, row_bytes]) repacked into one stacked copy."""
+    qtype = kernel_type(ggml_type, PACKED_TYPES)
+    if not isinstance(raw, np.ndarray) or raw.ndim != 3 or raw.shape[0] == 0:
+        raise ValueError("raw must be a [E >= 1, N, row_bytes] numpy array")
+    k_dim = _columns(np.ascontiguousarray(raw[0]), qtype)
+    return repack_experts_raw(raw, qtype, k_dim, _activation_mode(activations))
+
+
+def _int8_gemv(xa: np.ndarray, w: PackedWeight) -> np.ndarray:
+    y = np.empty((1, xa.shape[0], w.arrays[0].shape[0] * w.lanes), dtype=np.float32)
+    int8_kernels.gemv(KIND[w.qtype], xa, *(a[None] for a in w.arrays), np.zeros(1, dtype=np.int64), y)
+    return y[0, :, :w.n_rows]
 
 
 def gemv_packed(x: Array, w: PackedWeight) -> Array:
-    """Decode over a repacked weight: y[n, N] = x[n, K] @ W.T."""
+    """Decode over a repacked weight: y[n, N] = x[n, K] @ W.T (x rounded to 8 bits first if w was repacked for
+    activations="int8")."""
     xa = activations(x)
     if xa.shape[1] != w.n_cols:
         raise ValueError(f"x has K = {xa.shape[1]}, the weight has {w.n_cols} columns")
+    if w.activations == "int8":
+        return _like_input(np.ascontiguousarray(_int8_gemv(xa, w)), x)
     kernel, group = _PACKED[w.qtype]
     xsum = xa.reshape(xa.shape[0], -1, group).sum(axis=-1)
     y = np.empty((xa.shape[0], w.n_rows), dtype=np.float32)
@@ -79,17 +110,53 @@ def _packed(xa: np.ndarray, w: PackedWeight) -> np.ndarray:
     return y
 
 
+def _expert_shapes(xa: np.ndarray, gate, up, down) -> None:
+    if (xa.shape[1] != gate.n_cols or up.n_cols != gate.n_cols or down.n_cols != gate.n_rows
+            or up.n_rows != gate.n_rows):
+        raise ValueError(f"expert shapes do not fit: x K={xa.shape[1]}, gate {gate.n_rows}x{gate.n_cols}, "
+                         f"up {up.n_rows}x{up.n_cols}, down {down.n_rows}x{down.n_cols}")
+    if len({gate.activations, up.activations, down.activations}) != 1:
+        raise ValueError("gate, up and down were repacked for different activations")
+
+
+def _int8_ffn(xa: np.ndarray, gate, up, down, experts: np.ndarray) -> np.ndarray:
+    """[G, n, D] from stacked int8-layout arrays ([E, tiles, ...]), one kernel call."""
+    y = np.empty((experts.size, xa.shape[0], down.arrays[0].shape[-2] * down.lanes), dtype=np.float32)
+    kinds = np.array([KIND[gate.qtype], KIND[up.qtype], KIND[down.qtype]], dtype=np.int64)
+    int8_kernels.ffn(kinds, xa, gate.n_rows, *gate.arrays, *up.arrays, *down.arrays, experts, y)
+    return y[:, :, :down.n_rows]
+
+
 def ffn_packed(x: np.ndarray, gate: PackedWeight, up: PackedWeight, down: PackedWeight) -> np.ndarray:
     """One expert at decode, down(silu(gate(x)) * up(x)), from repacked weights: f32 [n, D] -> f32 [n, D].
     Checks once and calls the kernels directly, for the dozens of experts a decode step runs."""
     xa = activations(x)
-    if xa.shape[1] != gate.n_cols or up.n_cols != gate.n_cols or down.n_cols != gate.n_rows:
-        raise ValueError(f"expert shapes do not fit: x K={xa.shape[1]}, gate {gate.n_rows}x{gate.n_cols}, "
-                         f"up {up.n_rows}x{up.n_cols}, down {down.n_rows}x{down.n_cols}")
+    _expert_shapes(xa, gate, up, down)
+    if gate.activations == "int8":
+        stacked = [PackedExperts(w.qtype, w.n_rows, w.n_cols, w.lanes, tuple(a[None] for a in w.arrays), "int8")
+                   for w in (gate, up, down)]
+        return np.ascontiguousarray(_int8_ffn(xa, *stacked, np.zeros(1, dtype=np.int64))[0])
     g = _packed(xa, gate)
     with np.errstate(over="ignore"):  # exp(-g) -> inf for very negative g gives silu's limit, -0
         h = g / (np.float32(1) + np.exp(-g)) * _packed(xa, up)  # silu(gate) * up
     return _packed(np.ascontiguousarray(h, dtype=np.float32), down)
+
+
+def ffn_experts(x: np.ndarray, gate: PackedExperts, up: PackedExperts, down: PackedExperts,
+                experts: list[int]) -> np.ndarray:
+    """Several experts of one layer on the same tokens: f32 [n, D] -> f32 [G, n, D], expert experts[g] in row g.
+    With 8-bit activations one kernel call runs them all (x quantized once); with float32 activations each expert
+    runs as `ffn_packed`. Either way each expert's result is the one `ffn_packed` gives for it alone."""
+    xa = activations(x)
+    _expert_shapes(xa, gate, up, down)
+    ids = np.asarray(experts, dtype=np.int64)
+    if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= gate.n_experts:
+        raise ValueError(f"experts must be a non-empty list of ids below {gate.n_experts}, got {experts}")
+    if any(w.n_experts != gate.n_experts for w in (up, down)):
+        raise ValueError("gate, up and down hold different numbers of experts")
+    if gate.activations == "int8":
+        return np.ascontiguousarray(_int8_ffn(xa, gate, up, down, ids))
+    return np.stack([ffn_packed(xa, gate.expert(e), up.expert(e), down.expert(e)) for e in experts])
 
 
 def dequantize(w_raw: np.ndarray, ggml_type: T | int, n_cols: int) -> np.ndarray:
