@@ -1,5 +1,5 @@
 """Decode through CUDA graphs against eager decode, on a real GPU (one or more): tiny HF checkpoints and their
-Q4_K_M GGUF conversion, expert cache full (GGUF: experts run inside the graphs), partial and off, 1 or N GPUs.
+Q8_0 GGUF conversion, expert cache full (GGUF: experts run inside the graphs), partial and off, 1 or N GPUs.
 
 Per configuration: teacher-forced one-token steps through the graphs and eagerly, each compared with the same
 engine's full-sequence logits (relative error = max |diff| / max |full|), and greedy tokens of graphs vs eager.
@@ -51,8 +51,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for family in ("deepseek_v3", "qwen3_moe"):
             hf = H.build_hf(family, Path(tmp) / family)
-            q4 = convert(hf, Path(tmp) / f"{family}-q4_k_m.gguf", "q4_k_m", progress=False)
-            for src, label in ((hf, family), (q4, f"{family} q4_k_m")):
+            q4 = convert(hf, Path(tmp) / f"{family}-q8_0.gguf", "q8_0", progress=False)
+            for src, label in ((hf, family), (q4, f"{family} q8_0")):
                 for dtype in ("float32", "bfloat16"):
                     for slots in (None, 4, 0):
                         for n in counts:

@@ -1,6 +1,7 @@
 """Pieces every model family shares: config access with clear errors, rope settings, the decoder stack."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -38,6 +39,12 @@ def check_act(cfg: dict) -> None:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"config.json: hidden_act {act!r} is not supported (only silu)")
+
+
+def on_device(dev: torch.device):
+    """Make `dev` the current CUDA device (kernels that are not torch's, e.g. Triton's, launch on the current
+    device); a no-op on the CPU."""
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
 
 class MoE(nn.Module):
@@ -159,7 +166,8 @@ class Transformer(nn.Module):
             if dev != stage:  # entering a new pipeline stage
                 stage, x, b = dev, x.to(dev), batch.to(dev)
                 cos, sin = self.tables(dev).cos_sin(b.positions)
-            x = block(x, i, b, cos, sin, None if cache is None else cache.layers[i], self.experts)
+            with on_device(dev):
+                x = block(x, i, b, cos, sin, None if cache is None else cache.layers[i], self.experts)
             for observe in self.observers:
                 observe(i, x)
         return x

@@ -16,7 +16,7 @@ import torch
 
 from ..layers.cache import Batch, KVCache
 from ..layers.moe import start_experts
-from .common import MoE
+from .common import MoE, on_device
 
 MIN_WINDOW = 64
 
@@ -31,6 +31,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self.inputs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (x, position)
         self.pools: dict[torch.device, object] = {}
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.captured = 0
         self.generation = 0  # the experts' slot generation the graphs were captured against
         self.failure: str | None = None  # why graphs were turned off, for the engine to report once
@@ -57,18 +58,19 @@ class DecodeGraphs:
                 stage = dev
                 position.fill_(pos)
             x_in.copy_(x)
-            out = self._replay(i, window, slot, dev)
-            if out is None:
-                return None
-            if len(out) == 1 and isinstance(block.ffn, MoE):  # its experts ran inside the graph
-                model.experts.ran_resident(i)
-                x = out[0]
-            elif isinstance(block.ffn, MoE):
-                x_mid, h, ids, weights, shared = out
-                finish = start_experts(model.experts, i, h, ids, weights)
-                x = x_mid + block.ffn.combine(finish(), shared).view(x_mid.shape)
-            else:
-                x = out[0]
+            with on_device(dev):
+                out = self._replay(i, window, slot, dev)
+                if out is None:
+                    return None
+                if len(out) == 1 and isinstance(block.ffn, MoE):  # its experts ran inside the graph
+                    model.experts.ran_resident(i)
+                    x = out[0]
+                elif isinstance(block.ffn, MoE):
+                    x_mid, h, ids, weights, shared = out
+                    finish = start_experts(model.experts, i, h, ids, weights)
+                    x = x_mid + block.ffn.combine(finish(), shared).view(x_mid.shape)
+                else:
+                    x = out[0]
             for observe in model.observers:
                 observe(i, x)
         return x
@@ -131,7 +133,9 @@ class DecodeGraphs:
                 self._segment(i, window, slot, dev)
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pools.get(dev), capture_error_mode="thread_local"):
+            # a capture stream of this device (torch's default one belongs to whichever device came first)
+            stream = self.streams.get(dev) or self.streams.setdefault(dev, torch.cuda.Stream(dev))
+            with torch.cuda.graph(graph, pool=self.pools.get(dev), stream=stream, capture_error_mode="thread_local"):
                 out = self._segment(i, window, slot, dev)
             self.pools[dev] = graph.pool()
         self.captured += 1

@@ -130,6 +130,8 @@ class OffloadExperts:
             counters.cpu += 1
             on_cpu.append(e)
 
+        if dev.copy_stream is not None:  # slots filled ahead (prefetch, admissions) must have landed
+            torch.cuda.current_stream(dev.device).wait_stream(dev.copy_stream)
         # The hidden state goes to the host before any expert work is queued (a few KB at decode), so this copy
         # waits only for work the experts need anyway; the GPU experts and the caller's shared expert then run
         # while the CPU computes its experts in finish().

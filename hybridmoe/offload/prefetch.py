@@ -44,6 +44,7 @@ class Prefetcher:
         if x.shape[0] > self.max_tokens:
             return
         ffn = self.model.layers[target].ffn
+        x = x.to(ffn.router.device)  # the next MoE layer may sit on the next GPU
         with torch.no_grad():
             h = self.model.layers[target].ffn_norm(x)
             logits = h.float() @ ffn.router.float().t()
