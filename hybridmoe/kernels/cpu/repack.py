@@ -33,23 +33,12 @@ class PackedWeight:
 
 
 @dataclass(frozen=True, slots=True)
-class PackedExperts:
+class PackedExperts(PackedWeight):
     """The same weight of every expert of a layer, stacked: each of `arrays` is [E, ...] of a PackedWeight's."""
-
-    qtype: T
-    n_rows: int
-    n_cols: int
-    lanes: int
-    arrays: tuple[np.ndarray, ...]
-    activations: str = "f32"
 
     @property
     def n_experts(self) -> int:
         return self.arrays[0].shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays)
 
     def expert(self, e: int) -> PackedWeight:
         """Expert e's weight, as views into the stacked arrays."""
