@@ -115,6 +115,9 @@ class DecodeGraphs:
             return got[1]
         try:
             got = self.graphs[key] = self._capture(i, window, slot, dev)
+        except torch.OutOfMemoryError:  # the caller frees memory (smaller expert cache) and retries the step
+            self._drop()
+            raise
         except RuntimeError as e:  # something that cannot be captured: decode eagerly from now on
             self.enabled = False
             self.failure = f"CUDA graphs turned off (layer {i}: {str(e).splitlines()[0]}); decoding eagerly"
