@@ -4,7 +4,9 @@ Eager decode launches about ninety small kernels per layer from Python; on a fas
 times the kernels' own (H100, DeepSeek-V3 layer dims: ~3.5 ms of host time per layer against ~0.6 ms of GPU time).
 Here each layer's work up to its routed experts (the attention with its cache write, the norms, the router and the
 shared expert) is captured once as a CUDA graph and replayed at every step. The routed experts stay eager: where
-each of them runs is decided on the host after the layer's one host sync.
+each of them runs is decided on the host after the layer's one host sync. Except where every expert of the layer
+sits in a GPU slot for good (the offload engine's "resident" layers): then the experts run inside the graph too,
+their slots looked up on the device, and the layer needs no host sync at all.
 
 The position lives in a device buffer and attention spans a fixed window of keys (the next power of two above the
 position, masked), so one graph serves every step until the sequence outgrows its window; the next window's graphs
@@ -43,7 +45,7 @@ class DecodeGraphs:
 
     def run(self, tokens: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor | None:
         """The hidden state [1, 1, D] after the last layer, or None if graphs cannot be used here (then the
-        caller runs the step eagerly; nothing has been written)."""
+        caller runs the step eagerly, which rewrites the same cache entries)."""
         generation = getattr(self.model.experts, "generation", 0)
         if cache is not self.cache or generation != self.generation:
             self._drop()
