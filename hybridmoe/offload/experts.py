@@ -26,6 +26,7 @@ class LayerCounters:
     misses: int = 0
     copies: int = 0
     cpu: int = 0
+    ahead: int = 0  # hits served from the prefetch ring (counted in hits too)
 
 
 @dataclass
@@ -41,7 +42,8 @@ class DeviceSlots:
     """One device's expert cache: the pure-Python allocator plus the slot buffers it indexes. If the device cannot
     hold `n_slots`, it takes half as many until the allocation succeeds (and says so in `shrunk_from`)."""
 
-    def __init__(self, store, n_slots: int, device: torch.device, decay: float, n_staging: int = 4):
+    def __init__(self, store, n_slots: int, device: torch.device, decay: float, n_staging: int = 4,
+                 n_ahead: int = 0):
         self.device = device
         self.shrunk_from = None
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -51,6 +53,16 @@ class DeviceSlots:
         self.staging = store.new_slots(n_staging, device)
         self.staging_free = [None] * n_staging  # CUDA event: the last compute that read each staging slot
         self.next_staging = 0
+        # The prefetch ring: predicted experts that the cache would not admit (not hotter than its coldest one)
+        # are copied here instead, round-robin, and serve the step they were predicted for (or a later one).
+        try:
+            self.ahead = store.new_slots(n_ahead, device) if n_ahead else None
+        except torch.OutOfMemoryError:  # prefetch then only fills free or colder cache slots
+            self.ahead, n_ahead = None, 0
+        self.ahead_key: list[tuple[int, int] | None] = [None] * n_ahead
+        self.ahead_at: dict[tuple[int, int], int] = {}
+        self.ahead_free = [None] * n_ahead  # CUDA event: the last compute that read each ring slot
+        self.next_ahead = 0
 
     def allocate(self, store, n_slots: int, decay: float) -> None:
         self.buffers = None
@@ -68,12 +80,13 @@ class DeviceSlots:
 
 class OffloadExperts:
     def __init__(self, store, layer_stage: dict[int, int], stage_devices: list[torch.device], slots: list[int],
-                 cost: CostModel | None = None, decay: float = 0.95):
+                 cost: CostModel | None = None, decay: float = 0.95, n_ahead: int = 0):
         """layer_stage: MoE layer -> pipeline stage; each stage has a device and its own expert cache (stages may
-        share a torch device when the CPU simulates several GPUs)."""
+        share a torch device when the CPU simulates several GPUs). n_ahead: prefetch ring slots per stage."""
         self.store = store
         self.layer_stage = layer_stage
-        self.stages = [DeviceSlots(store, n, d, decay) for d, n in zip(stage_devices, slots)]
+        self.stages = [DeviceSlots(store, n, d, decay, n_ahead=n_ahead if n else 0)
+                       for d, n in zip(stage_devices, slots)]
         self.cost = cost or CostModel()
         self.stats = StepStats()
         self.prefetched: dict[int, list[tuple[int, int]]] = {}  # layer -> keys pinned until that layer runs
@@ -106,7 +119,7 @@ class OffloadExperts:
         for e, c in routed.items():
             self.stats.expert_tokens[layer][e] = self.stats.expert_tokens[layer].get(e, 0) + c
         nbytes, flops = self.store.expert_nbytes(), self.store.flops_per_token()
-        on_gpu, on_cpu, staged = [], [], []
+        on_gpu, on_ring, on_cpu, staged = [], [], [], []
         for e, c in routed.items():
             key = (layer, e)
             cache.touch(key, 1)
@@ -115,6 +128,12 @@ class OffloadExperts:
                 counters.hits += 1
                 cache.pin(key)
                 on_gpu.append((e, slot))
+                continue
+            j = dev.ahead_at.get(key)
+            if j is not None:
+                counters.hits += 1
+                counters.ahead += 1
+                on_ring.append((e, j))
                 continue
             counters.misses += 1
             if self.cost.place(c, nbytes, flops, cached=False) == "copy":
@@ -137,12 +156,14 @@ class OffloadExperts:
         # while the CPU computes its experts in finish().
         x_host = x.to("cpu") if on_cpu else None
         if N == 1 and not staged:
-            return self._start_decode(dev, layer, x, x_host, list(routed), on_gpu, on_cpu, weights)
+            return self._start_decode(dev, layer, x, x_host, list(routed), on_gpu, on_ring, on_cpu, weights)
         parts = x.new_zeros(N, K, x.shape[-1])
         t0 = time.perf_counter()
-        for e, slot in on_gpu:
-            tok, k = token_positions(ids_host, e, x.device)
-            parts[tok, k] = self.store.compute_slot(dev.buffers, slot, layer, x[tok])
+        for buffers, group in ((dev.buffers, on_gpu), (dev.ahead, on_ring)):
+            for e, slot in group:
+                tok, k = token_positions(ids_host, e, x.device)
+                parts[tok, k] = self.store.compute_slot(buffers, slot, layer, x[tok])
+        self._ring_read(dev, on_ring)
         for e in staged:
             tok, k = token_positions(ids_host, e, x.device)
             parts[tok, k] = self._staged(dev, layer, e, x[tok])
@@ -161,31 +182,43 @@ class OffloadExperts:
 
         return finish
 
-    def _start_decode(self, dev: DeviceSlots, layer: int, x, x_host, order: list[int], on_gpu, on_cpu, weights):
-        """One token: the cached experts in one grouped launch, the CPU's experts in one batch, their outputs
-        placed in k order with at most one small index copy."""
+    def _start_decode(self, dev: DeviceSlots, layer: int, x, x_host, order: list[int], on_gpu, on_ring, on_cpu,
+                      weights):
+        """One token: the cached experts in one grouped launch (and the prefetch ring's in another), the CPU's
+        experts in one batch, their outputs placed in k order with at most one small index copy."""
         t0 = time.perf_counter()
         where = {e: k for k, e in enumerate(order)}
         on_gpu = sorted(on_gpu, key=lambda es: where[es[0]])
-        ys = self.store.compute_slots(dev.buffers, [s for _, s in on_gpu], layer, x) if on_gpu else None  # [G, 1, D]
+        ys = [self.store.compute_slots(buffers, [s for _, s in group], layer, x)  # [G, 1, D] each
+              for buffers, group in ((dev.buffers, on_gpu), (dev.ahead, on_ring)) if group]
+        self._ring_read(dev, on_ring)
+        cols = [where[e] for e, _ in on_gpu + on_ring]
         self.stats.gpu_s += time.perf_counter() - t0
 
         def finish() -> torch.Tensor:
-            parts = ys
+            parts, order = ys, cols
             if on_cpu:
                 t0 = time.perf_counter()
                 ys_cpu = self.store.compute_host_many(layer, on_cpu, x_host)  # [C, 1, D]
-                ys_cpu = ys_cpu.to(x.device, non_blocking=True)
+                parts = ys + [ys_cpu.to(x.device, non_blocking=True)]
+                order = cols + [where[e] for e in on_cpu]
                 self.stats.cpu_s += time.perf_counter() - t0
-                parts = ys_cpu if ys is None else torch.cat((ys, ys_cpu))
-                cols = [where[e] for e, _ in on_gpu] + [where[e] for e in on_cpu]
-                if cols != sorted(cols):  # back into k order
-                    inverse = sorted(range(len(cols)), key=cols.__getitem__)
-                    parts = parts[torch.tensor(inverse).to(x.device, non_blocking=True)]
+            parts = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if order != sorted(order):  # back into k order
+                inverse = sorted(range(len(order)), key=order.__getitem__)
+                parts = parts[torch.tensor(inverse).to(x.device, non_blocking=True)]
             self._release(dev, layer, on_gpu, on_cpu)
             return combine(parts.transpose(0, 1), weights, x.dtype)  # [1, K, D] -> [1, D]
 
         return finish
+
+    def _ring_read(self, dev: DeviceSlots, on_ring) -> None:
+        """Remember the compute that reads these ring slots: a later copy into one of them waits for it."""
+        if on_ring and dev.copy_stream is not None:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(dev.device))
+            for _, j in on_ring:
+                dev.ahead_free[j] = done
 
     def _release(self, dev: DeviceSlots, layer: int, on_gpu, on_cpu) -> None:
         cache = dev.cache
@@ -279,18 +312,41 @@ class OffloadExperts:
         dev = self.stages[self.layer_stage[layer]]
         self.store.will_need(layer, [e for e in experts if dev.cache.lookup((layer, e)) is None])
         pinned = self.prefetched.setdefault(layer, [])
+        ringed: list[int] = []
         for e in experts:
             key = (layer, e)
             slot = dev.cache.lookup(key)
             if slot is None:
-                if not dev.cache.would_admit(key):
-                    continue
-                got = dev.cache.admit(key)
+                got = dev.cache.admit(key) if dev.cache.would_admit(key) else None
                 if got is None:
+                    if len(ringed) < len(dev.ahead_key):  # not more than the ring holds
+                        ringed.append(e)
                     continue
                 self.stats.bytes_copied += self._copy(dev, got[0], layer, e, wait=False)
             dev.cache.pin(key)
             pinned.append(key)
+        for e in ringed:
+            self._copy_ahead(dev, layer, e)
+
+    def _copy_ahead(self, dev: DeviceSlots, layer: int, e: int) -> None:
+        """Copy a predicted expert into the next ring slot (after the last compute that read that slot)."""
+        key = (layer, e)
+        if key in dev.ahead_at:
+            return
+        j = dev.next_ahead
+        dev.next_ahead = (j + 1) % len(dev.ahead_key)
+        old = dev.ahead_key[j]
+        if old is not None:
+            del dev.ahead_at[old]
+        if dev.copy_stream is None:
+            self.stats.bytes_copied += self.store.copy_to_slot(dev.ahead, j, layer, e)
+        else:
+            if dev.ahead_free[j] is not None:
+                dev.copy_stream.wait_event(dev.ahead_free[j])
+            with torch.cuda.stream(dev.copy_stream):
+                self.stats.bytes_copied += self.store.copy_to_slot(dev.ahead, j, layer, e)
+        dev.ahead_key[j] = key
+        dev.ahead_at[key] = j
 
     def warm(self, keys: list[tuple[int, int]]) -> int:
         """Copy these experts into their stages' slots now (everything that fits, or a saved popularity list)."""

@@ -86,7 +86,13 @@ class OffloadRuntime:
             if dev.type == "cuda":
                 n = min(n, cuda_slots_that_fit(self.store, dev, vram_reserve, kv_bytes[s]))
             slots.append(n)
-        self.experts = OffloadExperts(self.store, {i: stages[i] for i in counts}, devices, slots, cost, opts.decay)
+        # Prefetch pays only where a cache holds some but not all of its stage's experts; its ring then holds one
+        # step's predictions (top k + margin).
+        prefetching = opts.prefetch and any(0 < n < per_stage[s] for s, n in enumerate(slots))
+        top_k = model.layers[model.moe_layers()[0]].ffn.spec.top_k
+        n_ahead = top_k + opts.prefetch_margin if prefetching else 0
+        self.experts = OffloadExperts(self.store, {i: stages[i] for i in counts}, devices, slots, cost, opts.decay,
+                                      n_ahead)
         for s, st in enumerate(self.experts.stages):
             if st.shrunk_from is not None:
                 self.notices.append(f"GPU {s}: out of memory for {st.shrunk_from} expert slots; "
@@ -98,7 +104,7 @@ class OffloadRuntime:
         self.experts.warm([(layer, e) for layer, n in counts.items() if stages[layer] in full for e in range(n)])
         self.popularity: dict[tuple[int, int], int] = {}
         self.prefetcher = None
-        if opts.prefetch and any(0 < n < per_stage[s] for s, n in enumerate(slots)):
+        if prefetching and any(0 < n < per_stage[s] for s, n in enumerate(slots)):
             self.prefetcher = Prefetcher(model, opts.prefetch_margin, on_predict=self.experts.prefetch)
             self.experts.on_routed = self.prefetcher.record
             model.observers.append(self.prefetcher.observe)

@@ -43,6 +43,21 @@ def test_stats_report_cache_activity(tiny_models):
     assert max(d["cached_experts"][0] for d in decode) <= 6
 
 
+def test_prefetch_ring_turns_predicted_misses_into_hits(tiny_models):
+    """Predicted experts the warm cache will not admit go to the prefetch ring and are served from there."""
+    path = tiny_models("qwen3_moe")
+    runs = {}
+    for prefetch in (False, True):
+        eng = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=2, prefetch=prefetch)
+        events = list(eng.generate(IDS[:8], temperature=0, max_tokens=24, ignore_eos=True))
+        decode = [e.extra for e in events if isinstance(e, hybridmoe.Stats) and e.phase == "decode"]
+        ahead = sum(c.get("ahead", 0) for d in decode for c in d["layers"].values())
+        runs[prefetch] = events[-1].token_ids, sum(d["cache_hits"] for d in decode), ahead
+    assert runs[True][0] == runs[False][0]
+    assert runs[False][2] == 0 and runs[True][2] > 0
+    assert runs[True][1] > runs[False][1] + runs[True][2] // 2
+
+
 def test_two_devices_split_layers_into_stages(tiny_models):
     eng = hybridmoe.load(tiny_models("mixtral"), accelerator="cpu", devices=2, expert_cache_slots=4)
     stages = eng.model.experts.experts.layer_stage
