@@ -43,9 +43,9 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--experts-tier", choices=("mmap", "pinned"), default="mmap",
                    help="host tier of the experts: mmap (page cache, default) or pinned (copied once to pinned RAM)")
     g.add_argument("--cpu-activations", choices=("f32", "int8"), default="f32",
-                   help="GGUF experts decoded on the CPU from their repacked copy (--experts-tier pinned): f32 is "
-                        "exact (default); int8 rounds activations to 8 bits per group of 32 as llama.cpp does, "
-                        "faster (memory-bound kernels), logits no longer exact")
+                   help="GGUF experts decoded on the CPU: f32 is exact (default); int8 rounds activations to 8 "
+                        "bits per group of 32 as llama.cpp does, several times faster, logits no longer exact; it "
+                        "computes from a repacked copy of the experts in RAM (as --experts-tier pinned does)")
     g.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="decode eagerly instead of replaying captured CUDA graphs (slower; for debugging)")

@@ -145,8 +145,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     default is a conservative workstation's. `cpu_repack` (GGUF) gives CPU-served experts a lane-interleaved copy
     that decodes faster; it sums in another order, so results then match within kernel tolerance.
     `cpu_activations` (GGUF): "f32" (exact) or "int8", which rounds x to 8 bits per group of 32 in the decode
-    kernels of repacked CPU experts ("pinned" tier, `cpu_repack`), as llama.cpp does: several times less compute,
-    and all CPU experts of a layer in one call per decode step.
+    kernels of CPU experts, as llama.cpp does: several times less compute, and all CPU experts of a layer in one
+    call per decode step; it implies the repacked copy (`cpu_repack`, or the "pinned" tier without offload).
     `cuda_graphs` replays each layer's non-expert work at decode as a captured CUDA graph (much less host time per
     token; attention then spans a masked window of keys, so results match eager decode within bf16 rounding)."""
     path = Path(path) if path is not None else DEMO_MODEL
@@ -203,9 +203,10 @@ def _load_gguf(path, dev: torch.device, dt: torch.dtype, experts_tier: str,
     if cpu_activations not in ("int8", "f32"):
         raise ConfigError(f"--cpu-activations {cpu_activations!r} is not one of int8, f32")
     loaded, experts = load_gguf(path, dev, dt, layer_devices)
-    # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout
-    loaded.model.experts = QuantExperts(experts, tier="packed" if experts_tier == "pinned" else "mmap",
-                                        activations=cpu_activations)
+    # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout; the 8-bit
+    # kernels read only that layout
+    packed = experts_tier == "pinned" or cpu_activations == "int8"
+    loaded.model.experts = QuantExperts(experts, tier="packed" if packed else "mmap", activations=cpu_activations)
     # Without llama-cpp-python the model still scores token ids; text needs its tokenizer.
     file = path.path if isinstance(path, GGUFFile) else path
     loaded.tokenizer = GGUFTokenizer(file, loaded.config.get("chat_template")) if llama_cpp_available() else None

@@ -23,8 +23,9 @@ def make_store(experts, opts: "OffloadOptions"):
     if hasattr(experts, "weights"):  # LocalExperts
         return DenseStore(experts.weights, opts.experts_tier, pin=pin)
     from .quant_store import QuantStore
-    return QuantStore(experts.layers, opts.experts_tier, pin=pin, repack=opts.cpu_repack,
-                      activations=opts.cpu_activations)
+    # the 8-bit kernels read only the repacked layout
+    return QuantStore(experts.layers, opts.experts_tier, pin=pin,
+                      repack=opts.cpu_repack or opts.cpu_activations == "int8", activations=opts.cpu_activations)
 
 
 @dataclass(slots=True)

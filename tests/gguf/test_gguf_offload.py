@@ -43,3 +43,13 @@ def test_repacked_cpu_experts_match_the_packed_tier(q4, activations):
     assert torch.equal(eng.logits(IDS), ref.logits(IDS))
     want = list(ref.generate(IDS[:6], temperature=0, max_tokens=8, ignore_eos=True))[-1].token_ids
     assert list(eng.generate(IDS[:6], temperature=0, max_tokens=8, ignore_eos=True))[-1].token_ids == want
+
+
+def test_int8_activations_use_the_repacked_copy_in_every_tier(q4):
+    """The 8-bit kernels read only the repacked layout, so asking for them makes that copy (mmap tier too)."""
+    path = q4[0]
+    plain = hybridmoe.load(path, cpu_activations="int8")
+    assert plain.model.experts.tier == "packed" and plain.model.experts.store.activations == "int8"
+    off = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=0, cpu_activations="int8")
+    assert off.model.experts.store.repack
+    assert torch.equal(off.logits(IDS), plain.logits(IDS))
