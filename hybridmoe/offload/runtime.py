@@ -88,10 +88,12 @@ class OffloadRuntime:
                 n = min(n, cuda_slots_that_fit(self.store, dev, vram_reserve, kv_bytes[s]))
             slots.append(n)
         # Prefetch pays only where a cache holds some but not all of its stage's experts; its ring then holds one
-        # step's predictions (top k + margin).
+        # step's predictions (top k + margin). Not from the mmap tier to a real GPU: copies from pageable memory
+        # block the host, which would stall the step they are meant to overlap.
         prefetching = opts.prefetch and any(0 < n < per_stage[s] for s, n in enumerate(slots))
         top_k = model.layers[model.moe_layers()[0]].ffn.spec.top_k
-        n_ahead = top_k + opts.prefetch_margin if prefetching else 0
+        ring = prefetching and (opts.accelerator == "cpu" or opts.experts_tier == "pinned")
+        n_ahead = top_k + opts.prefetch_margin if ring else 0
         self.experts = OffloadExperts(self.store, {i: stages[i] for i in counts}, devices, slots, cost, opts.decay,
                                       n_ahead)
         for s, st in enumerate(self.experts.stages):
