@@ -30,6 +30,10 @@ class Batch:
         if min(n_new) < 1:
             raise ValueError("every row needs at least one new token")
         T = max(n_new)
+        if len(start) == 1 and T == 1 and slots is not None:  # one decode step: its token sees every key
+            positions = torch.full((1, 1), start[0], device=device)
+            mask = torch.ones(1, 1, 1, start[0] + 1, dtype=torch.bool, device=device)
+            return Batch(list(start), [1], list(slots), positions, mask, torch.tensor(slots, device=device))
         st = torch.tensor(start, device=device)[:, None]
         positions = st + torch.arange(T, device=device)[None, :]  # [B, T]
         L = max(s + n for s, n in zip(start, n_new)) if slots is not None else T
@@ -48,6 +52,11 @@ class Batch:
         keys = torch.arange(n_keys, device=position.device)
         mask = (keys <= position[:, :, None])[:, None]  # [1, 1, 1, n_keys]
         return Batch([0], [1], [slot], position, mask, None, position[0])
+
+    @property
+    def sees_all(self) -> bool:
+        """One row, one new token that attends to every key (a decode step with its whole history as keys)."""
+        return len(self.n_new) == 1 and self.n_new[0] == 1 and self.write_at is None
 
     def to(self, device) -> "Batch":
         if self.positions.device == torch.device(device):

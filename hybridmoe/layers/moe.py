@@ -38,8 +38,12 @@ def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = No
     """logits [N, E] (f32) -> (expert_ids [N, K] long, weights [N, K] f32)."""
     logits = logits.float()
     scores = logits.sigmoid() if spec.scoring == "sigmoid" else logits.softmax(dim=-1)
+    plain = spec.method == "greedy" or spec.n_group == 1
     choice = scores if bias is None or spec.method != "noaux_tc" else scores + bias.float()
-    if spec.method != "greedy" and spec.n_group > 1:
+    if plain and choice is scores:  # the top scores are the weights (no gather)
+        weights, ids = scores.topk(spec.top_k, dim=-1)
+        return ids, _scaled(weights, spec)
+    if not plain:
         N = scores.shape[0]
         grouped = choice.view(N, spec.n_group, -1)  # [N, G, E/G]
         if spec.method == "noaux_tc":
@@ -51,14 +55,16 @@ def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = No
         fill = float("-inf") if spec.method == "noaux_tc" else 0.0
         choice = grouped.masked_fill(~keep[:, :, None], fill).view(N, -1)
     ids = choice.topk(spec.top_k, dim=-1).indices  # [N, K]
-    weights = scores.gather(1, ids)
+    return ids, _scaled(scores.gather(1, ids), spec)
+
+
+def _scaled(weights: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """The chosen experts' scores [N, K] -> their weights: normalised to sum 1 if asked, times the scaling."""
     if spec.norm_topk_prob and spec.top_k > 1:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        if spec.scale_after_norm:
-            weights = weights * spec.scaling
-    else:
-        weights = weights * spec.scaling
-    return ids, weights
+        if not spec.scale_after_norm:
+            return weights
+    return weights if spec.scaling == 1.0 else weights * spec.scaling
 
 
 class Experts(Protocol):
@@ -101,18 +107,18 @@ def run_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     compute(e, x_e [n, D]) -> [n, D]; compute_many(experts, x [n, D]) -> [G, n, D], if given, runs a decode step's
     experts together (each with compute's result)."""
     N, K = ids.shape
-    parts = x.new_zeros(N, K, x.shape[-1])
     ids_host = ids.cpu()  # host sync: which experts run is decided on the host
     if N == 1:  # decode: each chosen expert (all distinct) runs on the one token, no index bookkeeping
         chosen = ids_host[0].tolist()
         for e in chosen:
             counts[e] = counts.get(e, 0) + 1
         if compute_many is not None:
-            parts[0] = compute_many(chosen, x)[:, 0]
-        else:
-            for k, e in enumerate(chosen):
-                parts[0, k] = compute(e, x)[0]
+            return combine(compute_many(chosen, x).transpose(0, 1), weights, x.dtype)  # [K, 1, D] -> [1, K, D]
+        parts = x.new_empty(N, K, x.shape[-1])
+        for k, e in enumerate(chosen):
+            parts[0, k] = compute(e, x)[0]
         return combine(parts, weights, x.dtype)
+    parts = x.new_zeros(N, K, x.shape[-1])
     uniq, n_tok = torch.unique(ids_host, return_counts=True)
     for e, c in zip(uniq.tolist(), n_tok.tolist()):
         counts[e] = counts.get(e, 0) + c

@@ -81,5 +81,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
         x1, x2 = x.chunk(2, dim=-1)
-    c, s = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    if c.dtype != x.dtype:
+        c, s = c.to(x.dtype), s.to(x.dtype)
+    # x1 c - x2 s and x2 c + x1 s, as multiply-adds (five ops: decode runs this twice per layer)
+    return torch.cat((torch.addcmul(x1 * c, x2, s, value=-1), torch.addcmul(x2 * c, x1, s)), dim=-1)

@@ -149,9 +149,9 @@ def ffn_experts(x: np.ndarray, gate: PackedExperts, up: PackedExperts, down: Pac
     runs as `ffn_packed`. Either way each expert's result is the one `ffn_packed` gives for it alone."""
     xa = activations(x)
     _expert_shapes(xa, gate, up, down)
-    ids = np.asarray(experts, dtype=np.int64)
-    if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= gate.n_experts:
+    if len(experts) == 0 or min(experts) < 0 or max(experts) >= gate.n_experts:
         raise ValueError(f"experts must be a non-empty list of ids below {gate.n_experts}, got {experts}")
+    ids = np.asarray(experts, dtype=np.int64)
     if any(w.n_experts != gate.n_experts for w in (up, down)):
         raise ValueError("gate, up and down hold different numbers of experts")
     if gate.activations == "int8":
