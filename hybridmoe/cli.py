@@ -42,10 +42,13 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefetch", action="store_true", help="do not prefetch predicted experts")
     g.add_argument("--experts-tier", choices=("mmap", "pinned"), default="mmap",
                    help="host tier of the experts: mmap (page cache, default) or pinned (copied once to pinned RAM)")
-    g.add_argument("--cpu-activations", choices=("f32", "int8"), default="f32",
+    g.add_argument("--cpu-activations", choices=("f32", "int8", "int8-all"), default="f32",
                    help="GGUF experts decoded on the CPU: f32 is exact (default); int8 rounds activations to 8 "
                         "bits per group of 32 as llama.cpp does, several times faster, logits no longer exact; it "
-                        "computes from a repacked copy of the experts in RAM (as --experts-tier pinned does)")
+                        "computes from a repacked copy of the experts in RAM (as --experts-tier pinned does); "
+                        "int8-all also rounds the inputs of attention and the output head on the CPU, faster still "
+                        "but far less accurate (logits off by up to ~20%% on small random test models, as "
+                        "llama.cpp's own)")
     g.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="decode eagerly instead of replaying captured CUDA graphs (slower; for debugging)")

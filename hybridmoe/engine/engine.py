@@ -13,7 +13,8 @@ from ..models.graphs import DecodeGraphs
 from ..models.loader import LoadedModel, load_hf, read_config
 from ..formats.gguf import GGUFFile, hf_config
 from ..offload.plan import footprint_from_config, split_stages
-from ..offload.runtime import OffloadOptions, OffloadRuntime, make_store, stage_devices
+from ..offload.runtime import (CPU_ACTIVATIONS, OffloadOptions, OffloadRuntime, activation_modes, make_store,
+                               stage_devices)
 from .config import GenerationConfig
 from .events import Event
 from .generate import generate_loop
@@ -147,6 +148,9 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     `cpu_activations` (GGUF): "f32" (exact) or "int8", which rounds x to 8 bits per group of 32 in the decode
     kernels of CPU experts, as llama.cpp does: several times less compute, and all CPU experts of a layer in one
     call per decode step; it implies the repacked copy (`cpu_repack`, or the "pinned" tier without offload).
+    "int8-all" also rounds the inputs of the other quantized linear layers on the CPU (attention, output head) at
+    decode, as llama.cpp does: faster, but logits move much more than with "int8" (bench/RESULTS.md), so it is
+    never the default.
     `cuda_graphs` replays each layer's non-expert work at decode as a captured CUDA graph (much less host time per
     token; attention then spans a masked window of keys, so results match eager decode within bf16 rounding)."""
     path = Path(path) if path is not None else DEMO_MODEL
@@ -175,7 +179,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         stages = split_stages(list(fp.layer_bytes), devices)  # contiguous stages balanced by bytes
         layer_devs = [stage_devs[s] for s in stages]
         if gguf:
-            loaded = _load_gguf(source, stage_devs[0], dt, "mmap", layer_devs)
+            loaded = _load_gguf(source, stage_devs[0], dt, "mmap", layer_devs, cpu_activations)
         else:
             loaded = load_hf(path, stage_devs[0], dt, layer_devs, experts_device="cpu")
         model = loaded.model
@@ -200,13 +204,14 @@ def _load_gguf(path, dev: torch.device, dt: torch.dtype, experts_tier: str,
 
     if experts_tier not in ("mmap", "pinned"):
         raise ConfigError(f"--experts-tier {experts_tier!r} is not one of mmap, pinned")
-    if cpu_activations not in ("int8", "f32"):
-        raise ConfigError(f"--cpu-activations {cpu_activations!r} is not one of int8, f32")
-    loaded, experts = load_gguf(path, dev, dt, layer_devices)
+    if cpu_activations not in CPU_ACTIVATIONS:
+        raise ConfigError(f"--cpu-activations {cpu_activations!r} is not one of {', '.join(CPU_ACTIVATIONS)}")
+    experts_acts, linear_acts = activation_modes(cpu_activations)
+    loaded, experts = load_gguf(path, dev, dt, layer_devices, linear_acts)
     # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout; the 8-bit
     # kernels read only that layout
-    packed = experts_tier == "pinned" or cpu_activations == "int8"
-    loaded.model.experts = QuantExperts(experts, tier="packed" if packed else "mmap", activations=cpu_activations)
+    packed = experts_tier == "pinned" or experts_acts == "int8"
+    loaded.model.experts = QuantExperts(experts, tier="packed" if packed else "mmap", activations=experts_acts)
     # Without llama-cpp-python the model still scores token ids; text needs its tokenizer.
     file = path.path if isinstance(path, GGUFFile) else path
     loaded.tokenizer = GGUFTokenizer(file, loaded.config.get("chat_template")) if llama_cpp_available() else None

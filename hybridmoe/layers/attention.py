@@ -42,6 +42,12 @@ class GQAttention(nn.Module):
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
+        self.wqkv: nn.Module | None = None  # q, k and v as one layer (see stack_qkv)
+
+    def stack_qkv(self, wqkv: nn.Module) -> None:
+        """Compute q, k and v with one layer whose output is theirs concatenated (on the CPU: one kernel call
+        instead of three); the separate layers are dropped."""
+        self.wqkv, self.wq, self.wk, self.wv = wqkv, None, None, None
 
     def cache_shapes(self) -> tuple[tuple[int, ...], ...]:
         return (self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)
@@ -49,9 +55,14 @@ class GQAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)

@@ -2,7 +2,10 @@
 
 llama.cpp reads Q8_0 attention weights at about a byte per weight; dequantized to f32 they would be read at four.
 Decode (a few rows) goes through the CPU kernels' lane-interleaved layout, prefill through f32 tiles + matmul.
-Activations stay f32 (the exact path).
+Activations are f32 (the exact path) unless `activations="int8"`, where decode rounds x to 8 bits per group of 32
+as llama.cpp does: about a third less time on these memory-bound layers, but the attention then sees rounded inputs
+(logits move by up to tens of percent on random test models, see bench/RESULTS.md), so it is opt-in only.
+Several layers that read the same input (q, k and v) can be stacked into one, which decodes in one kernel call.
 """
 from __future__ import annotations
 
@@ -16,28 +19,49 @@ DECODE_ROWS = 4  # up to this many tokens the GEMV kernel beats dequantize + mat
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, raw: np.ndarray, qtype, out_features: int, in_features: int,
-                 bias: torch.Tensor | None = None):
+    def __init__(self, raw: np.ndarray | list[np.ndarray], qtype, out_features: int, in_features: int,
+                 bias: torch.Tensor | None = None, activations: str = "f32"):
+        """raw: uint8 [out_features, row_bytes] GGUF rows, or a list of such blocks of rows stacked in that order."""
         super().__init__()
-        self.raw, self.qtype = np.ascontiguousarray(raw), qtype
+        parts = raw if isinstance(raw, list) else [raw]
+        self.parts = [np.ascontiguousarray(p) for p in parts]  # kept as they are (file views): prefill reads them
+        self.qtype, self.activations = qtype, activations
         self.in_features, self.out_features = in_features, out_features
-        self.packed = ck.repack(self.raw, qtype)
+        if sum(p.shape[0] for p in self.parts) != out_features:
+            raise ValueError(f"{[p.shape for p in self.parts]} rows do not make {out_features} outputs")
+        stacked = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)  # freed after repacking
+        self.packed = ck.repack(stacked, qtype, activations=activations)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     @staticmethod
     def supports(qtype) -> bool:
         return qtype in ck.PACKED_TYPES
 
+    @staticmethod
+    def stack(layers: list["QuantLinear"]) -> "QuantLinear | None":
+        """One layer computing `layers` (same input, same type) side by side, their outputs concatenated; None if
+        they do not fit together."""
+        first = layers[0]
+        if any(q.qtype != first.qtype or q.in_features != first.in_features or q.activations != first.activations
+               or (q.bias is None) != (first.bias is None) for q in layers):
+            return None
+        bias = None if first.bias is None else torch.cat([q.bias.detach() for q in layers])
+        return QuantLinear([p for q in layers for p in q.parts], first.qtype, sum(q.out_features for q in layers),
+                           first.in_features, bias, first.activations)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xf = x.reshape(-1, shape[-1]).float().contiguous()
         if xf.shape[0] <= DECODE_ROWS:
             y = ck.gemv_packed(xf, self.packed)
+        elif len(self.parts) == 1:
+            y = ck.matmul(xf, self.parts[0], self.qtype)
         else:
-            y = ck.matmul(xf, self.raw, self.qtype)
+            y = torch.cat([ck.matmul(xf, p, self.qtype) for p in self.parts], dim=-1)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.qtype.name}"
+        acts = "" if self.activations == "f32" else f", {self.activations} activations"
+        return f"{self.in_features}, {self.out_features}, {self.qtype.name}{acts}"

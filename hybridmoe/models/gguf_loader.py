@@ -47,8 +47,10 @@ def join_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
 _DENSE_ONLY = (".attn.wkv_b",)
 
 
-def keep_quantized(model, found: dict[str, GGUFTensor], permuted) -> None:
-    """On the CPU, linear layers keep their GGUF blocks (QuantLinear) instead of dequantized f32 weights."""
+def keep_quantized(model, found: dict[str, GGUFTensor], permuted, activations: str = "f32") -> None:
+    """On the CPU, linear layers keep their GGUF blocks (QuantLinear) instead of dequantized f32 weights, and an
+    attention's q, k and v projections are stacked into one. activations: QuantLinear's decode activations."""
+    from ..layers.attention import GQAttention
     from ..layers.quant_linear import QuantLinear
     for name, module in list(model.named_modules()):
         t = found.get(name + ".weight")
@@ -63,7 +65,12 @@ def keep_quantized(model, found: dict[str, GGUFTensor], permuted) -> None:
         bias = module.bias.detach().float() if module.bias is not None else None
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf,
-                QuantLinear(raw, t.qtype, module.out_features, module.in_features, bias))
+                QuantLinear(raw, t.qtype, module.out_features, module.in_features, bias, activations))
+    for attn in model.modules():
+        projs = [attn.wq, attn.wk, attn.wv] if isinstance(attn, GQAttention) and attn.wqkv is None else []
+        stacked = QuantLinear.stack(projs) if projs and all(isinstance(p, QuantLinear) for p in projs) else None
+        if stacked is not None:
+            attn.stack_qkv(stacked)
 
 
 def _split_shapes(args) -> dict[str, tuple[int, ...]]:
@@ -75,9 +82,12 @@ ExpertTensors = dict[int, tuple[GGUFTensor, GGUFTensor, GGUFTensor]]  # layer ->
 
 
 def load_gguf(path: str | Path | GGUFFile, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-              layer_devices: list[torch.device] | None = None) -> tuple[LoadedModel, ExpertTensors]:
+              layer_devices: list[torch.device] | None = None,
+              linear_activations: str = "f32") -> tuple[LoadedModel, ExpertTensors]:
     """The model with every non-expert weight filled, and its routed experts as raw GGUF tensors (the caller sets
-    `model.experts`). layer_devices: one device per layer (pipeline stages; default all on `device`)."""
+    `model.experts`). layer_devices: one device per layer (pipeline stages; default all on `device`).
+    linear_activations: "f32", or "int8" to round the inputs of the CPU's quantized linear layers to 8 bits at
+    decode (layers.quant_linear)."""
     gf = path if isinstance(path, GGUFFile) else GGUFFile(path)
     cfg = hf_config(gf)
     family, args = model_args(cfg, f"{gf.path} (GGUF metadata)")
@@ -143,7 +153,7 @@ def load_gguf(path: str | Path | GGUFFile, device: str | torch.device = "cpu", d
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     elif all(d.type == "cpu" for d in devices):
-        keep_quantized(model, found, permuted)
+        keep_quantized(model, found, permuted, linear_activations)
     model.layer_devices = list(devices) if layer_devices else None
     experts = {i: tuple(found[f"layers.{i}.experts.{p}"] for p in PROJ_SHAPES) for i in model.moe_layers()}
     for t in (t for projs in experts.values() for t in projs):

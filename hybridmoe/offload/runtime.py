@@ -17,15 +17,28 @@ from .scheduler import CostModel
 from .store import DenseStore
 
 
+CPU_ACTIVATIONS = ("f32", "int8", "int8-all")
+
+
+def activation_modes(cpu_activations: str) -> tuple[str, str]:
+    """--cpu-activations -> the activations of (the repacked routed experts' kernels, the other quantized linear
+    layers' on the CPU). "int8" rounds only the experts' inputs to 8 bits; "int8-all" also those of attention and
+    the output head, which costs far more accuracy (bench/RESULTS.md)."""
+    if cpu_activations not in CPU_ACTIVATIONS:
+        raise ValueError(f"--cpu-activations {cpu_activations!r}: use one of {', '.join(CPU_ACTIVATIONS)}")
+    return ("f32" if cpu_activations == "f32" else "int8"), ("int8" if cpu_activations == "int8-all" else "f32")
+
+
 def make_store(experts, opts: "OffloadOptions"):
     """The host tier for a model's experts: float weights (HF) or raw GGUF blocks."""
     pin = opts.experts_tier == "pinned" and torch.cuda.is_available()
     if hasattr(experts, "weights"):  # LocalExperts
         return DenseStore(experts.weights, opts.experts_tier, pin=pin)
     from .quant_store import QuantStore
+    experts_acts = activation_modes(opts.cpu_activations)[0]
     # the 8-bit kernels read only the repacked layout
-    return QuantStore(experts.layers, opts.experts_tier, pin=pin,
-                      repack=opts.cpu_repack or opts.cpu_activations == "int8", activations=opts.cpu_activations)
+    return QuantStore(experts.layers, opts.experts_tier, pin=pin, repack=opts.cpu_repack or experts_acts == "int8",
+                      activations=experts_acts)
 
 
 @dataclass(slots=True)
@@ -38,7 +51,8 @@ class OffloadOptions:
     experts_tier: str = "mmap"  # "pinned" (copied once into pinned RAM) or "mmap" (page cache)
     decay: float = 0.95
     cpu_repack: bool = False  # GGUF experts: lane-interleaved copies for faster CPU decode (not bit-identical)
-    cpu_activations: str = "f32"  # GGUF experts repacked for the CPU: "int8" rounds x to 8 bits there (faster)
+    cpu_activations: str = "f32"  # GGUF on the CPU: "int8" rounds the repacked experts' x to 8 bits (faster),
+    # "int8-all" also the other quantized linear layers' (faster still, less accurate)
 
     def __post_init__(self):
         if self.accelerator not in ("cpu", "cuda"):
@@ -49,8 +63,7 @@ class OffloadOptions:
             raise ValueError("--expert-cache-slots must be >= 0")
         if self.experts_tier not in ("pinned", "mmap"):
             raise ValueError(f"--experts-tier {self.experts_tier!r}: use pinned or mmap")
-        if self.cpu_activations not in ("int8", "f32"):
-            raise ValueError(f"--cpu-activations {self.cpu_activations!r}: use int8 or f32")
+        activation_modes(self.cpu_activations)  # raises on an unknown mode
         if self.prefetch_margin < 0:
             raise ValueError("prefetch margin must be >= 0")
 

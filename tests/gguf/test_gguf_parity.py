@@ -1,11 +1,14 @@
 """hybridmoe on a GGUF file against transformers run on that file's weights, dequantized by the `gguf` package.
 cpu_activations="f32" is held to 1e-3; "int8" (activations of repacked experts rounded to 8 bits) to a relative logit
-error of 1e-2 and 98 % top-1 agreement at decode."""
+error of 1e-2 and 98 % top-1 agreement at decode; "int8-all" (also attention's and the head's inputs) to the bounds
+llama.cpp meets on these files: 90 % teacher-forced top-1 agreement and perplexity within 1 %."""
+import math
+
 import numpy as np
 import pytest
 import torch
 from conftest import needs_llama
-from gguf_helpers import reference_model, rel_err, rewrite
+from gguf_helpers import nll, reference_model, rel_err, rewrite
 
 import hybridmoe
 from hybridmoe.layers.cache import Batch
@@ -125,3 +128,21 @@ def test_int8_decode_is_within_bounds_of_transformers(gguf_models):
                          for i, t in enumerate(ids)])
     assert rel_err(got, want) <= 1e-2
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.98
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_int8_all_decode_is_within_llama_cpps_bounds(gguf_models, family):
+    """Rounding attention's inputs too moves logits by 2-22 % on these random models (llama.cpp: 17-53 %), so only
+    what llama.cpp itself meets is asked: measured 93-96 % top-1 and perplexity within 0.1 % (bench/RESULTS.md)."""
+    hf, path = gguf_models(family, "q4_k_m")
+    ids = tokens(96, seed=5)
+    with torch.no_grad():
+        want = reference_model(hf, path)(torch.tensor([ids])).logits[0]
+        eng = hybridmoe.load(path, experts_tier="pinned", cpu_activations="int8-all")
+        assert eng.model.experts.store.activations == "int8"
+        assert eng.model.output.packed.activations == "int8"
+        cache = eng.model.new_cache(1, len(ids))
+        got = torch.cat([eng.model(torch.tensor([[t]]), Batch.make([i], [1], [0], "cpu"), cache)[0]
+                         for i, t in enumerate(ids)])
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    assert abs(math.exp(nll(got, ids)) / math.exp(nll(want, ids)) - 1) <= 0.01
