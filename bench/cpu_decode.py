@@ -137,6 +137,7 @@ def main() -> None:
     runs = {"hybridmoe mmap": lambda: bench_ours(path, ids, a.decode, "mmap"),
             "hybridmoe pinned": lambda: bench_ours(path, ids, a.decode, "pinned"),
             "pinned int8 acts": lambda: bench_ours(path, ids, a.decode, "pinned", "int8"),
+            "pinned int8-all": lambda: bench_ours(path, ids, a.decode, "pinned", "int8-all"),
             "llama.cpp": lambda: bench_llama(path, ids, a.decode, a.threads)}
     best = {name: (0.0, 0.0) for name in runs}
     for _ in range(a.rounds):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu as ck
 from .cache import Batch, LayerCache
 from .norm import RMSNorm
 from .rope import apply_rope
@@ -17,17 +18,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
-
-
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query row that sees every key (a one-token decode step): q [1, 1, H, Dq], k [1, L, Hk, Dq],
-    v [1, L, Hk, Dv] -> [1, 1, H, Dv]. Two batched matmuls over the cache views; on the CPU this is several times
-    cheaper than scaled_dot_product_attention's launch for one row."""
-    H, Hk = q.shape[2], k.shape[2]
-    qg = q.view(Hk, H // Hk, q.shape[-1])  # [Hk, G, Dq]: query head h reads kv head h // G, as enable_gqa does
-    scores = torch.bmm(qg, k[0].permute(1, 2, 0)).float() * scale  # [Hk, G, L]
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    return torch.bmm(probs, v[0].transpose(0, 1)).view(1, 1, H, v.shape[-1])  # [Hk, G, Dv] -> [1, 1, H, Dv]
 
 
 class GQAttention(nn.Module):
@@ -55,9 +45,15 @@ class GQAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.wqkv is not None:
-            kv_width = self.n_kv_heads * self.head_dim
-            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        qkv = self.wqkv(x) if self.wqkv is not None else None
+        if (cache is not None and batch.sees_all and x.device.type == "cpu" and x.dtype == torch.float32
+                and not self.interleaved):  # one decode step on the CPU: one kernel call after the projections
+            if qkv is None:
+                qkv = torch.cat((self.wq(x), self.wk(x), self.wv(x)), dim=-1)
+            return self.wo(self._decode_cpu(qkv, batch, cos, sin, cache).view(B, T, q_width))
+        if qkv is not None:
+            q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(B, T, self.n_heads, self.head_dim)
@@ -68,8 +64,14 @@ class GQAttention(nn.Module):
         q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
         if cache is not None:
             k, v = cache.update(batch, k, v)  # [B, L, Hk, D]
-        if batch.sees_all and x.device.type == "cpu":
-            out = attend_one(q, k, v, self.head_dim ** -0.5)
-        else:
-            out = attend(q, k, v, batch.mask, self.head_dim ** -0.5)
+        out = attend(q, k, v, batch.mask, self.head_dim ** -0.5)
         return self.wo(out.reshape(B, T, -1))
+
+    def _decode_cpu(self, qkv: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor,
+                    cache: LayerCache) -> torch.Tensor:
+        """The same as the general path for one row's one token that sees its whole history (kernels.cpu)."""
+        slot = batch.slots[0]
+        norms = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+        eps = 0.0 if self.q_norm is None else self.q_norm.eps
+        return ck.gqa_decode(qkv.reshape(-1), self.n_heads, *norms, eps, cos.reshape(-1), sin.reshape(-1),
+                             cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0], self.head_dim ** -0.5)

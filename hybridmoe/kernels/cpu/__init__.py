@@ -16,6 +16,9 @@ activations="f32" keeps x in float32 (results match dequantize + matmul to float
 bits per group of 32 (as llama.cpp does) and sums in integers (`int8.py`): several times less compute per weight,
 results within about 1e-2 relative of the exact ones, and `ffn_experts` runs all experts in one call.
 
+Grouped-query attention at decode (one token, float32, `attention.py`): q/k norm, rope, cache write, attention.
+    gqa_decode(qkv, n_heads, q_norm, k_norm, eps, cos, sin, k_cache, v_cache, pos, scale) -> [H * D]
+
 Prefill (many tokens per expert): float32 tiles of W and torch.matmul; any type `hybridmoe.quant` knows.
     matmul(x, w_raw, ggml_type) -> torch.Tensor [T, N]
     dequantize(w_raw, ggml_type, n_cols) -> float32 [N, n_cols]
@@ -31,9 +34,9 @@ from .target import use_full_vector_width
 
 use_full_vector_width()
 
-from .api import (GEMV_TYPES, dequantize, ffn_experts, ffn_packed, gemv, gemv_packed, matmul,  # noqa: E402
-                  repack, repack_experts, set_threads)
+from .api import (GEMV_TYPES, dequantize, ffn_experts, ffn_packed, gemv, gemv_packed, gqa_decode,  # noqa: E402
+                  matmul, repack, repack_experts, set_threads)
 from .repack import ACTIVATIONS, PACKED_TYPES, PackedExperts, PackedWeight  # noqa: E402
 
 __all__ = ["ACTIVATIONS", "GEMV_TYPES", "PACKED_TYPES", "PackedExperts", "PackedWeight", "dequantize", "ffn_experts",
-           "ffn_packed", "gemv", "gemv_packed", "matmul", "repack", "repack_experts", "set_threads"]
+           "ffn_packed", "gemv", "gemv_packed", "gqa_decode", "matmul", "repack", "repack_experts", "set_threads"]

@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType as T
 from hybridmoe.quant import as_qtype, get_format
 from hybridmoe.quant import dequantize as reference_dequantize
 
+from . import attention as attention_kernels
 from . import int8 as int8_kernels
 from . import packed as packed_kernels
 from .checks import Array, activations, kernel_type, weights
@@ -183,3 +184,42 @@ def matmul(x: Array, w_raw: np.ndarray, ggml_type: T | int) -> torch.Tensor:
         tile = torch.from_numpy(dequantize(w_raw[r0:r1], qtype, k_dim))
         y[:, r0:r1] = xt @ tile.T
     return y
+
+
+_NO_WEIGHT = np.empty(0, dtype=np.float32)
+
+
+def _f32_contiguous(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 CPU tensor of `shape`, C-contiguous, as its numpy view (None: an empty array)."""
+    if t is None:
+        return _NO_WEIGHT
+    a = t.detach().numpy() if isinstance(t, torch.Tensor) and t.device.type == "cpu" else None
+    if a is None or a.dtype != np.float32:
+        raise ValueError(f"{name} must be a float32 tensor on the CPU")
+    if a.shape != shape or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be contiguous of shape {list(shape)}, got {list(a.shape)}")
+    return a
+
+
+def gqa_decode(qkv: torch.Tensor, n_heads: int, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+               eps: float, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               pos: int, scale: float) -> torch.Tensor:
+    """One decode step of grouped-query attention (`attention.py`): qkv [(H + 2 Hk) * D] (q, k, v heads, as the
+    projections give them); q_norm, k_norm: RMSNorm weights [D] or None; cos, sin [D/2] at the token's position
+    (half-split rope); k_cache, v_cache [max_len, Hk, D] of the token's slot, written at `pos`, whose keys
+    0..pos are attended to. All float32 on the CPU. -> [H * D]."""
+    if k_cache.dim() != 3:
+        raise ValueError(f"k_cache must be [max_len, Hk, D], got shape {list(k_cache.shape)}")
+    max_len, n_kv, dim = k_cache.shape
+    if n_kv < 1 or n_heads % n_kv or dim % 2:
+        raise ValueError(f"{n_heads} query heads cannot share {n_kv} kv heads of dim {dim}")
+    if not 0 <= pos < max_len:
+        raise ValueError(f"position {pos} is outside a cache of {max_len}")
+    cache_shape = (max_len, n_kv, dim)
+    out = np.empty(n_heads * dim, dtype=np.float32)
+    attention_kernels.gqa_decode(
+        _f32_contiguous("qkv", qkv, ((n_heads + 2 * n_kv) * dim,)), n_heads, _f32_contiguous("q_norm", q_norm, (dim,)),
+        _f32_contiguous("k_norm", k_norm, (dim,)), np.float32(eps), _f32_contiguous("cos", cos, (dim // 2,)),
+        _f32_contiguous("sin", sin, (dim // 2,)), _f32_contiguous("k_cache", k_cache, cache_shape),
+        _f32_contiguous("v_cache", v_cache, cache_shape), pos, np.float32(scale), out)
+    return torch.from_numpy(out)
