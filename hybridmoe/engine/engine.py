@@ -179,7 +179,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         stages = split_stages(list(fp.layer_bytes), devices)  # contiguous stages balanced by bytes
         layer_devs = [stage_devs[s] for s in stages]
         if gguf:
-            loaded = _load_gguf(source, stage_devs[0], dt, "mmap", layer_devs, cpu_activations)
+            loaded = _load_gguf(source, stage_devs[0], dt, "mmap", layer_devs, cpu_activations, offloaded=True)
         else:
             loaded = load_hf(path, stage_devs[0], dt, layer_devs, experts_device="cpu")
         model = loaded.model
@@ -197,7 +197,9 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
 
 # --- GGUF files (llama.cpp's format): non-expert weights dequantized, routed experts computed from their bytes ---
 def _load_gguf(path, dev: torch.device, dt: torch.dtype, experts_tier: str,
-               layer_devices: list[torch.device] | None = None, cpu_activations: str = "f32") -> LoadedModel:
+               layer_devices: list[torch.device] | None = None, cpu_activations: str = "f32",
+               offloaded: bool = False) -> LoadedModel:
+    # offloaded: the experts go on to the offload engine's store, so here they are only carried, not repacked
     from ..models.gguf_loader import load_gguf
     from ..offload.quant_experts import QuantExperts
     from .gguf_tokenizer import GGUFTokenizer, llama_cpp_available
@@ -210,8 +212,9 @@ def _load_gguf(path, dev: torch.device, dt: torch.dtype, experts_tier: str,
     loaded, experts = load_gguf(path, dev, dt, layer_devices, linear_acts)
     # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout; the 8-bit
     # kernels read only that layout
-    packed = experts_tier == "pinned" or experts_acts == "int8"
-    loaded.model.experts = QuantExperts(experts, tier="packed" if packed else "mmap", activations=experts_acts)
+    packed = not offloaded and (experts_tier == "pinned" or experts_acts == "int8")
+    loaded.model.experts = QuantExperts(experts, tier="packed" if packed else "mmap",
+                                        activations="f32" if offloaded else experts_acts)
     # Without llama-cpp-python the model still scores token ids; text needs its tokenizer.
     file = path.path if isinstance(path, GGUFFile) else path
     loaded.tokenizer = GGUFTokenizer(file, loaded.config.get("chat_template")) if llama_cpp_available() else None
