@@ -146,3 +146,20 @@ def test_generate_with_a_profile(capsys, tiny_models, tmp_path):
     bad.write_text("[hardware]\nram_total_gib = 'lots'\n")
     code, _, err = run(capsys, "generate", tiny_models("deepseek_v3"), "-p", "Hi", "--profile", str(bad))
     assert_one_line_error(code, err, "bad.toml")
+
+
+def test_offload_flags_reach_load(capsys, tiny_models, monkeypatch):
+    seen = {}
+    real = hybridmoe.load
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(hybridmoe, "load", spy)
+    code, out, _ = run(capsys, "generate", tiny_models("qwen3_moe"), "-p", "Hi", "-n", "3", "--accelerator", "cpu",
+                       "--expert-cache-slots", "2", "--no-cuda-graphs", "--cpu-activations", "int8",
+                       "--experts-tier", "pinned", "--temperature", "0")
+    assert code == 0
+    assert seen["cuda_graphs"] is False and seen["cpu_activations"] == "int8"
+    assert seen["expert_cache_slots"] == 2 and seen["experts_tier"] == "pinned" and seen["prefetch"] is True
