@@ -195,15 +195,9 @@ def _jobs(files: SafetensorsFiles, cfg: dict, arch: str, target: str) -> list[Jo
         return t.float().numpy()
 
     jobs, experts = [], {}
-    for name, info in files.tensors.items():
-        if name.endswith("_scale_inv") or hf.ignored(name):
+    for name, info, ours, layer in files.mapped(hf, n_layers, cfg["model_type"]):
+        if ours == "output.weight" and tied:
             continue
-        mapped = hf(name)
-        if mapped is None:
-            raise ModelFileError(f"{info.file}: unexpected tensor {name!r} for model_type {cfg['model_type']!r}")
-        ours, layer = mapped
-        if (layer is not None and layer >= n_layers) or (ours == "output.weight" and tied):
-            continue  # multi-token-prediction layers; a tied output head
         m = EXPERT.match(ours)
         if m:
             experts.setdefault((int(m[1]), m[3]), {})[int(m[2])] = name

@@ -120,6 +120,20 @@ class SafetensorsFiles:
     def names(self) -> list[str]:
         return list(self.tensors)
 
+    def mapped(self, names, n_layers: int, model_type: str):
+        """(name, info, our name, layer) of every tensor the decoder uses, through the name table `names`
+        (formats.names.NameMap): FP8 scales, ignored tensors and multi-token-prediction layers past `n_layers` are
+        skipped; a name the table does not know is an error that names the tensor and its file."""
+        for name, info in self.tensors.items():
+            if name.endswith("_scale_inv") or names.ignored(name):
+                continue
+            mapped = names(name)
+            if mapped is None:
+                raise ModelFileError(f"{info.file}: unexpected tensor {name!r} for model_type {model_type!r}")
+            ours, layer = mapped
+            if layer is None or layer < n_layers:
+                yield name, info, ours, layer
+
     def get(self, name: str) -> torch.Tensor:
         """A CPU tensor aliasing the file's pages (copy-on-write mapping, so it is writable but never written)."""
         info = self.tensors[name]

@@ -83,15 +83,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         params.pop("output.weight")
     wanted = {k: tuple(v.shape) for k, v in params.items()} | expected_expert_names(args, model)
     found: dict[str, TensorInfo] = {}
-    for name, info in files.tensors.items():
-        if name.endswith("_scale_inv") or names.ignored(name):
-            continue
-        mapped = names(name)
-        if mapped is None:
-            raise ModelFileError(f"{info.file}: unexpected tensor {name!r} for model_type {cfg['model_type']!r}")
-        ours, layer = mapped
-        if layer is not None and layer >= args.n_layers:
-            continue  # multi-token-prediction layers past num_hidden_layers: not used for decoding
+    for name, info, ours, _ in files.mapped(names, args.n_layers, cfg["model_type"]):
         if ours == "output.weight" and args.tie_embeddings:
             continue
         if ours not in wanted:
