@@ -13,8 +13,7 @@ from ..models.graphs import DecodeGraphs
 from ..models.loader import LoadedModel, load_hf, read_config
 from ..formats.gguf import GGUFFile, hf_config
 from ..offload.plan import footprint_from_config, split_stages
-from ..offload.runtime import (CPU_ACTIVATIONS, OffloadOptions, OffloadRuntime, activation_modes, make_store,
-                               stage_devices)
+from ..offload.runtime import OffloadOptions, OffloadRuntime, activation_modes, make_store, stage_devices
 from .config import GenerationConfig
 from .events import Event
 from .generate import generate_loop
@@ -159,6 +158,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     gguf = path.suffix == ".gguf"
+    activation_modes(cpu_activations)  # an unknown mode is an error whatever the model
     if accelerator is None and dev.type == "cuda":
         accelerator = "cuda"
     if accelerator is None:
@@ -206,8 +206,6 @@ def _load_gguf(path, dev: torch.device, dt: torch.dtype, experts_tier: str,
 
     if experts_tier not in ("mmap", "pinned"):
         raise ConfigError(f"--experts-tier {experts_tier!r} is not one of mmap, pinned")
-    if cpu_activations not in CPU_ACTIVATIONS:
-        raise ConfigError(f"--cpu-activations {cpu_activations!r} is not one of {', '.join(CPU_ACTIVATIONS)}")
     experts_acts, linear_acts = activation_modes(cpu_activations)
     loaded, experts = load_gguf(path, dev, dt, layer_devices, linear_acts)
     # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout; the 8-bit

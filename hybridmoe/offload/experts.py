@@ -235,7 +235,7 @@ class OffloadExperts:
         dev = self.stages[self.layer_stage[layer]]
         table = self.resident_slots.get(layer)
         if table is None:
-            if x.shape[0] != 1 or not self._stage_full(dev) or not hasattr(self.store, "compute_slots_graph"):
+            if x.shape[0] != 1 or not self._stage_full(dev):
                 return None
             slot_of = [dev.cache.lookup((layer, e)) for e in range(self.store.n_experts[layer])]
             table = torch.tensor(slot_of, device=x.device)

@@ -137,7 +137,7 @@ class QuantStore:
         xs = x.to("cpu", torch.float32).contiguous()
         packed = self._packed_layer(layer) if e is not None and xs.shape[0] < PREFILL_TOKENS else None
         if packed is not None:
-            return torch.from_numpy(ck.ffn_packed(xs.numpy(), *(p.expert(e) for p in packed))).to(x.dtype)
+            return torch.from_numpy(ck.ffn_experts(xs.numpy(), *packed, [e])[0]).to(x.dtype)
         (g, u, d), types = raws(), self.types[layer]
         h = F.silu(self._linear(xs, g, types[0])) * self._linear(xs, u, types[1])
         return self._linear(h.contiguous(), d, types[2]).to(x.dtype)

@@ -25,7 +25,7 @@ def activation_modes(cpu_activations: str) -> tuple[str, str]:
     layers' on the CPU). "int8" rounds only the experts' inputs to 8 bits; "int8-all" also those of attention and
     the output head, which costs far more accuracy (bench/RESULTS.md)."""
     if cpu_activations not in CPU_ACTIVATIONS:
-        raise ValueError(f"--cpu-activations {cpu_activations!r}: use one of {', '.join(CPU_ACTIVATIONS)}")
+        raise ConfigError(f"--cpu-activations {cpu_activations!r}: use one of {', '.join(CPU_ACTIVATIONS)}")
     return ("f32" if cpu_activations == "f32" else "int8"), ("int8" if cpu_activations == "int8-all" else "f32")
 
 
@@ -120,7 +120,7 @@ class OffloadRuntime:
         self.experts.warm([(layer, e) for layer, n in counts.items() if stages[layer] in full for e in range(n)])
         self.popularity: dict[tuple[int, int], int] = {}
         self.prefetcher = None
-        if prefetching and any(0 < n < per_stage[s] for s, n in enumerate(slots)):
+        if prefetching:
             self.prefetcher = Prefetcher(model, opts.prefetch_margin, on_predict=self.experts.prefetch)
             self.experts.on_routed = self.prefetcher.record
             model.observers.append(self.prefetcher.observe)
