@@ -75,4 +75,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except hybridmoe.HybridMoEError as e:
+        sys.exit(f"error: {e}")
