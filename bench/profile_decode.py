@@ -54,14 +54,13 @@ def main() -> int:
     print(f"plain: {a.tokens / dt:.1f} tok/s ({1000 * dt / a.tokens:.1f} ms/token), slots {a.slots}, graphs "
           f"{'off' if graphs is None else f'captured {graphs.captured}, enabled {graphs.enabled} {graphs.failure}'}",
           flush=True)
-    if a.no_cprofile:
-        return 0
-    prof = cProfile.Profile()
-    prof.enable()
-    dt = run(a.tokens)
-    prof.disable()
-    print(f"under cProfile: {a.tokens / dt:.1f} tok/s")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)
+    if not a.no_cprofile:
+        prof = cProfile.Profile()
+        prof.enable()
+        dt = run(a.tokens)
+        prof.disable()
+        print(f"under cProfile: {a.tokens / dt:.1f} tok/s")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)
     if a.kernels:
         acts = [torch.profiler.ProfilerActivity.CPU]
         if a.device == "cuda":
