@@ -119,18 +119,32 @@ def run_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
             parts[0, k] = compute(e, x)[0]
         return combine(parts, weights, x.dtype)
     parts = x.new_zeros(N, K, x.shape[-1])
-    uniq, n_tok = torch.unique(ids_host, return_counts=True)
-    for e, c in zip(uniq.tolist(), n_tok.tolist()):
-        counts[e] = counts.get(e, 0) + c
-        tok, k = token_positions(ids_host, e, x.device)
-        parts[tok, k] = compute(e, x[tok])
+    flat = parts.view(N * K, -1)
+    pos = expert_positions(ids_host)
+    for (e, p), at in zip(pos.items(), positions_on(list(pos.values()), x.device)):
+        counts[e] = counts.get(e, 0) + len(p)
+        flat[at] = compute(e, x[at // K])
     return combine(parts, weights, x.dtype)
 
 
-def token_positions(ids_host: torch.Tensor, e: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token, k) indices where expert e was chosen, on `device`."""
-    tok, k = (ids_host == e).nonzero(as_tuple=True)
-    return tok.to(device), k.to(device)
+def expert_positions(ids_host: torch.Tensor) -> dict[int, torch.Tensor]:
+    """ids [N, K] on the host -> {expert: the flat positions n * K + k where it was chosen, ascending}, experts
+    ascending. One stable sort for the whole step rather than a search per expert."""
+    flat = ids_host.flatten()
+    experts, n_tok = flat.unique(return_counts=True)
+    return dict(zip(experts.tolist(), flat.argsort(stable=True).split(n_tok.tolist())))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device's queue (a copy from pageable memory would)."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def positions_on(groups: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host index tensors -> the same on `device`, moved together in one copy."""
+    return list(to_device(torch.cat(groups), device).split([len(g) for g in groups]))
 
 
 class LocalExperts:

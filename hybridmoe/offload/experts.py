@@ -1,11 +1,13 @@
 """OffloadExperts: the Experts implementation of the offload engine.
 
 Per MoE layer and step: one host sync brings the chosen expert ids to the host. Experts already in a GPU slot of the
-layer's device run there; the others run on the CPU (the hidden state goes to the host, a few KB) unless the cost
-model says a copy into a slot pays off. The GPU work is queued first; the caller queues the shared expert; then the
-CPU experts run in the calling thread (numba's kernels are multi-threaded themselves) while the GPU works through
-its queue. Every expert's output lands in a fixed [token, k] position and is combined in a fixed order, so results do not depend on
-where an expert ran, the cache size, prefetching, or timing.
+layer's device run there; the others run on the CPU (the hidden state goes to the host, a few KB at decode) or are
+copied into a slot when the cost model says that pays off. The GPU work is queued first, with every expert's
+[token, k] positions moved to the device in one copy that does not wait for the queue; the caller queues the shared
+expert; then the CPU experts run in the calling thread (numba's kernels are multi-threaded themselves) while the GPU
+works through its queue, and their outputs reach the device in one copy. Every expert's output lands in a fixed
+[token, k] position and is combined in a fixed order, so results do not depend on where an expert ran, the cache
+size, prefetching, or timing.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..layers.moe import combine, token_positions
+from ..layers.moe import combine, expert_positions, positions_on, to_device
 from .cache import SlotCache
 from .scheduler import CostModel
 
@@ -108,10 +110,10 @@ class OffloadExperts:
         N, K = ids.shape
         ids_host = ids.cpu()  # host sync: the one per MoE layer; placement is decided on the host
         if N == 1:  # decode: K distinct experts, kept in k order
-            routed = dict.fromkeys(ids_host[0].tolist(), 1)
+            pos, routed = None, dict.fromkeys(ids_host[0].tolist(), 1)
         else:
-            uniq, n_tok = torch.unique(ids_host, return_counts=True)
-            routed = dict(zip(uniq.tolist(), n_tok.tolist()))
+            pos = expert_positions(ids_host)  # expert -> its flat positions n * K + k, on the host
+            routed = {e: len(p) for e, p in pos.items()}
         if self.on_routed is not None:
             self.on_routed(layer, set(routed))
         counters = self.stats.layers.setdefault(layer, LayerCounters())
@@ -119,8 +121,8 @@ class OffloadExperts:
         for e, c in routed.items():
             self.stats.expert_tokens[layer][e] = self.stats.expert_tokens[layer].get(e, 0) + c
         nbytes, flops = self.store.expert_nbytes(), self.store.flops_per_token()
-        on_gpu, on_ring, on_cpu, staged = [], [], [], []
-        for e, c in routed.items():
+        on_gpu, on_ring, staged, missed = [], [], [], []
+        for e in routed:
             key = (layer, e)
             cache.touch(key, 1)
             slot = cache.lookup(key)
@@ -136,46 +138,53 @@ class OffloadExperts:
                 on_ring.append((e, j))
                 continue
             counters.misses += 1
-            if self.cost.place(c, nbytes, flops, cached=False) == "copy":
-                counters.copies += 1
-                got = cache.admit(key) if cache.n_slots else None  # keep it only if it is hotter than a victim
-                if got is not None:
-                    self.stats.bytes_copied += self._copy(dev, got[0], layer, e, wait=True)
-                    cache.pin(key)
-                    on_gpu.append((e, got[0]))
-                else:
-                    staged.append(e)
+            missed.append(e)
+        to_cpu = [self.cost.place(routed[e], nbytes, flops, cached=False) == "cpu" for e in missed]
+        on_cpu = [e for e, cpu in zip(missed, to_cpu) if cpu]
+        counters.cpu += len(on_cpu)
+        # The hidden state goes to the host before any copy or expert work is queued (a few KB at decode), so this
+        # copy waits for nothing else; the GPU experts and the caller's shared expert then run while the CPU
+        # computes its experts in finish().
+        x_host = x.to("cpu") if on_cpu else None
+        for e, cpu in zip(missed, to_cpu):
+            if cpu:
                 continue
-            counters.cpu += 1
-            on_cpu.append(e)
-
+            counters.copies += 1
+            key = (layer, e)
+            got = cache.admit(key) if cache.n_slots else None  # keep it only if it is hotter than a victim
+            if got is not None:
+                self.stats.bytes_copied += self._copy(dev, got[0], layer, e, wait=True)
+                cache.pin(key)
+                on_gpu.append((e, got[0]))
+            else:
+                staged.append(e)
         if dev.copy_stream is not None:  # slots filled ahead (prefetch, admissions) must have landed
             torch.cuda.current_stream(dev.device).wait_stream(dev.copy_stream)
-        # The hidden state goes to the host before any expert work is queued (a few KB at decode), so this copy
-        # waits only for work the experts need anyway; the GPU experts and the caller's shared expert then run
-        # while the CPU computes its experts in finish().
-        x_host = x.to("cpu") if on_cpu else None
         if N == 1 and not staged:
             return self._start_decode(dev, layer, x, x_host, list(routed), on_gpu, on_ring, on_cpu, weights)
+        pos = pos or expert_positions(ids_host)
+        # Every expert's positions reach the device in one copy that does not wait for the queue; the CPU's
+        # experts' positions come last, as one group, for one scatter of their outputs.
+        gpu_side = [e for e, _ in on_gpu + on_ring] + staged
+        at = positions_on([pos[e] for e in gpu_side] + ([torch.cat([pos[e] for e in on_cpu])] if on_cpu else []),
+                          x.device)
+        at_of = dict(zip(gpu_side, at))
         parts = x.new_zeros(N, K, x.shape[-1])
+        flat = parts.view(N * K, -1)  # [N*K, D]
         t0 = time.perf_counter()
         for buffers, group in ((dev.buffers, on_gpu), (dev.ahead, on_ring)):
             for e, slot in group:
-                tok, k = token_positions(ids_host, e, x.device)
-                parts[tok, k] = self.store.compute_slot(buffers, slot, layer, x[tok])
+                flat[at_of[e]] = self.store.compute_slot(buffers, slot, layer, x[at_of[e] // K])
         self._ring_read(dev, on_ring)
         for e in staged:
-            tok, k = token_positions(ids_host, e, x.device)
-            parts[tok, k] = self._staged(dev, layer, e, x[tok])
+            flat[at_of[e]] = self._staged(dev, layer, e, x[at_of[e] // K])
         self.stats.gpu_s += time.perf_counter() - t0
 
         def finish() -> torch.Tensor:
             if on_cpu:
                 t0 = time.perf_counter()
-                for e in on_cpu:  # (one-token steps with staged experts only; others take _start_decode)
-                    tok, k = token_positions(ids_host, e, "cpu")
-                    y = self.store.compute_host(layer, e, x_host[tok])
-                    parts[tok.to(x.device), k.to(x.device)] = y.to(x.device)
+                ys = [self.store.compute_host(layer, e, x_host[pos[e] // K]) for e in on_cpu]
+                flat[at[-1]] = to_device(torch.cat(ys), x.device)  # one copy, which does not wait for the queue
                 self.stats.cpu_s += time.perf_counter() - t0
             self._release(dev, layer, on_gpu, on_cpu)
             return combine(parts, weights, x.dtype)
