@@ -2,12 +2,14 @@
 
 Per MoE layer and step: one host sync brings the chosen expert ids to the host. Experts already in a GPU slot of the
 layer's device run there; the others run on the CPU (the hidden state goes to the host, a few KB at decode) or are
-copied into a slot when the cost model says that pays off. The GPU work is queued first, with every expert's
-[token, k] positions moved to the device in one copy that does not wait for the queue; the caller queues the shared
-expert; then the CPU experts run in the calling thread (numba's kernels are multi-threaded themselves) while the GPU
-works through its queue, and their outputs reach the device in one copy. Every expert's output lands in a fixed
-[token, k] position and is combined in a fixed order, so results do not depend on where an expert ran, the cache
-size, prefetching, or timing.
+copied into a slot and computed there. At decode the cost model's `place` picks per expert (the CPU, as a rule). At
+prefill the CPU and the GPU side (copies, then compute) work at the same time, so its `split` gives the CPU the
+few-token experts until both are predicted to finish about together. The GPU work is queued first, with every
+expert's [token, k] positions moved to the device in one copy that does not wait for the queue; the caller queues
+the shared expert; then the CPU experts run in the calling thread (numba's kernels are multi-threaded themselves)
+while the GPU works through its queue, and their outputs reach the device in one copy. Every expert's output lands
+in a fixed [token, k] position and is combined in a fixed order, so results do not depend on where an expert ran,
+the cache size, prefetching, or timing.
 """
 from __future__ import annotations
 
@@ -139,7 +141,11 @@ class OffloadExperts:
                 continue
             counters.misses += 1
             missed.append(e)
-        to_cpu = [self.cost.place(routed[e], nbytes, flops, cached=False) == "cpu" for e in missed]
+        if N == 1:
+            to_cpu = [self.cost.place(1, nbytes, flops, cached=False) == "cpu"] * len(missed)
+        else:  # the CPU's experts run while the GPU copies and computes the others: balance the two
+            busy = sum(self.cost.gpu_s(routed[e], nbytes, flops) for e, _ in on_gpu + on_ring)
+            to_cpu = self.cost.split([routed[e] for e in missed], nbytes, flops, busy)
         on_cpu = [e for e, cpu in zip(missed, to_cpu) if cpu]
         counters.cpu += len(on_cpu)
         # The hidden state goes to the host before any copy or expert work is queued (a few KB at decode), so this

@@ -1,9 +1,11 @@
-"""Per expert and step: compute on the CPU, or copy to a GPU slot and compute there. Pure Python.
+"""Where each routed expert runs: on the CPU, or copied into a GPU slot and computed there. Pure Python.
 
 The constants come from the plan or a hardware profile (measured by `hybridmoe tune`): the CPU kernel's effective
 read rate, host-to-device copy rate, and GPU rates. Decode (one token per expert) is bounded by reading the expert's
-bytes once, which the CPU does at DRAM speed and a copy does at PCIe speed, so decode usually stays on the CPU;
-prefill with many tokens per expert is bounded by arithmetic, where a copy then GPU compute wins.
+bytes once, which the CPU does at DRAM speed and a copy does at PCIe speed, so `place` usually keeps it on the CPU.
+At prefill the CPU computes its experts while the GPU works through its queue (copies overlapping compute), so the
+two are not alternatives for one resource: `split` gives the CPU the experts it computes cheapest relative to their
+copy (the few-token ones) until the predicted layer time, the later of the two sides to finish, stops falling.
 """
 from __future__ import annotations
 
@@ -39,6 +41,24 @@ class CostModel:
             return "gpu"
         copy = self.copy_s(nbytes) + self.gpu_s(n_tokens, nbytes, flops_per_token)
         return "copy" if copy < self.cpu_s(n_tokens, nbytes, flops_per_token) else "cpu"
+
+    def split(self, n_tokens: list[int], nbytes: int, flops_per_token: float, busy_s: float = 0.0) -> list[bool]:
+        """Prefill: for a step's uncached experts (tokens each), whether the CPU computes each one (True) or it is
+        copied to the GPU, whose compute queue already holds busy_s of work (the cached experts). Minimises the
+        predicted max(CPU total, copy total, GPU compute total), greedily; ties keep the given order."""
+        cpu = [self.cpu_s(n, nbytes, flops_per_token) for n in n_tokens]
+        gpu = [self.gpu_s(n, nbytes, flops_per_token) for n in n_tokens]
+        copy = self.copy_s(nbytes)
+        on_cpu = [False] * len(n_tokens)
+        cpu_t, n_copies, gpu_t = 0.0, len(n_tokens), busy_s + sum(gpu)
+        span = max(n_copies * copy, gpu_t)
+        for i in sorted(range(len(n_tokens)), key=lambda i: cpu[i] / (copy + gpu[i])):  # stable: ties by index
+            moved = max(cpu_t + cpu[i], (n_copies - 1) * copy, gpu_t - gpu[i])
+            if moved >= span:
+                break
+            on_cpu[i], span = True, moved
+            cpu_t, n_copies, gpu_t = cpu_t + cpu[i], n_copies - 1, gpu_t - gpu[i]
+        return on_cpu
 
     def crossover_tokens(self, nbytes: int, flops_per_token: float) -> int:
         """Smallest token count at which copying beats the CPU (for plans and explanations)."""

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import hybridmoe
+from hybridmoe.offload.scheduler import CostModel
 
 IDS = list(range(30, 60))
+CPU_ONLY = CostModel(h2d_bytes_per_s=1e3)  # copies never pay off: every uncached expert runs on the CPU
 
 
 @pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe"])
@@ -34,12 +36,13 @@ def test_gguf_offload_is_lossless(q4, slots, prefetch, devices, tier):
 
 @pytest.mark.parametrize("activations", ["f32", "int8"])
 def test_repacked_cpu_experts_match_the_packed_tier(q4, activations):
-    """With no cache every expert runs on the CPU from the repacked copy (a decode step's experts in one call), as
-    the packed tier without the offload engine computes them: bit-identical, in either activation mode."""
+    """With no cache and no copies every expert runs on the CPU from the repacked copy (a decode step's experts in
+    one call), as the packed tier without the offload engine computes them: bit-identical, in either activation
+    mode."""
     path = q4[0]
     ref = hybridmoe.load(path, experts_tier="pinned", cpu_activations=activations)
     eng = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=0, cpu_repack=True,
-                         cpu_activations=activations)
+                         cpu_activations=activations, cost_model=CPU_ONLY)
     assert torch.equal(eng.logits(IDS), ref.logits(IDS))
     want = list(ref.generate(IDS[:6], temperature=0, max_tokens=8, ignore_eos=True))[-1].token_ids
     assert list(eng.generate(IDS[:6], temperature=0, max_tokens=8, ignore_eos=True))[-1].token_ids == want
@@ -50,6 +53,6 @@ def test_int8_activations_use_the_repacked_copy_in_every_tier(q4):
     path = q4[0]
     plain = hybridmoe.load(path, cpu_activations="int8")
     assert plain.model.experts.tier == "packed" and plain.model.experts.store.activations == "int8"
-    off = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=0, cpu_activations="int8")
+    off = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=0, cpu_activations="int8", cost_model=CPU_ONLY)
     assert off.model.experts.store.repack
     assert torch.equal(off.logits(IDS), plain.logits(IDS))

@@ -1,8 +1,5 @@
 """The slot allocator and its LFU-with-decay policy, without tensors."""
-import pytest
-
 from hybridmoe.offload.cache import SlotCache
-from hybridmoe.offload.scheduler import CostModel
 
 
 def test_fills_free_slots_then_evicts_the_coldest():
@@ -50,17 +47,3 @@ def test_zero_slots():
     c = SlotCache(0)
     c.touch((0, 1))
     assert c.admit((0, 1), force=True) is None and not c.would_admit((0, 1))
-
-
-def test_cost_model_decode_on_cpu_prefill_copies():
-    m = CostModel(cpu_bytes_per_s=80e9, cpu_flops=1e12, h2d_bytes_per_s=25e9, gpu_bytes_per_s=2e12, gpu_flops=4e14)
-    nbytes, flops = 44_000_000, 6 * 2048 * 7168  # one DeepSeek-V3 expert at 4 bits, ~88 MFLOP per token
-    assert m.place(1, nbytes, flops, cached=False) == "cpu"
-    assert m.place(512, nbytes, flops, cached=False) == "copy"
-    assert m.place(1, nbytes, flops, cached=True) == "gpu"
-    assert 1 < m.crossover_tokens(nbytes, flops) < 512
-
-
-def test_cost_model_validates():
-    with pytest.raises(ValueError, match="h2d"):
-        CostModel(h2d_bytes_per_s=0)

@@ -79,16 +79,22 @@ def test_options_are_validated(tiny_models):
         hybridmoe.load(tiny_models("deepseek_v3"), devices=2)
 
 
-@pytest.mark.parametrize("slots", [0, 5])
-def test_prefill_copies_through_staging_slots_are_lossless(reference, slots):
-    """A cost model that always prefers copying: with no cache, every expert goes through the staging slots."""
+# Cost models for prefill: copies always pay off (every uncached expert goes through the slots), or the CPU and the
+# copies cost alike (split() gives the CPU part of them, and each layer's experts run on both sides).
+PREFILL_COSTS = {"copy": dict(cpu_bytes_per_s=1e3, cpu_flops=1e3, h2d_bytes_per_s=1e15),
+                 "split": dict(cpu_bytes_per_s=1e9, cpu_flops=1e9, h2d_bytes_per_s=1e9)}
+
+
+@pytest.mark.parametrize("slots,placement", [(0, "copy"), (5, "copy"), (0, "split"), (5, "split")])
+def test_prefill_copies_through_staging_slots_are_lossless(reference, slots, placement):
     from hybridmoe.offload.scheduler import CostModel
     path, logits, tokens = reference
     eng = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=slots, prefetch=False)
-    eng.model.experts.experts.cost = CostModel(cpu_bytes_per_s=1e3, cpu_flops=1e3, h2d_bytes_per_s=1e15,
-                                               gpu_bytes_per_s=1e15, gpu_flops=1e18, launch_s=0)
+    eng.model.experts.experts.cost = CostModel(**PREFILL_COSTS[placement], gpu_bytes_per_s=1e15, gpu_flops=1e18,
+                                               launch_s=0)
     assert torch.equal(eng.logits(IDS), logits)
     stats = eng.model.experts.take_stats()
-    assert stats["bytes_copied"] > 0 and sum(c["cpu"] for c in stats["layers"].values()) == 0
+    assert stats["bytes_copied"] > 0 and all(c["copies"] for c in stats["layers"].values())
+    assert all(bool(c["cpu"]) == (placement == "split") for c in stats["layers"].values())
     done = list(eng.generate(IDS[:8], temperature=0, max_tokens=24, ignore_eos=True))[-1]
     assert done.token_ids == tokens
