@@ -96,9 +96,9 @@ class SlotCache:
             heapq.heappush(self._heap, item)
         return found
 
-    def would_admit(self, key: Key) -> bool:
-        """A free slot, or a victim that is colder than `key`."""
-        if key in self.slot_of or self.n_slots == 0:
+    def would_admit(self, key: Key, min_score: float = 0.0) -> bool:
+        """A free slot, or a victim that is colder than `key`; and `key` scores at least min_score."""
+        if key in self.slot_of or self.n_slots == 0 or self.score(key) < min_score:
             return False
         if self._free:
             return True

@@ -24,6 +24,9 @@ from .cache import SlotCache
 from .scheduler import CostModel
 
 
+REUSED = 2.0  # decayed use count: an expert used in most of the last few steps
+
+
 @dataclass
 class LayerCounters:
     hits: int = 0
@@ -84,9 +87,11 @@ class DeviceSlots:
 
 class OffloadExperts:
     def __init__(self, store, layer_stage: dict[int, int], stage_devices: list[torch.device], slots: list[int],
-                 cost: CostModel | None = None, decay: float = 0.95, n_ahead: int = 0):
+                 cost: CostModel | None = None, decay: float = 0.95, n_ahead: int = 0, top_k: int = 1):
         """layer_stage: MoE layer -> pipeline stage; each stage has a device and its own expert cache (stages may
-        share a torch device when the CPU simulates several GPUs). n_ahead: prefetch ring slots per stage."""
+        share a torch device when the CPU simulates several GPUs). n_ahead: prefetch ring slots per stage; top_k:
+        experts a token uses per layer."""
+        self.top_k = top_k
         self.store = store
         self.layer_stage = layer_stage
         self.stages = [DeviceSlots(store, n, d, decay, n_ahead=n_ahead if n else 0)
@@ -313,25 +318,36 @@ class OffloadExperts:
         return y
 
     def _admit_hot(self, dev: DeviceSlots, layer: int, served_by_cpu: list[int]) -> None:
-        """Experts served by the CPU that have become hotter than the coldest cached one take its slot."""
+        """Experts served by the CPU that have become hotter than the coldest cached one take its slot, if they
+        were used more than once lately: under routing without locality, admitting every expert used once would
+        spend PCIe on experts that are not used again before they are evicted."""
         for e in served_by_cpu:
             key = (layer, e)
-            if dev.cache.would_admit(key):
+            if dev.cache.would_admit(key, min_score=REUSED):
                 got = dev.cache.admit(key)
                 if got is not None:
                     self.stats.bytes_copied += self._copy(dev, got[0], layer, e, wait=False)
                     self.stats.layers[layer].copies += 1
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
-        """Copy predicted experts of `layer` ahead of use; they stay pinned until that layer has run."""
+        """Copy predicted experts of `layer` ahead of use; they stay pinned until that layer has run. `experts` is
+        ordered most confident first. A missing one goes to a cache slot if the cache admits it, else to the ring,
+        but no more copies are issued than the cost model's quota: the CPU computes the other misses meanwhile, so
+        copying every one would leave the CPU idle and make the step wait on PCIe."""
         dev = self.stages[self.layer_stage[layer]]
-        self.store.will_need(layer, [e for e in experts if dev.cache.lookup((layer, e)) is None])
+        missing = [e for e in experts
+                   if dev.cache.lookup((layer, e)) is None and (layer, e) not in dev.ahead_at]
+        self.store.will_need(layer, missing)
+        quota = self.cost.ring_quota(len(set(missing) & set(experts[:self.top_k])), self.store.expert_nbytes(),
+                                     self.store.flops_per_token())
         pinned = self.prefetched.setdefault(layer, [])
         ringed: list[int] = []
         for e in experts:
             key = (layer, e)
-            slot = dev.cache.lookup(key)
-            if slot is None:
+            if dev.cache.lookup(key) is None:
+                if key in dev.ahead_at or quota == 0:
+                    continue
+                quota -= 1
                 got = dev.cache.admit(key) if dev.cache.would_admit(key) else None
                 if got is None:
                     if len(ringed) < len(dev.ahead_key):  # not more than the ring holds

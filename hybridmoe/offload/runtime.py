@@ -108,7 +108,7 @@ class OffloadRuntime:
         ring = prefetching and (opts.accelerator == "cpu" or opts.experts_tier == "pinned")
         n_ahead = top_k + opts.prefetch_margin if ring else 0
         self.experts = OffloadExperts(self.store, {i: stages[i] for i in counts}, devices, slots, cost, opts.decay,
-                                      n_ahead)
+                                      n_ahead, top_k)
         for s, st in enumerate(self.experts.stages):
             if st.shrunk_from is not None:
                 self.notices.append(f"GPU {s}: out of memory for {st.shrunk_from} expert slots; "

@@ -60,6 +60,13 @@ class CostModel:
             cpu_t, n_copies, gpu_t = cpu_t + cpu[i], n_copies - 1, gpu_t - gpu[i]
         return on_cpu
 
+    def ring_quota(self, n_missing: int, nbytes: int, flops_per_token: float) -> int:
+        """Decode: of the n_missing experts predicted for the next layer and not cached, how many to copy ahead
+        into the prefetch ring. The copies (PCIe) and the CPU's compute of the rest run at the same time, so the
+        best count makes the two finish about together: argmin over r of max(r * copy, (n - r) * cpu)."""
+        copy, cpu = self.copy_s(nbytes), self.cpu_s(1, nbytes, flops_per_token)
+        return min(range(n_missing + 1), key=lambda r: (max(r * copy, (n_missing - r) * cpu), r))
+
     def crossover_tokens(self, nbytes: int, flops_per_token: float) -> int:
         """Smallest token count at which copying beats the CPU (for plans and explanations)."""
         for n in range(1, 1 << 16):

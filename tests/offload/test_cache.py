@@ -47,3 +47,16 @@ def test_zero_slots():
     c = SlotCache(0)
     c.touch((0, 1))
     assert c.admit((0, 1), force=True) is None and not c.would_admit((0, 1))
+
+
+def test_admission_can_ask_for_repeated_use():
+    c = SlotCache(1, decay=0.5)
+    c.touch((0, 1))
+    c.admit((0, 1))
+    for _ in range(4):
+        c.tick()
+    c.touch((0, 2))  # used once: hotter than the faded victim, but not used repeatedly
+    assert c.would_admit((0, 2)) and not c.would_admit((0, 2), min_score=1.5)
+    c.tick()
+    c.touch((0, 2))
+    assert c.would_admit((0, 2), min_score=1.5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hybridmoe
+from hybridmoe.offload.scheduler import CostModel
 
 IDS = list(range(20, 60))
 
@@ -56,6 +57,17 @@ def test_prefetch_ring_turns_predicted_misses_into_hits(tiny_models):
     assert runs[True][0] == runs[False][0]
     assert runs[False][2] == 0 and runs[True][2] > 0
     assert runs[True][1] > runs[False][1] + runs[True][2] // 2
+
+
+def test_prefetch_copies_only_what_the_cost_model_pays_for(tiny_models):
+    """With copies far slower than the CPU, the ring quota is zero: predictions copy nothing, the CPU serves."""
+    path = tiny_models("qwen3_moe")
+    slow = CostModel(cpu_bytes_per_s=1e12, h2d_bytes_per_s=1e3)
+    eng = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=2, prefetch=True, cost_model=slow)
+    events = list(eng.generate(IDS[:8], temperature=0, max_tokens=12, ignore_eos=True))
+    decode = [e.extra for e in events if isinstance(e, hybridmoe.Stats) and e.phase == "decode"]
+    assert sum(c.get("ahead", 0) for d in decode for c in d["layers"].values()) == 0
+    assert sum(c["cpu"] for d in decode for c in d["layers"].values()) > 0
 
 
 def test_two_devices_split_layers_into_stages(tiny_models):

@@ -66,3 +66,18 @@ def test_split_is_deterministic_and_breaks_ties_by_order():
     on_cpu = REAL.split([4] * 10, *V3)
     assert on_cpu == REAL.split([4] * 10, *V3)
     assert 0 < sum(on_cpu) < 10 and on_cpu == sorted(on_cpu, reverse=True)
+
+
+def test_ring_quota_balances_pcie_against_the_cpu():
+    nbytes, flops = V3
+    # equal rates: half the missing experts are copied ahead, the CPU computes the other half meanwhile
+    even = CostModel(cpu_bytes_per_s=50e9, h2d_bytes_per_s=50e9)
+    assert even.ring_quota(8, nbytes, flops) == 4
+    assert even.ring_quota(0, nbytes, flops) == 0
+    # PCIe 4x slower than the CPU reads (an RTX card beside fast DDR5): few copies; much faster: most go ahead
+    assert CostModel(cpu_bytes_per_s=100e9, h2d_bytes_per_s=25e9).ring_quota(8, nbytes, flops) == 1
+    assert CostModel(cpu_bytes_per_s=20e9, h2d_bytes_per_s=80e9).ring_quota(8, nbytes, flops) == 7
+    for m in (even, REAL, CostModel(cpu_bytes_per_s=1e6)):
+        r = m.ring_quota(8, nbytes, flops)
+        span = lambda q: max(q * m.copy_s(nbytes), (8 - q) * m.cpu_s(1, nbytes, flops))  # noqa: E731
+        assert span(r) == min(span(q) for q in range(9))
