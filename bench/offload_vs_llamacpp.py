@@ -82,7 +82,7 @@ def ours(gguf: Path, slots: int | None, reps: int, cost: CostModel, prefetch: bo
     prompt = torch.randint(8, synthetic.VOCAB, (512,), generator=torch.Generator().manual_seed(1)).tolist()
     # warm-up at the timed sizes (compile, page in, first use of each matmul shape), as llama-bench warms up too
     list(eng.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True))
-    pp, tg, misses, steps, hits = [], [], 0, 0, 0
+    pp, tg, misses, steps, hits, copied = [], [], 0, 0, 0, 0
     for r in range(reps):
         ev = [e for e in eng.generate(prompt, max_tokens=1, temperature=0, ignore_eos=True)
               if isinstance(e, hybridmoe.Stats)]
@@ -93,12 +93,13 @@ def ours(gguf: Path, slots: int | None, reps: int, cost: CostModel, prefetch: bo
         for e in ev[1:]:
             misses += e.extra.get("cache_misses", 0)
             hits += e.extra.get("cache_hits", 0)
+            copied += e.extra.get("bytes_copied", 0)
             steps += 1
     recall = [e.extra["prefetch_recall"] for e in ev if "prefetch_recall" in e.extra]
     std = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
     res = {"pp512": (statistics.mean(pp), std(pp)), "tg128": (statistics.mean(tg), std(tg)),
            "cpu_expert_bytes_per_token": misses / max(1, steps) * rt.store.expert_nbytes(),
-           "hit_rate": hits / max(1, hits + misses), "prefetch_recall": recall[-1] if recall else None,
+           "copied_bytes_per_token": copied / max(1, steps), "hit_rate": hits / max(1, hits + misses), "prefetch_recall": recall[-1] if recall else None,
            "slots": rt.slots}
     del eng, rt
     torch.cuda.empty_cache()
