@@ -4,8 +4,9 @@ Predicted time of one decode step, layer by layer: the GPU reads the layer's non
 its memory rate; of the experts the router picks (top_k per token), those in a GPU slot run there and the rest run
 on the CPU at its read rate, overlapped with the GPU's share. With uniform routing the hit rate is the cached
 fraction of experts (a floor: real routing is skewed and the cache keeps the hot experts). Prefetch copies the
-predicted (top_k + margin) experts over PCIe while the previous layer runs; the part that lands in time turns
-misses into hits. mmap'd experts that do not fit in the page cache are read from disk.
+predicted (top_k + margin) experts over PCIe while the previous layer runs, but no more than the CPU cannot serve
+meanwhile (the scheduler's ring quota); the part that lands in time turns misses into hits. A CPU-served expert
+enters the cache only after repeated use, so uniform routing costs no admission copies. mmap'd experts that do not fit in the page cache are read from disk.
 """
 from __future__ import annotations
 
@@ -175,12 +176,14 @@ def predict(fp: Footprint, hw: Hardware, cost: CostModel, plan: Plan, tier: str,
         converted = t_copy = 0.0
         if margin and 0 < f < 1:
             recall = 1 - (1 - opts.prefetch_recall) * k / (k + margin)
-            n_copy = used * (k + margin) / k * (1 - f)
+            # the engine copies no more predicted misses than the CPU cannot serve meanwhile (its ring quota)
+            quota = cost.ring_quota(round(miss), fp.expert_slot_bytes, flops_per_token) if batch == 1 else miss
+            n_copy = min(used * (k + margin) / k * (1 - f), quota)
             t_copy = n_copy * fp.expert_slot_bytes * (1 / h2d + (1 - resident) / hw.disk_read_bytes_per_s)
             if blocking_copies:
-                converted = miss * recall
-            else:
-                converted = miss * recall * min(1.0, window / t_copy)  # copies land while the previous layer runs
+                converted = min(miss, n_copy) * recall
+            else:  # copies land while the previous layer runs
+                converted = min(miss, n_copy) * recall * min(1.0, window / max(t_copy, 1e-12))
                 t_copy = min(t_copy, window)
         on_cpu = miss - converted
         t_cpu = on_cpu * max(fp.expert_host_bytes / cpu_bw, per * flops_per_token / cost.cpu_flops)
@@ -197,8 +200,6 @@ def predict(fp: Footprint, hw: Hardware, cost: CostModel, plan: Plan, tier: str,
         else:
             t_cpu += on_cpu * eng.cpu_expert_s
             experts = t_gpu + t_cpu + t_disk if sim or not gpus else max(t_gpu, t_cpu + t_disk)
-            if 0 < f < 1:  # a CPU-served expert hotter than the coldest cached one takes its slot: almost every
-                t_copy += on_cpu * fp.expert_slot_bytes / h2d  # one, with uniform routing
             t_layer = nonexp + eng.moe_layer_s + experts + (t_copy if blocking_copies else 0.0)
         total += t_layer
         gpu_t, cpu_t, disk_t, copy_t = gpu_t + nonexp + t_gpu, cpu_t + t_cpu + t_disk, disk_t + t_disk, copy_t + t_copy
