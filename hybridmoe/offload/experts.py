@@ -53,6 +53,7 @@ class DeviceSlots:
                  n_ahead: int = 0):
         self.device = device
         self.shrunk_from = None
+        self.grouped_prefill = device.type == "cuda"  # see OffloadExperts.start
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.allocate(store, n_slots, decay)
         # Staging slots: experts the cost model copies (prefill) but the cache does not keep. Round-robin, so the
@@ -174,21 +175,29 @@ class OffloadExperts:
         if N == 1 and not staged:
             return self._start_decode(dev, layer, x, x_host, list(routed), on_gpu, on_ring, on_cpu, weights)
         pos = pos or expert_positions(ids_host)
-        # Every expert's positions reach the device in one copy that does not wait for the queue; the CPU's
-        # experts' positions come last, as one group, for one scatter of their outputs.
-        gpu_side = [e for e, _ in on_gpu + on_ring] + staged
-        at = positions_on([pos[e] for e in gpu_side] + ([torch.cat([pos[e] for e in on_cpu])] if on_cpu else []),
-                          x.device)
-        at_of = dict(zip(gpu_side, at))
+        # With several tokens on CUDA, the slot experts run as one call per slot buffer (one gather of their tokens,
+        # one scatter of the outputs). The CPU stand-in runs one call per expert, so that an expert's input never
+        # depends on which others share its call: CPU kernels may round differently with the data's alignment.
+        calls = [(buffers, group) for buffers, group in ((dev.buffers, on_gpu), (dev.ahead, on_ring)) if group]
+        if N == 1 or not dev.grouped_prefill:
+            calls = [(buffers, [es]) for buffers, group in calls for es in group]
+        # Every call's positions reach the device in one copy that does not wait for the queue; then each staged
+        # expert's, and the CPU's experts' last, as one group, for one scatter of their outputs.
+        at = positions_on([torch.cat([pos[e] for e, _ in group]) for _, group in calls] + [pos[e] for e in staged]
+                          + ([torch.cat([pos[e] for e in on_cpu])] if on_cpu else []), x.device)
         parts = x.new_zeros(N, K, x.shape[-1])
         flat = parts.view(N * K, -1)  # [N*K, D]
         t0 = time.perf_counter()
-        for buffers, group in ((dev.buffers, on_gpu), (dev.ahead, on_ring)):
-            for e, slot in group:
-                flat[at_of[e]] = self.store.compute_slot(buffers, slot, layer, x[at_of[e] // K])
+        for (buffers, group), at_c in zip(calls, at):
+            slots = [s for _, s in group]
+            if len(group) == 1:
+                flat[at_c] = self.store.compute_slot(buffers, slots[0], layer, x[at_c // K])
+            else:
+                counts = [routed[e] for e, _ in group]
+                flat[at_c] = self.store.compute_slots_prefill(buffers, slots, layer, x[at_c // K], counts)
         self._ring_read(dev, on_ring)
-        for e in staged:
-            flat[at_of[e]] = self._staged(dev, layer, e, x[at_of[e] // K])
+        for e, at_e in zip(staged, at[len(calls):]):
+            flat[at_e] = self._staged(dev, layer, e, x[at_e // K])
         self.stats.gpu_s += time.perf_counter() - t0
 
         def finish() -> torch.Tensor:

@@ -7,9 +7,14 @@ projection, made when the layer is first computed), which decodes faster but sum
 agree within kernel tolerance, not bit for bit). Its `activations` ("int8" or "f32", kernels.cpu) say whether x is
 rounded to 8 bits there; with "int8" a decode step computes all of a layer's CPU experts in one kernel call.
 GPU slots hold the same raw bytes (kernels.gpu.SlotLayout); with the CPU standing in for the GPU, slots are computed
-with the CPU kernels on the slot's own copy of the bytes.
+with the CPU kernels on the slot's own copy of the bytes. At prefill on the GPU, a layer's slot experts run together
+(`compute_slots_prefill`): per chunk of experts, one dequantization launch per projection into a bf16 scratch, then
+one grouped matrix product (torch._grouped_mm).
 """
 from __future__ import annotations
+
+import itertools
+import warnings
 
 import numpy as np
 import torch
@@ -17,11 +22,17 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..kernels import cpu as ck
+from ..layers.moe import to_device
 from .store import will_need
 
 # From this many tokens per expert on, dequantizing tiles for a matmul beats the GEMV kernels, which read each row
 # once for all tokens (on 768x2048 Q4_K, 2 cores: a tile matmul costs 4x the GEMV at 64 tokens).
 PREFILL_TOKENS = 256
+# Prefill on the GPU dequantizes one projection of a chunk of experts to bf16 at once, into one scratch buffer
+# reused for gate, up and down: this bounds it, well inside the memory the runtime keeps free beside the expert
+# cache (1.5 GiB). The bf16 grouped matrix product takes fewer than 1024 groups.
+SCRATCH_BYTES = 512 << 20
+MAX_GROUPS = 512
 
 try:  # the GPU kernels need triton; the CPU stand-in does not
     from ..kernels import gpu as gk
@@ -73,6 +84,7 @@ class QuantStore:
             for layer in layers:
                 self.rows[layer] = self._pack_layer(layer, pin)
         self.packed: dict[int, tuple] = {}  # layer -> repacked gate, up, down (kernels.cpu.PackedExperts)
+        self.grouped_mm_ok: dict[torch.device, bool] = {}  # whether torch._grouped_mm ran there (tried once)
 
     def _pack_layer(self, layer: int, pin: bool) -> torch.Tensor:
         E = self.n_experts[layer]
@@ -196,6 +208,74 @@ class QuantStore:
             ids = torch.tensor(slot_ids).to(slots.device, non_blocking=True)
             return gk.experts_ffn(x, slots, ids, lay.gpu).to(x.dtype)
         return torch.stack([self.compute_slot(slots, s, layer, x) for s in slot_ids])
+
+    def compute_slots_prefill(self, slots: torch.Tensor, slot_ids: list[int], layer: int, x: torch.Tensor,
+                              counts: list[int], *, grouped: bool | None = None,
+                              scratch_bytes: int = SCRATCH_BYTES) -> torch.Tensor:
+        """Each slot's expert on its own tokens: x [sum(counts), D] holds counts[g] rows for slot_ids[g], in that
+        order -> [sum(counts), D] in x's dtype.
+
+        On CUDA, when some expert has more tokens than the GEMV kernels take (or with grouped=True: CPU tensors under
+        TRITON_INTERPRET=1), the experts go in chunks whose bf16 weights fit in scratch_bytes: per chunk, one
+        dequantization launch and one grouped matrix product per projection. Otherwise each expert runs as
+        compute_slot runs it (at a few tokens, the GEMV kernels read the raw weights once and write no bf16 copy).
+        """
+        if not slot_ids or len(slot_ids) != len(counts) or sum(counts) != x.shape[0]:
+            raise ValueError(f"{len(counts)} token counts summing to {sum(counts)} for {len(slot_ids)} slots and "
+                             f"{x.shape[0]} rows of x")
+        if grouped is None:
+            grouped = slots.device.type == "cuda" and max(counts) > gk.MAX_TOKENS
+        if not grouped:
+            return torch.cat([self.compute_slot(slots, s, layer, xe) for s, xe in zip(slot_ids, x.split(counts))])
+        lay = self.layouts[layer].gpu
+        if lay is None:
+            raise ValueError(f"layer {layer}'s expert types have no GPU kernel")
+        per_expert = self.inter * self.dim  # values of one projection
+        chunk = max(1, min(MAX_GROUPS, scratch_bytes // (2 * per_expert)))
+        starts = list(range(0, len(slot_ids), chunk))
+        # Group ends count from each chunk's first row. Slot ids and ends reach the device in one copy that does
+        # not wait for the queue.
+        ends = [n for a in starts for n in itertools.accumulate(counts[a:a + chunk])]
+        meta = to_device(torch.tensor(slot_ids + ends, dtype=torch.int32), x.device)
+        scratch = torch.empty(min(chunk, len(slot_ids)) * per_expert, dtype=torch.bfloat16, device=x.device)
+        xb = x.to(torch.bfloat16)
+        ys, row = [], 0
+        for a in starts:
+            b = min(a + chunk, len(slot_ids))
+            ids, offs, n = meta[a:b], meta[len(slot_ids) + a:len(slot_ids) + b], ends[b - 1]
+            group = (slots, ids, lay, offs, counts[a:b], scratch)
+            xs = xb[row:row + n]
+            h = F.silu(self._grouped_proj(xs, "gate", *group)) * self._grouped_proj(xs, "up", *group)
+            ys.append(self._grouped_proj(h, "down", *group))
+            row += n
+        return (torch.cat(ys) if len(ys) > 1 else ys[0]).to(x.dtype)
+
+    def _grouped_proj(self, a: torch.Tensor, part: str, slots: torch.Tensor, ids: torch.Tensor, lay: gk.SlotLayout,
+                      offs: torch.Tensor, counts: list[int], scratch: torch.Tensor) -> torch.Tensor:
+        """a [n, K] (counts[g] rows for the expert in slots[ids[g]]) through each expert's `part`, its weights
+        dequantized into the scratch -> [n, N]."""
+        rows, cols = (self.dim, self.inter) if part == "down" else (self.inter, self.dim)
+        w = gk.dequantize_slots(slots, ids, lay, part, out=scratch[:len(counts) * rows * cols].view(-1, rows, cols))
+        return self._grouped_linear(a, w, offs, counts)
+
+    def _grouped_linear(self, a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """a [n, K] bf16 with counts[g] rows for expert g, w [G, N, K] bf16 -> [n, N]: each expert's rows @ w[g].T.
+        One torch._grouped_mm; where it fails at its first use on a device (it needs sm90 on CUDA), one F.linear
+        per expert there from then on."""
+        ok = self.grouped_mm_ok.get(a.device)
+        if ok is not False:
+            try:
+                y = torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+            except (RuntimeError, NotImplementedError) as err:
+                if ok or isinstance(err, torch.OutOfMemoryError):
+                    raise
+                warnings.warn(f"torch._grouped_mm does not run on {a.device} ({err}); prefill experts take one "
+                              "matrix product each there", RuntimeWarning, stacklevel=2)
+                self.grouped_mm_ok[a.device] = False
+            else:
+                self.grouped_mm_ok[a.device] = True
+                return y
+        return torch.cat([F.linear(ag, wg) for ag, wg in zip(a.split(counts), w)])
 
     def compute_slots_graph(self, slots: torch.Tensor, slot_ids: torch.Tensor, layer: int,
                             x: torch.Tensor) -> torch.Tensor | None:

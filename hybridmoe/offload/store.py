@@ -103,6 +103,11 @@ class DenseStore:
         """Several slots' experts on the same tokens -> [G, n, D]."""
         return torch.stack([self.compute_slot(slots, s, layer, x) for s in slot_ids])
 
+    def compute_slots_prefill(self, slots: SlotBuffers, slot_ids: list[int], layer: int, x: torch.Tensor,
+                              counts: list[int]) -> torch.Tensor:
+        """Each slot's expert on its own tokens (x holds counts[g] rows for slot_ids[g], in that order)."""
+        return torch.cat([self.compute_slot(slots, s, layer, xe) for s, xe in zip(slot_ids, x.split(counts))])
+
     def compute_slots_graph(self, slots: SlotBuffers, slot_ids: torch.Tensor, layer: int,
                             x: torch.Tensor) -> torch.Tensor | None:
         """Slot ids on the device, no host work: only for the CPU standing in for a GPU (a gather of whole

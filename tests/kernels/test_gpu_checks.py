@@ -73,3 +73,10 @@ def test_slot_layout_checks() -> None:
         gpu.experts_ffn(x(k=512), slots, torch.zeros(1, dtype=torch.int32, device=DEVICE), layout)
     with pytest.raises(ValueError, match="down has 4 rows, the layout says 256"):
         gpu.expert_ffn(x(), (weight(256), weight(256), weight(4, 272)), layout)
+    ids = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="part must be one of gate, up, down"):
+        gpu.dequantize_slots(slots, ids, layout, "w2")
+    with pytest.raises(ValueError, match=f"slots must be uint8 \\[n_slots, >= {layout.nbytes}\\]"):
+        gpu.dequantize_slots(slots[:, :-256], ids, layout, "gate")
+    with pytest.raises(ValueError, match="out must be torch.bfloat16 \\(2, 256, 256\\)"):
+        gpu.dequantize_slots(slots, ids, layout, "up", out=torch.empty(1, 256, 256, device=DEVICE))

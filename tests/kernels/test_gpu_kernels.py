@@ -160,6 +160,28 @@ def test_expert_ffn_gate_and_up_of_different_types() -> None:
     assert rel_error(y, ffn_reference(x.astype(np.float64), *[p[1] for p in parts])) < TOL
 
 
+@pytest.mark.parametrize("types,dtype", [((T.Q4_K, T.Q8_0, T.Q6_K), torch.float32),
+                                         ((T.Q5_K, T.Q4_0, T.Q4_K), torch.bfloat16)], ids=["f32", "bf16"])
+def test_dequantize_slots_is_each_matrix_dequantized(types, dtype) -> None:
+    """One launch per projection for several slots equals `dequantize` of each slot's view, bit for bit."""
+    rng = np.random.default_rng(12)
+    layout = gpu.SlotLayout(256, 512, *types)
+    shapes = ((512, 256), (512, 256), (256, 512))
+    slots = torch.zeros(3, layout.nbytes + gpu.ALIGN, dtype=torch.uint8)  # rows wider than this layout's experts
+    for s in range(3):
+        layout.pack(*[raw_matrix(q, *shp, rng)[0].cpu() for q, shp in zip(types, shapes)],
+                    out=slots[s, :layout.nbytes])
+    slots = slots.to(DEVICE)
+    ids = torch.tensor([2, 0, 2], device=DEVICE)  # any order, repeats allowed
+    scratch = torch.empty(3 * 512 * 256, dtype=dtype, device=DEVICE)  # one buffer for the three projections
+    for p, (part, qtype, shp) in enumerate(zip(gpu.ffn.PARTS, types, shapes)):
+        got = gpu.dequantize_slots(slots, ids, layout, part, dtype, out=scratch.view(3, *shp))
+        assert got.shape == (3, *shp) and got.data_ptr() == scratch.data_ptr()
+        for g, s in enumerate(ids.tolist()):
+            want = gpu.dequantize(layout.views(slots[s, :layout.nbytes])[p], qtype, shp, dtype)
+            assert torch.equal(got[g], want), (part, g)
+
+
 def test_matmul_for_prefill() -> None:
     rng = np.random.default_rng(10)
     w, ref = raw_matrix(T.Q6_K, 8, 256, rng)

@@ -110,3 +110,29 @@ def test_prefill_copies_through_staging_slots_are_lossless(reference, slots, pla
     assert all(bool(c["cpu"]) == (placement == "split") for c in stats["layers"].values())
     done = list(eng.generate(IDS[:8], temperature=0, max_tokens=24, ignore_eos=True))[-1]
     assert done.token_ids == tokens
+
+
+@pytest.mark.parametrize("slots", [None, 5])
+def test_grouped_slot_calls_place_every_output(reference, slots, monkeypatch):
+    """On CUDA a prefill step's slot experts run as one call per slot buffer: one gather of their tokens, one
+    scatter of the outputs. Forced here on the CPU (whose stand-in otherwise runs one call per expert), the logits
+    stay those of the reference: each expert's rows come back to their own [token, k] positions. With 5 slots,
+    every miss is copied: admitted experts join the cached ones' call, the others go through staging slots."""
+    path, logits, _ = reference
+    eng = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=slots, prefetch=False)
+    experts = eng.model.experts.experts
+    if slots is not None:
+        experts.cost = CostModel(**PREFILL_COSTS["copy"], gpu_bytes_per_s=1e15, gpu_flops=1e18, launch_s=0)
+    for dev in experts.stages:
+        dev.grouped_prefill = True
+    sizes = []
+    grouped = experts.store.compute_slots_prefill
+
+    def spy(buffers, slot_ids, layer, x, counts):
+        sizes.append(len(slot_ids))
+        assert x.shape[0] == sum(counts)
+        return grouped(buffers, slot_ids, layer, x, counts)
+
+    monkeypatch.setattr(experts.store, "compute_slots_prefill", spy)
+    torch.testing.assert_close(eng.logits(IDS), logits, rtol=1e-5, atol=1e-5)
+    assert sizes and max(sizes) > 1

@@ -16,12 +16,13 @@ Routed experts in GPU slots (one contiguous uint8 row per expert; layout in `ffn
     SlotLayout(hidden, inter, gate_type, up_type, down_type)  .nbytes .views(slot) .pack(gate, up, down)
     expert_ffn(x [n, D], slot [nbytes] or (gate, up, down), layout) -> [n, D]
     experts_ffn(x [n, D] or [G, n, D], slots [S, nbytes], ids [G], layout) -> [G, n, D]
+    dequantize_slots(slots, ids [G], layout, "gate" | "up" | "down") -> [G, rows, K]   one launch (prefill)
 
 Every wrapper checks its inputs and raises ValueError naming the problem; GPU_TYPES lists the kernel types.
 """
 from .api import dequantize, gemv, matmul
 from .checks import GPU_TYPES, MAX_TOKENS
-from .ffn import ALIGN, SlotLayout, expert_ffn, experts_ffn
+from .ffn import ALIGN, SlotLayout, dequantize_slots, expert_ffn, experts_ffn
 
-__all__ = ["ALIGN", "GPU_TYPES", "MAX_TOKENS", "SlotLayout", "dequantize", "expert_ffn", "experts_ffn", "gemv",
-           "matmul"]
+__all__ = ["ALIGN", "GPU_TYPES", "MAX_TOKENS", "SlotLayout", "dequantize", "dequantize_slots", "expert_ffn",
+           "experts_ffn", "gemv", "matmul"]

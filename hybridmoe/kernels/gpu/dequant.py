@@ -30,10 +30,18 @@ def _store_part(out, orow, rmask, q, s, m, o, WB: tl.constexpr, OFF: tl.constexp
 
 
 @triton.jit
-def dequant_kernel(w, out, N, row_units, stride_or, QT: tl.constexpr, R: tl.constexpr, BB: tl.constexpr,
-                   NA: tl.constexpr, WB: tl.constexpr, OFF: tl.constexpr, HAS_MIN: tl.constexpr,
-                   ROW_ALIGN: tl.constexpr):
-    """Program (row tile, block tile): R rows x BB blocks of w -> out[rows, elements of those blocks]."""
+def dequant_kernel(w, out, ids, N, row_units, stride_or, stride_we, stride_oe, QT: tl.constexpr, R: tl.constexpr,
+                   BB: tl.constexpr, NA: tl.constexpr, WB: tl.constexpr, OFF: tl.constexpr, HAS_MIN: tl.constexpr,
+                   ROW_ALIGN: tl.constexpr, HAS_IDS: tl.constexpr):
+    """Program (row tile, block tile, matrix g): R rows x BB blocks of matrix g -> out[g, rows, elements of those
+    blocks]. Matrix g is w + slot * stride_we with slot = ids[g] if HAS_IDS else g; out[g] is out + g * stride_oe."""
+    g = tl.program_id(2)
+    if HAS_IDS:
+        slot = tl.load(ids + g).to(tl.int64)
+    else:
+        slot = g.to(tl.int64)
+    w = w + slot * stride_we
+    out = out + g.to(tl.int64) * stride_oe
     r = tl.program_id(0) * R + tl.arange(0, R)
     kb = tl.program_id(1) * BB
     rows = tl.minimum(r, N - 1).to(tl.int64) * (row_units * ROW_ALIGN)  # rows past N repeat the last one
@@ -44,18 +52,26 @@ def dequant_kernel(w, out, N, row_units, stride_or, QT: tl.constexpr, R: tl.cons
     _store_part(out, orow, rmask, qb, sb, mb, ob, WB, OFF, HAS_MIN)
 
 
-def launch(w: torch.Tensor, out: torch.Tensor, qtype: int) -> None:
-    """w uint8 [N, row_bytes] and out [N, K] float32 / bfloat16 / float16, both checked and contiguous."""
+def launch(w: torch.Tensor, out: torch.Tensor, qtype: int, *, row_bytes: int | None = None, stride_we: int = 0,
+           ids: torch.Tensor | None = None) -> None:
+    """Launch over already checked tensors: w uint8 [N, row_bytes] -> out [N, K] float32 / bfloat16 / float16.
+
+    Grouped: out [G, N, K] contiguous, and matrix g starts at byte ids[g] * stride_we of w (a flat uint8 view at
+    the first matrix's first row, whose rows are row_bytes apart), or g * stride_we without ids.
+    """
     _, wb, _, off, has_min = LAYOUT[qtype]
-    n_rows = w.shape[0]
-    nb = w.shape[1] // TYPE_SIZE[qtype]
-    row_align = 16 if w.shape[1] % 16 == 0 else 2
+    n_mats = out.shape[0] if out.dim() == 3 else 1
+    n_rows = out.shape[-2]
+    row_bytes = w.shape[1] if row_bytes is None else row_bytes
+    nb = row_bytes // TYPE_SIZE[qtype]
+    row_align = 16 if row_bytes % 16 == 0 else 2
     BB = 1
     while nb % (2 * BB) == 0 and 2 * BB * BLOCK_SIZE[qtype] <= 1024:  # ~1024 values per row and program
         BB *= 2
-    R = 4
-    grid = (triton.cdiv(n_rows, R), nb // BB)
+    R = 4 if out.device.type == "cuda" else 64  # the interpreter runs programs one by one: fewer is faster
+    grid = (triton.cdiv(n_rows, R), nb // BB, n_mats)
     # No FMA contraction: s * q - m rounds twice, as the numpy reference does, so float32 output is bit-exact.
-    dequant_kernel[grid](w, out, n_rows, w.shape[1] // row_align, out.stride(0), QT=qtype, R=R, BB=BB,
-                         NA=16 // wb, WB=wb, OFF=off, HAS_MIN=has_min, ROW_ALIGN=row_align, num_warps=4,
+    dequant_kernel[grid](w, out, w if ids is None else ids, n_rows, row_bytes // row_align, out.stride(-2),
+                         stride_we, out.stride(0) if out.dim() == 3 else 0, QT=qtype, R=R, BB=BB, NA=16 // wb, WB=wb,
+                         OFF=off, HAS_MIN=has_min, ROW_ALIGN=row_align, HAS_IDS=ids is not None, num_warps=4,
                          enable_fp_fusion=False)

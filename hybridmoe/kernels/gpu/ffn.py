@@ -22,9 +22,10 @@ from gguf import GGMLQuantizationType as T
 
 from hybridmoe.quant import get_format
 
-from . import checks, decode
+from . import checks, decode, dequant
 
 ALIGN = 256
+PARTS = ("gate", "up", "down")
 Raw = torch.Tensor | np.ndarray
 
 
@@ -137,6 +138,41 @@ def experts_ffn(x: torch.Tensor, slots: torch.Tensor, ids: torch.Tensor, layout:
     flat = slots.view(-1)
     mats = [(flat[off:], layout.nbytes, qtype) for off, _, _, qtype in layout.parts()]
     return _ffn(x, mats, ids, ids.shape[0], layout, out_dtype)
+
+
+def dequantize_slots(slots: torch.Tensor, ids: torch.Tensor, layout: SlotLayout, part: str,
+                     dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One projection ("gate", "up" or "down") of the G experts in slots[ids], dequantized in one launch.
+
+    -> [G, I, D] for gate and up, [G, D, I] for down; each matrix as `dequantize` gives it (float32: bit-exact).
+    slots is uint8 [n_slots, row >= layout.nbytes] with each expert in the first layout.nbytes bytes of its row
+    (layers of a mixed quantization share wider rows); ids [G] are not range-checked (that needs a host sync).
+    `out`, when given, is the contiguous [G, rows, K] tensor of `dtype` to fill (scratch reused across calls).
+    """
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+    device = checks.device_of("slots", slots)
+    if slots.dtype != torch.uint8 or slots.dim() != 2 or slots.shape[1] < layout.nbytes:
+        raise ValueError(f"slots must be uint8 [n_slots, >= {layout.nbytes}], got {slots.dtype} "
+                         f"{tuple(slots.shape)}")
+    checks.contiguous("slots", slots)
+    if slots.data_ptr() % 16 or slots.shape[1] % 16:
+        raise ValueError("slots must start at a 16-byte aligned address and have rows of a multiple of 16 bytes "
+                         "(for vector loads)")
+    checks.slot_ids(ids, slots.shape[0], device)
+    offset, rows, row_bytes, qtype = layout.parts()[PARTS.index(part)]
+    k_dim = layout.inter if part == "down" else layout.hidden
+    shape = (ids.shape[0], rows, k_dim)
+    dtype = checks.out_dtype(dtype, dtype)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        checks.device_of("out", out, device)
+        if out.shape != shape or out.dtype != dtype:
+            raise ValueError(f"out must be {dtype} {shape}, got {out.dtype} {tuple(out.shape)}")
+        checks.contiguous("out", out)
+    dequant.launch(slots.view(-1)[offset:], out, int(qtype), row_bytes=row_bytes, stride_we=slots.shape[1], ids=ids)
+    return out
 
 
 def _ffn(x: torch.Tensor, mats: list, ids: torch.Tensor | None, n_mats: int, layout: SlotLayout,
