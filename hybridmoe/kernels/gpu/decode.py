@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .formats import BLOCK_SIZE, LAYOUT, TYPE_SIZE, decode, load
+from .formats import BLOCK_SIZE, LAYOUT, TYPE_SIZE, decode, load, slot_of
 
 
 @triton.jit
@@ -71,10 +71,7 @@ def gemv_kernel(x, w, w2, y, ids, N, nb, n_tok, stride_xe, stride_xt, stride_we,
     """
     pid = tl.program_id(0)
     e = tl.program_id(1)
-    if HAS_IDS:
-        slot = tl.load(ids + e).to(tl.int64)
-    else:
-        slot = e.to(tl.int64)
+    slot = slot_of(ids, e, HAS_IDS)
     w = w + slot * stride_we
     w2 = w2 + slot * stride_we
     r = pid * R + tl.arange(0, R)

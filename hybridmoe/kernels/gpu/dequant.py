@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .formats import BLOCK_SIZE, LAYOUT, TYPE_SIZE, decode, load
+from .formats import BLOCK_SIZE, LAYOUT, TYPE_SIZE, decode, load, slot_of
 
 
 @triton.jit
@@ -36,11 +36,7 @@ def dequant_kernel(w, out, ids, N, row_units, stride_or, stride_we, stride_oe, Q
     """Program (row tile, block tile, matrix g): R rows x BB blocks of matrix g -> out[g, rows, elements of those
     blocks]. Matrix g is w + slot * stride_we with slot = ids[g] if HAS_IDS else g; out[g] is out + g * stride_oe."""
     g = tl.program_id(2)
-    if HAS_IDS:
-        slot = tl.load(ids + g).to(tl.int64)
-    else:
-        slot = g.to(tl.int64)
-    w = w + slot * stride_we
+    w = w + slot_of(ids, g, HAS_IDS) * stride_we
     out = out + g.to(tl.int64) * stride_oe
     r = tl.program_id(0) * R + tl.arange(0, R)
     kb = tl.program_id(1) * BB

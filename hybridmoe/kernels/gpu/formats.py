@@ -39,6 +39,14 @@ BLOCK_SIZE = {q: GGML_QUANT_SIZES[q][0] for q in LAYOUT}  # elements per block
 
 
 @triton.jit
+def slot_of(ids, g, HAS_IDS: tl.constexpr):
+    """The slot (int64) that matrix g of a grouped launch reads: ids[g], or g itself without ids."""
+    if HAS_IDS:
+        return tl.load(ids + g).to(tl.int64)
+    return g.to(tl.int64)
+
+
+@triton.jit
 def _index(kb, BB: tl.constexpr, P: tl.constexpr, NA: tl.constexpr):
     """(block [J], piece in block [J], word index [NA, 1, 1]) of a tile."""
     j = tl.arange(0, BB * P)
