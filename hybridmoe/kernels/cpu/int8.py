@@ -53,27 +53,21 @@ def quantize(x: np.ndarray, xq: np.ndarray, xd: np.ndarray, xqs: np.ndarray) -> 
 
 
 @njit(cache=True, inline="always")
-def _q4_0(xw, xd, xqs, q, d, t):
+def _q_0(xw, xd, xqs, q, d, t, nibbles):
+    """Q4_0 (nibbles: 4 words per block, u = q + 8), or Q8_0 (8 words of bytes, u = q + 128)."""
+    words = 4 if nibbles else 8
+    off = 8 if nibbles else 128
     acc = fzero()
     for b in range(d.size // LANES):
         isum = izero()
-        for p in range(4):
-            w = load_words(q, (b * 4 + p) * 64)
-            isum = dpbusd(isum, bits(w, 0, M4), xw[t, b * 8 + p])
-            isum = dpbusd(isum, bits(w, 4, M4), xw[t, b * 8 + 4 + p])
-        v = sub(to_floats(isum), f32(8 * (xqs[t, 2 * b] + xqs[t, 2 * b + 1])))  # sum (q - 8) x
-        acc = fma(load_floats(d, b * LANES), mul(v, xd[t, b]), acc)
-    return acc
-
-
-@njit(cache=True, inline="always")
-def _q8_0(xw, xd, xqs, q, d, t):
-    acc = fzero()
-    for b in range(d.size // LANES):
-        isum = izero()
-        for p in range(8):
-            isum = dpbusd(isum, load_words(q, (b * 8 + p) * 64), xw[t, b * 8 + p])
-        v = sub(to_floats(isum), f32(128 * (xqs[t, 2 * b] + xqs[t, 2 * b + 1])))  # sum (q + 128) x - 128 sum x
+        for p in range(words):
+            w = load_words(q, (b * words + p) * 64)
+            if nibbles:
+                isum = dpbusd(isum, bits(w, 0, M4), xw[t, b * 8 + p])
+                isum = dpbusd(isum, bits(w, 4, M4), xw[t, b * 8 + 4 + p])
+            else:
+                isum = dpbusd(isum, w, xw[t, b * 8 + p])
+        v = sub(to_floats(isum), f32(off * (xqs[t, 2 * b] + xqs[t, 2 * b + 1])))  # sum u x - off sum x
         acc = fma(load_floats(d, b * LANES), mul(v, xd[t, b]), acc)
     return acc
 
@@ -145,9 +139,9 @@ def _q6_k(xw, xd, xqs, q, s, d, t):
 def _tile(kind, xw, xd, xqs, q, s, d, t):
     """One tile's 16 outputs for token t; kind: 0 Q4_0, 1 Q8_0, 2 Q4_K, 3 Q5_K, 4 Q6_K."""
     if kind == 0:
-        return _q4_0(xw, xd, xqs, q, d, t)
+        return _q_0(xw, xd, xqs, q, d, t, True)
     if kind == 1:
-        return _q8_0(xw, xd, xqs, q, d, t)
+        return _q_0(xw, xd, xqs, q, d, t, False)
     if kind == 2:
         return _k4(xw, xd, xqs, q, s, d, t, False)
     if kind == 3:
