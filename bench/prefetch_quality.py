@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hybridmoe  # noqa: E402
+from common import run  # noqa: E402
 
 PROMPTS = ["What does `json.dumps` do?", "Explain `textwrap.wrap`.", "What is the `heapq` module?",
            "How do I use os.path.join?", "Tell me about collections.OrderedDict.", "Hello",
@@ -61,7 +62,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except hybridmoe.HybridMoEError as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import hybridmoe  # noqa: E402
+from common import run  # noqa: E402
 from hybridmoe.offload.scheduler import CostModel  # noqa: E402
 
 
@@ -74,7 +75,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except hybridmoe.HybridMoEError as e:
-        sys.exit(f"error: {e}")
+    run(main)
