@@ -229,13 +229,13 @@ class OffloadExperts:
             if on_cpu:
                 t0 = time.perf_counter()
                 ys_cpu = self.store.compute_host_many(layer, on_cpu, x_host)  # [C, 1, D]
-                parts = ys + [ys_cpu.to(x.device, non_blocking=True)]
+                parts = ys + [to_device(ys_cpu, x.device)]
                 order = cols + [where[e] for e in on_cpu]
                 self.stats.cpu_s += time.perf_counter() - t0
             parts = torch.cat(parts) if len(parts) > 1 else parts[0]
             if order != sorted(order):  # back into k order
                 inverse = sorted(range(len(order)), key=order.__getitem__)
-                parts = parts[torch.tensor(inverse).to(x.device, non_blocking=True)]
+                parts = parts[to_device(torch.tensor(inverse), x.device)]
             self._release(dev, layer, on_gpu, on_cpu)
             return combine(parts.transpose(0, 1), weights, x.dtype)  # [1, K, D] -> [1, D]
 

@@ -205,7 +205,7 @@ class QuantStore:
         """Several slots' experts on the same tokens -> [G, n, D]; one grouped launch on CUDA when it applies."""
         lay = self.layouts[layer]
         if slots.device.type == "cuda" and x.shape[0] <= gk.MAX_TOKENS and lay.gpu.nbytes == slots.shape[1]:
-            ids = torch.tensor(slot_ids).to(slots.device, non_blocking=True)
+            ids = to_device(torch.tensor(slot_ids), slots.device)
             return gk.experts_ffn(x, slots, ids, lay.gpu).to(x.dtype)
         return torch.stack([self.compute_slot(slots, s, layer, x) for s in slot_ids])
 
