@@ -284,9 +284,17 @@ class OffloadExperts:
         return dev.cache.n_slots > 0 and len(dev.cache) == total
 
     def _count_resident(self) -> None:
-        """Hits and expert use of resident layers' steps, read from their ids after the fact (one small copy)."""
-        for layer in self.resident_steps:
-            row = self.resident_ids[layer][0].tolist()
+        """Hits and expert use of resident layers' steps, read from their ids after the fact (one small copy for
+        all of them: a copy per layer would be a host sync per layer)."""
+        steps = self.resident_steps
+        rows: list[list[int]] = [[] for _ in steps]
+        for device in {self.resident_ids[layer].device for layer in steps}:  # one copy per device
+            mine = [i for i, layer in enumerate(steps) if self.resident_ids[layer].device == device]
+            flat = torch.cat([self.resident_ids[steps[i]][0] for i in mine]).tolist()
+            k = len(flat) // len(mine)
+            for j, i in enumerate(mine):
+                rows[i] = flat[j * k:(j + 1) * k]
+        for layer, row in zip(steps, rows):
             self.stats.layers.setdefault(layer, LayerCounters()).hits += len(row)
             used = self.stats.expert_tokens.setdefault(layer, {})
             for e in row:
