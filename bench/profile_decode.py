@@ -1,7 +1,9 @@
 """Where a decode step's time goes: cProfile (host Python) and optionally torch.profiler (kernels) of hybridmoe
-generating tokens on a GGUF file.
+generating tokens on a GGUF file. With --prompt N, the same for a prefill of N tokens (one token generated), each
+of --reps runs timed.
 
     python bench/profile_decode.py MODEL.gguf [--slots N] [--tokens 24] [--device cuda] [--kernels]
+    python bench/profile_decode.py MODEL.gguf --prompt 512 --reps 4 --kernels
 """
 from __future__ import annotations
 
@@ -33,28 +35,39 @@ def main() -> int:
     ap.add_argument("--kernels", action="store_true", help="also a torch.profiler table of operators and kernels")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--no-cprofile", action="store_true")
+    ap.add_argument("--prompt", type=int, default=0, help="profile a prefill of this many tokens instead")
+    ap.add_argument("--reps", type=int, default=1, help="timed runs (each printed)")
     ap.add_argument("--cpu-gbs", type=float, default=None, help="cost model: CPU expert read rate (GB/s)")
     a = ap.parse_args()
     t0 = time.perf_counter()
     cost = CostModel(cpu_bytes_per_s=a.cpu_gbs * 1e9, h2d_bytes_per_s=50e9) if a.cpu_gbs else None
-    eng = hybridmoe.load(a.model, device=a.device, dtype="bfloat16", context=256, expert_cache_slots=a.slots,
+    eng = hybridmoe.load(a.model, device=a.device, dtype="bfloat16", context=max(256, a.prompt + 64), expert_cache_slots=a.slots,
                          prefetch=not a.no_prefetch, experts_tier=a.tier, cpu_repack=a.tier == "pinned",
                          cost_model=cost, cuda_graphs=not a.no_cuda_graphs)
     if a.tier == "pinned" and hasattr(eng.model.experts, "store"):
         eng.model.experts.store.prepack()
     print(f"loaded in {time.perf_counter() - t0:.0f} s", flush=True)
 
+    vocab = eng.model.tok_embeddings.weight.shape[0]
+    prompt = (torch.randint(8, min(vocab, 32000), (a.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+              if a.prompt else [5, 6, 7])
+    if a.prompt:
+        a.tokens = 1
+
     def run(n: int) -> float:
         t0 = time.perf_counter()
-        list(eng.generate([5, 6, 7], max_tokens=n, temperature=0, ignore_eos=True))
+        list(eng.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True))
         return time.perf_counter() - t0
 
     run(4)
-    dt = run(a.tokens)
     graphs = eng.model.decode_graphs
-    print(f"plain: {a.tokens / dt:.1f} tok/s ({1000 * dt / a.tokens:.1f} ms/token), slots {a.slots}, graphs "
-          f"{'off' if graphs is None else f'captured {graphs.captured}, enabled {graphs.enabled} {graphs.failure}'}",
-          flush=True)
+    for r in range(a.reps):
+        dt = run(a.tokens)
+        what = (f"prefill {a.prompt / dt:.1f} tok/s ({1000 * dt:.1f} ms)" if a.prompt else
+                f"{a.tokens / dt:.1f} tok/s ({1000 * dt / a.tokens:.1f} ms/token)")
+        print(f"run {r}: {what}, slots {a.slots}, graphs "
+              f"{'off' if graphs is None else f'captured {graphs.captured}, enabled {graphs.enabled} {graphs.failure}'}",
+              flush=True)
     if not a.no_cprofile:
         prof = cProfile.Profile()
         prof.enable()
