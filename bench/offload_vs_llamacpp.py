@@ -97,7 +97,8 @@ def ours(gguf: Path, slots: int | None, reps: int, cost: CostModel, prefetch: bo
             steps += 1
     recall = [e.extra["prefetch_recall"] for e in ev if "prefetch_recall" in e.extra]
     std = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
-    res = {"pp512": (statistics.mean(pp), std(pp)), "tg128": (statistics.mean(tg), std(tg)),
+    res = {"pp512": (statistics.mean(pp), std(pp)), "tg128": (statistics.mean(tg), std(tg)), "pp512_reps": pp,
+           "tg128_reps": tg,
            "cpu_expert_bytes_per_token": misses / max(1, steps) * rt.store.expert_nbytes(),
            "copied_bytes_per_token": copied / max(1, steps), "hit_rate": hits / max(1, hits + misses),
            "prefetch_recall": recall[-1] if recall else None, "slots": rt.slots}
