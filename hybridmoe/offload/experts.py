@@ -101,6 +101,7 @@ class OffloadExperts:
         self.stats = StepStats()
         self.prefetched: dict[int, list[tuple[int, int]]] = {}  # layer -> keys pinned until that layer runs
         self.on_routed: Callable[[int, set[int]], None] | None = None  # prefetch quality bookkeeping
+        self.on_start: Callable[[int], None] | None = None  # a layer's experts start: collect its prediction
         # Layers whose every expert sits in a slot for good (their stage's cache holds all of its experts): at
         # decode they run without a host sync, inside the captured decode graphs. layer -> slot of each expert.
         self.resident_slots: dict[int, torch.Tensor] = {}
@@ -113,6 +114,8 @@ class OffloadExperts:
         return self.start(layer, x, ids, weights)()
 
     def start(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        if self.on_start is not None:
+            self.on_start(layer)
         dev = self.stages[self.layer_stage[layer]]
         cache = dev.cache
         N, K = ids.shape

@@ -1,5 +1,9 @@
 """Router-predicted prefetch: after layer L, apply the next MoE layer's router to L's hidden state, predict the
-top (k + margin) experts, and ask for the missing ones to be copied ahead of use. Records recall and precision."""
+top (k + margin) experts, and ask for the missing ones to be copied ahead of use. Records recall and precision.
+
+On CUDA the predicted ids come back without a host sync: a copy into pinned memory and an event. The offload engine
+collects them when the predicted layer starts its experts (`collect`), which is after that layer's attention has been
+queued, so the GPU is not left idle while the host waits, and the copies still overlap the attention."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -31,6 +35,7 @@ class Prefetcher:
     on_predict: Callable[[int, list[int]], None] | None = None
     quality: dict[int, LayerQuality] = field(default_factory=dict)
     _pending: dict[int, tuple[set[int], set[int]]] = field(default_factory=dict)
+    _reading: dict[int, tuple[torch.Tensor, object]] = field(default_factory=dict)  # layer -> (pinned ids, event)
 
     def __post_init__(self):
         # Predict MoE layer j from the hidden state after layer j - 1.
@@ -51,7 +56,25 @@ class Prefetcher:
             k = ffn.spec.top_k
             wide = replace(ffn.spec, top_k=min(ffn.spec.n_experts, k + self.margin))
             ids, _ = route(logits, wide, ffn.router_bias)
-        ids = ids.cpu()  # host sync: predictions decide which copies to issue
+        done = None
+        if ids.device.type == "cuda":
+            done = torch.cuda.Event()
+            ids = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True).copy_(ids, non_blocking=True)
+            done.record(torch.cuda.current_stream(ffn.router.device))
+        self._reading[target] = (ids, done)
+
+    def collect(self, layer: int) -> None:
+        """Act on the prediction for `layer`, if one was made (waiting for its ids where they are still on their way
+        from the GPU): ask for its copies and keep it for the recall bookkeeping."""
+        got = self._reading.pop(layer, None)
+        if got is not None:
+            if got[1] is not None:
+                got[1].synchronize()
+            self._predicted(layer, got[0])
+
+    def _predicted(self, target: int, ids: torch.Tensor) -> None:
+        """ids [N, k + margin] on the host, each token's ranking."""
+        k = self.model.layers[target].ffn.spec.top_k
         top_k = set(ids[:, :k].flatten().tolist())
         top_km = set(ids.flatten().tolist())
         self._pending[target] = (top_k, top_km)

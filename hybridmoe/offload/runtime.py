@@ -123,6 +123,7 @@ class OffloadRuntime:
         if prefetching:
             self.prefetcher = Prefetcher(model, opts.prefetch_margin, on_predict=self.experts.prefetch)
             self.experts.on_routed = self.prefetcher.record
+            self.experts.on_start = self.prefetcher.collect
             model.observers.append(self.prefetcher.observe)
         model.experts = self
 
