@@ -46,11 +46,13 @@ class Batch:
                      slot_index)
 
     @staticmethod
-    def decode_static(position: torch.Tensor, n_keys: int, slot: int) -> "Batch":
+    def decode_static(position: torch.Tensor, n_keys: int, slot: int, mask: torch.Tensor | None = None) -> "Batch":
         """One row, one token at the device position `position` ([1, 1] long), attending to keys 0..position
-        of a window of `n_keys`. Built from device tensors only (no host values), so it can be graph-captured."""
-        keys = torch.arange(n_keys, device=position.device)
-        mask = (keys <= position[:, :, None])[:, None]  # [1, 1, 1, n_keys]
+        of a window of `n_keys`. Built from device tensors only (no host values), so it can be graph-captured.
+        `mask`, if given, is that mask already made (e.g. once per step for all layers)."""
+        if mask is None:
+            keys = torch.arange(n_keys, device=position.device)
+            mask = (keys <= position[:, :, None])[:, None]  # [1, 1, 1, n_keys]
         return Batch([0], [1], [slot], position, mask, None, position[0])
 
     @property

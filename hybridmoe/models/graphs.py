@@ -10,7 +10,8 @@ their slots looked up on the device, and the layer needs no host sync at all.
 
 The position lives in a device buffer and attention spans a fixed window of keys (the next power of two above the
 position, masked), so one graph serves every step until the sequence outgrows its window; the next window's graphs
-are captured then. Graphs write into the KV cache they were captured with, so a new cache drops them.
+are captured then. The window's mask and the rope tables are made once per step and device, in buffers that every
+layer's graph reads. Graphs write into the KV cache they were captured with, so a new cache drops them.
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class DecodeGraphs:
         self.cache: KVCache | None = None
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self.inputs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (x, position)
+        # (device, window) -> the step's attention mask and rope cos, sin: written once per step, read by every
+        # layer's graph (computed in each layer, they were a dozen small kernels per layer)
+        self.step_tables: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.pools: dict[torch.device, object] = {}
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.captured = 0
@@ -59,6 +63,7 @@ class DecodeGraphs:
             if dev != stage:
                 stage = dev
                 position.fill_(pos)
+                self._fill_step_tables(dev, window, position)
             x_in.copy_(x)
             with on_device(dev):
                 out = self._replay(i, window, slot, dev)
@@ -89,12 +94,22 @@ class DecodeGraphs:
                                       torch.zeros(1, 1, dtype=torch.long, device=dev))
         return got
 
+    def _fill_step_tables(self, dev: torch.device, window: int, position: torch.Tensor) -> None:
+        mask = Batch.decode_static(position, window, 0).mask
+        cos, sin = self.model.tables(dev).cos_sin(position)
+        tables = self.step_tables.get((dev, window))
+        if tables is None:  # allocated once: captured graphs read these buffers
+            self.step_tables[(dev, window)] = (mask, cos, sin)
+            return
+        for buffer, new in zip(tables, (mask, cos, sin)):
+            buffer.copy_(new)
+
     def _segment(self, i: int, window: int, slot: int, dev: torch.device) -> tuple:
         """Layer i up to its routed experts, from the static inputs; every tensor it makes stays on the device."""
         block = self.model.layers[i]
         x_in, position = self.inputs[dev]
-        batch = Batch.decode_static(position, window, slot)
-        cos, sin = self.model.tables(dev).cos_sin(position)
+        mask, cos, sin = self.step_tables[(dev, window)]
+        batch = Batch.decode_static(position, window, slot, mask)
         x_mid, h = block.attend(x_in, batch, cos, sin, self.cache.layers[i])
         if not isinstance(block.ffn, MoE):
             return (x_mid + block.ffn(h),)
