@@ -1,19 +1,8 @@
-from functools import cache
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@cache
-def _fused_gpu():
-    """kernels.gpu.norm.rms_norm, imported at the first CUDA call (triton reads its mode when kernels are
-    defined); None without triton."""
-    try:
-        from ..kernels.gpu.norm import rms_norm
-    except ImportError:  # pragma: no cover - triton is missing
-        return None
-    return rms_norm
+from ..kernels import gpu_kernel
 
 
 class RMSNorm(nn.Module):
@@ -25,7 +14,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op (decode runs dozens)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        fused = _fused_gpu() if x.is_cuda else None
+        fused = gpu_kernel("norm", "rms_norm") if x.is_cuda else None
         if fused is not None:  # the arithmetic below, in one launch instead of eight
             return fused(x, self.weight, self.eps)
         # Normalise in f32 and scale after casting back, as the reference implementations do.
