@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 
 from ..errors import ConfigError, ContextOverflowError
+from ..layers.attention import GQAttention
 from ..layers.cache import Batch
 from ..models.graphs import DecodeGraphs
 from ..models.loader import LoadedModel, load_hf, read_config
@@ -187,6 +188,10 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         kv = [ctx * sum(b for b, st in zip(fp.kv_bytes_per_token, stages) if st == s) for s in range(devices)]
         model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, cost_model)
         dev = stage_devs[0]
+    if dev.type == "cuda":
+        for module in loaded.model.modules():  # fewer launches per decode step
+            if isinstance(module, GQAttention):
+                module.stack_linear()
     if cuda_graphs and dev.type == "cuda":
         loaded.model.decode_graphs = DecodeGraphs(loaded.model)
     tokenizer = getattr(loaded, "tokenizer", None)

@@ -39,6 +39,25 @@ class GQAttention(nn.Module):
         instead of three); the separate layers are dropped."""
         self.wqkv, self.wq, self.wk, self.wv = wqkv, None, None, None
 
+    def stack_linear(self) -> bool:
+        """q, k and v as one nn.Linear whose weight is theirs stacked (on a GPU: one matrix product, and its
+        launches, instead of three). False where they are not plain linear layers of one device and dtype."""
+        projs = (self.wq, self.wk, self.wv)
+        if self.wqkv is not None or not all(type(p) is nn.Linear for p in projs):
+            return False
+        if len({(p.weight.device, p.weight.dtype, p.bias is None) for p in projs}) != 1:
+            return False
+        first = projs[0].weight
+        stacked = nn.Linear(first.shape[1], sum(p.out_features for p in projs), bias=projs[0].bias is not None,
+                            device=first.device, dtype=first.dtype)
+        with torch.no_grad():
+            stacked.weight.copy_(torch.cat([p.weight for p in projs]))
+            if stacked.bias is not None:
+                stacked.bias.copy_(torch.cat([p.bias for p in projs]))
+        stacked.requires_grad_(False)
+        self.stack_qkv(stacked)
+        return True
+
     def cache_shapes(self) -> tuple[tuple[int, ...], ...]:
         return (self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)
 

@@ -64,3 +64,16 @@ def test_cache_is_reused_when_large_enough(tiny_models):
     assert model.new_cache(1, 32) is a
     assert model.new_cache(1, 128) is not a
     assert model.new_cache(2, 16) is not model.new_cache(1, 16)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "mixtral"])  # qwen2_moe: q, k and v have biases
+def test_stacked_qkv_projection_matches_transformers(tiny_models, name):
+    """What a CUDA load does to every GQA layer (q, k and v as one linear layer), here on the CPU."""
+    path = tiny_models(name)
+    eng = hybridmoe.load(path)
+    stacked = [m.stack_linear() for m in eng.model.modules() if hasattr(m, "stack_linear")]
+    assert stacked and all(stacked)
+    ids = tokens(20, seed=5)
+    with torch.no_grad():
+        want = reference(path)(torch.tensor([ids])).logits[0]
+    assert rel_err(eng.logits(ids), want) <= TOL, name
