@@ -17,7 +17,7 @@ from . import checks
 
 
 @triton.jit
-def _rounded(v, dtype: tl.constexpr):
+def rounded(v, dtype: tl.constexpr):
     """float32 v rounded to dtype, to nearest even, as float32 (exact in dtype). bfloat16 by hand: Triton's
     interpreter truncates that cast, the GPU rounds it."""
     if dtype == tl.bfloat16:
@@ -36,9 +36,9 @@ def rms_norm_kernel(x, w, out, D, eps, BLOCK: tl.constexpr):
     mask = d < D
     xf = tl.load(x + row + d, mask=mask, other=0.0).to(tl.float32)
     r = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    y = _rounded(xf * r, x.dtype.element_ty)
+    y = rounded(xf * r, x.dtype.element_ty)
     wf = tl.load(w + d, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + row + d, _rounded(wf * y, out.dtype.element_ty).to(out.dtype.element_ty), mask=mask)
+    tl.store(out + row + d, rounded(wf * y, out.dtype.element_ty).to(out.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
