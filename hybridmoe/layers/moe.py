@@ -39,8 +39,9 @@ def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = No
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, E] (f32) -> (expert_ids [N, K] long, weights [N, K] f32)."""
     fused = gpu_kernel("route", "route") if logits.is_cuda else None
-    if fused is not None:  # the same in one launch (eager, this is 6 to 17 small kernels)
-        return fused(logits, spec, bias)
+    out = fused(logits, spec, bias) if fused is not None else None  # one launch (eager: 6 to 17 kernels)
+    if out is not None:
+        return out
     logits = logits.float()
     scores = logits.sigmoid() if spec.scoring == "sigmoid" else logits.softmax(dim=-1)
     plain = spec.method == "greedy" or spec.n_group == 1
@@ -103,8 +104,9 @@ def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
 def combine(parts: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """parts [N, K, D] -> [N, D]: a fixed summation order, so results never depend on where experts ran."""
     fused = gpu_kernel("combine", "combine") if parts.is_cuda else None
-    if fused is not None:  # the same sum in one launch (eager: four kernels)
-        return fused(parts, weights, dtype)
+    out = fused(parts, weights, dtype) if fused is not None else None  # one launch (eager: four kernels)
+    if out is not None:
+        return out
     return (parts.float() * weights[:, :, None]).sum(1).to(dtype)
 
 

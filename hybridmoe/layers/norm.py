@@ -15,8 +15,9 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op (decode runs dozens)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         fused = gpu_kernel("norm", "rms_norm") if x.is_cuda else None
-        if fused is not None:  # the arithmetic below, in one launch instead of eight
-            return fused(x, self.weight, self.eps)
+        out = fused(x, self.weight, self.eps) if fused is not None else None  # one launch instead of eight
+        if out is not None:
+            return out
         # Normalise in f32 and scale after casting back, as the reference implementations do.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

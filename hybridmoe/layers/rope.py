@@ -79,8 +79,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     """x [B, T, H, D]; cos/sin [B, T, D/2]. Interleaved input comes out de-interleaved (as in the reference);
     queries and keys get the same permutation, so their dot products are unchanged."""
     fused = gpu_kernel("rope", "rope") if x.is_cuda else None
-    if fused is not None and x.stride(-1) == 1:  # the arithmetic below, in one launch instead of seven
-        return fused(x, cos, sin, interleaved)
+    out = fused(x, cos, sin, interleaved) if fused is not None and x.stride(-1) == 1 else None  # one launch
+    if out is not None:  # (eager: seven kernels)
+        return out
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
