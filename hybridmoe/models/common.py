@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layers.cache import Batch, KVCache
-from ..layers.moe import Experts, RouterSpec, route, start_experts
+from ..layers.moe import Experts, RouterSpec, route_hidden, start_experts
 from ..layers.mlp import MLP
 from ..layers.norm import RMSNorm
 from ..layers.rope import Rope, RopeTables
@@ -79,7 +79,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] (already normalised) -> (ids [N, K], weights [N, K] f32)."""
-        return route(x.float() @ self.router.float().t(), self.spec, self.router_bias)
+        return route_hidden(x, self.router, self.spec, self.router_bias)
 
 
 class Block(nn.Module):

@@ -59,6 +59,7 @@ class QuantExperts:
         xs = x.detach().to("cpu", torch.float32).contiguous()  # experts run on the host: the hidden state goes there
         y = run_experts(xs, ids, weights.detach().cpu().float(),
                         lambda e, xe: self.store.compute_host(layer, e, xe), self.activity.setdefault(layer, {}),
-                        lambda experts, xe: self.store.compute_host_many(layer, experts, xe))
+                        lambda experts, xe: self.store.compute_host_many(layer, experts, xe),
+                        lambda experts, xe, w: self.store.compute_host_sum(layer, experts, xe, w))
         self.cpu_s += time.perf_counter() - t0
         return y.to(x.device, x.dtype)

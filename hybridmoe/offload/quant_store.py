@@ -166,6 +166,17 @@ class QuantStore:
         xs = x.to("cpu", torch.float32).contiguous()
         return torch.from_numpy(ck.ffn_experts(xs.numpy(), *packed, experts)).to(x.dtype)
 
+    def compute_host_sum(self, layer: int, experts: list[int], x: torch.Tensor,
+                         weights: torch.Tensor) -> torch.Tensor | None:
+        """sum_g weights[:, g] * expert_{experts[g]}(x) -> [n, D], the same bits as layers.moe.combine of
+        compute_host_many's result; None where that would not run from the repacked copy."""
+        packed = self._packed_layer(layer) if x.shape[0] < PREFILL_TOKENS else None
+        if packed is None:
+            return None
+        xs = x.to("cpu", torch.float32).contiguous()
+        w = weights.to("cpu", torch.float32).contiguous()
+        return torch.from_numpy(ck.ffn_experts_sum(xs.numpy(), *packed, experts, w.numpy())).to(x.dtype)
+
     def new_slots(self, n: int, device: torch.device) -> torch.Tensor:
         if device.type == "cuda":
             lacking = sorted({t.name for lay in self.layouts.values() if lay.gpu is None for t in lay.types})

@@ -10,8 +10,10 @@ from hybridmoe.quant import as_qtype, get_format
 from hybridmoe.quant import dequantize as reference_dequantize
 
 from . import attention as attention_kernels
+from . import combine as combine_kernels
 from . import int8 as int8_kernels
 from . import packed as packed_kernels
+from . import router as router_kernels
 from .checks import Array, activations, kernel_type, weights
 from .raw import KIND, W32, dequantize_rows, gemv_raw
 from .repack import (ACTIVATIONS, DEFAULT_LANES, PACKED_TYPES, PackedExperts, PackedWeight, repack_experts_raw,
@@ -143,11 +145,9 @@ def ffn_packed(x: np.ndarray, gate: PackedWeight, up: PackedWeight, down: Packed
     return _packed(np.ascontiguousarray(h, dtype=np.float32), down)
 
 
-def ffn_experts(x: np.ndarray, gate: PackedExperts, up: PackedExperts, down: PackedExperts,
-                experts: list[int]) -> np.ndarray:
-    """Several experts of one layer on the same tokens: f32 [n, D] -> f32 [G, n, D], expert experts[g] in row g.
-    With 8-bit activations one kernel call runs them all (x quantized once); with float32 activations each expert
-    runs as `ffn_packed`. Either way each expert's result is the one `ffn_packed` gives for it alone."""
+def _ffn_experts(x: np.ndarray, gate: PackedExperts, up: PackedExperts, down: PackedExperts,
+                 experts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(x's numpy view, [G, n, D] with expert experts[g] in row g; a view of the kernel's padded output)."""
     xa = activations(x)
     _expert_shapes(xa, gate, up, down)
     if len(experts) == 0 or min(experts) < 0 or max(experts) >= gate.n_experts:
@@ -156,8 +156,29 @@ def ffn_experts(x: np.ndarray, gate: PackedExperts, up: PackedExperts, down: Pac
     if any(w.n_experts != gate.n_experts for w in (up, down)):
         raise ValueError("gate, up and down hold different numbers of experts")
     if gate.activations == "int8":
-        return np.ascontiguousarray(_int8_ffn(xa, gate, up, down, ids))
-    return np.stack([ffn_packed(xa, gate.expert(e), up.expert(e), down.expert(e)) for e in experts])
+        return xa, _int8_ffn(xa, gate, up, down, ids)
+    return xa, np.stack([ffn_packed(xa, gate.expert(e), up.expert(e), down.expert(e)) for e in experts])
+
+
+def ffn_experts(x: np.ndarray, gate: PackedExperts, up: PackedExperts, down: PackedExperts,
+                experts: list[int]) -> np.ndarray:
+    """Several experts of one layer on the same tokens: f32 [n, D] -> f32 [G, n, D], expert experts[g] in row g.
+    With 8-bit activations one kernel call runs them all (x quantized once); with float32 activations each expert
+    runs as `ffn_packed`. Either way each expert's result is the one `ffn_packed` gives for it alone."""
+    return np.ascontiguousarray(_ffn_experts(x, gate, up, down, experts)[1])
+
+
+def ffn_experts_sum(x: np.ndarray, gate: PackedExperts, up: PackedExperts, down: PackedExperts, experts: list[int],
+                    weights: np.ndarray) -> np.ndarray:
+    """sum_g weights[:, g] * ffn_experts(x, ...)[g]: f32 [n, D], weights f32 [n, G]; the same bits as
+    `layers.moe.combine` of ffn_experts' result (`combine.py`), without the stacked copy."""
+    xa, y = _ffn_experts(x, gate, up, down, experts)
+    w = activations(weights)
+    if w.shape != (xa.shape[0], len(experts)):
+        raise ValueError(f"weights must be [{xa.shape[0]}, {len(experts)}], got {list(w.shape)}")
+    out = np.empty((xa.shape[0], down.n_rows), dtype=np.float32)
+    combine_kernels.weighted_sum(y, w, out)
+    return out
 
 
 def dequantize(w_raw: np.ndarray, ggml_type: T | int, n_cols: int) -> np.ndarray:
@@ -223,3 +244,17 @@ def gqa_decode(qkv: torch.Tensor, n_heads: int, q_norm: torch.Tensor | None, k_n
         _f32_contiguous("sin", sin, (dim // 2,)), _f32_contiguous("k_cache", k_cache, cache_shape),
         _f32_contiguous("v_cache", v_cache, cache_shape), pos, np.float32(scale), out)
     return torch.from_numpy(out)
+
+
+def route_softmax(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: bool,
+                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k routing (`router.py`): x f32 [n, D], router f32 [E, D] on the CPU -> (ids [n, K] long, best
+    first; weights [n, K] f32: the chosen scores, divided by their sum if renorm, times scaling)."""
+    xa = activations(x)
+    if router.dim() != 2 or not 1 <= top_k <= router.shape[0]:
+        raise ValueError(f"top_k {top_k} of a router of shape {list(router.shape)}")
+    w = _f32_contiguous("router", router, (router.shape[0], xa.shape[1]))
+    ids = np.empty((xa.shape[0], top_k), dtype=np.int64)
+    weights = np.empty((xa.shape[0], top_k), dtype=np.float32)
+    router_kernels.softmax_topk(xa, w, renorm, np.float32(scaling), ids, weights)
+    return torch.from_numpy(ids), torch.from_numpy(weights)
