@@ -97,8 +97,7 @@ class Block(nn.Module):
 
     def attend(self, x, batch, cos, sin, cache) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention half: (x after attention, the normalised input of the feed-forward half)."""
-        x = x + self.attn(self.attn_norm(x), batch, cos, sin, cache)
-        return x, self.ffn_norm(x)
+        return self.ffn_norm.add(x, self.attn(self.attn_norm(x), batch, cos, sin, cache))
 
 
 class Transformer(nn.Module):

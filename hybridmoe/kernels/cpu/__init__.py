@@ -20,6 +20,9 @@ results within about 1e-2 relative of the exact ones, and `ffn_experts` runs all
 Grouped-query attention at decode (one token, float32, `attention.py`): q/k norm, rope, cache write, attention.
     gqa_decode(qkv, n_heads, q_norm, k_norm, eps, cos, sin, k_cache, v_cache, pos, scale) -> [H * D]
 
+RMSNorm of a few float32 rows, optionally after adding a residual (`norm.py`), in one call.
+    rms_norm(x, weight, eps, residual=None) -> (x + residual, normalised)
+
 Softmax top-k routing of a few tokens (float32, `router.py`): logits, softmax, top k and weights in one call.
     route_softmax(x, router, top_k, renorm, scaling) -> (ids [n, K], weights [n, K])
 
@@ -39,9 +42,9 @@ from .target import use_full_vector_width
 use_full_vector_width()
 
 from .api import (GEMV_TYPES, dequantize, ffn_experts, ffn_experts_sum, ffn_packed, gemv, gemv_packed,  # noqa: E402
-                  gqa_decode, matmul, repack, repack_experts, route_softmax, set_threads)
+                  gqa_decode, matmul, repack, repack_experts, rms_norm, route_softmax, set_threads)
 from .repack import ACTIVATIONS, PACKED_TYPES, PackedExperts, PackedWeight  # noqa: E402
 
 __all__ = ["ACTIVATIONS", "GEMV_TYPES", "PACKED_TYPES", "PackedExperts", "PackedWeight", "dequantize", "ffn_experts",
            "ffn_experts_sum", "ffn_packed", "gemv", "gemv_packed", "gqa_decode", "matmul", "repack", "repack_experts",
-           "route_softmax", "set_threads"]
+           "rms_norm", "route_softmax", "set_threads"]

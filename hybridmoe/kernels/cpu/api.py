@@ -12,6 +12,7 @@ from hybridmoe.quant import dequantize as reference_dequantize
 from . import attention as attention_kernels
 from . import combine as combine_kernels
 from . import int8 as int8_kernels
+from . import norm as norm_kernels
 from . import packed as packed_kernels
 from . import router as router_kernels
 from .checks import Array, activations, kernel_type, weights
@@ -258,3 +259,24 @@ def route_softmax(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: boo
     weights = np.empty((xa.shape[0], top_k), dtype=np.float32)
     router_kernels.softmax_topk(xa, w, renorm, np.float32(scaling), ids, weights)
     return torch.from_numpy(ids), torch.from_numpy(weights)
+
+
+_NO_ROWS = np.empty((0, 0), dtype=np.float32)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of a few float32 rows on the CPU (`norm.py`), optionally of x + residual: x [..., D], weight [D] ->
+    (x + residual, or x itself without one; the normalised rows times weight), both shaped as x."""
+    shape = x.shape
+    xa = activations(x.reshape(-1, shape[-1]))
+    w = _f32_contiguous("weight", weight, (xa.shape[1],))
+    out = np.empty_like(xa)
+    if residual is None:
+        norm_kernels.add_rms_norm(xa, _NO_ROWS, w, np.float32(eps), _NO_ROWS, out)
+        return x, torch.from_numpy(out).view(shape)
+    if residual.shape != shape:
+        raise ValueError(f"residual has shape {list(residual.shape)}, x {list(shape)}")
+    total = np.empty_like(xa)
+    norm_kernels.add_rms_norm(xa, activations(residual.reshape(xa.shape)), w, np.float32(eps), total, out)
+    return torch.from_numpy(total).view(shape), torch.from_numpy(out).view(shape)
