@@ -131,12 +131,12 @@ def run_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     N, K = ids.shape
     ids_host = ids.cpu()  # host sync: which experts run is decided on the host
     if N == 1:  # decode: each chosen expert (all distinct) runs on the one token, no index bookkeeping
-        chosen = ids_host[0].tolist()
+        chosen = ids_host.tolist()[0]
         for e in chosen:
             counts[e] = counts.get(e, 0) + 1
         y = None if compute_sum is None else compute_sum(chosen, x, weights)
         if y is not None:
-            return y.to(x.dtype)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         if compute_many is not None:
             return combine(compute_many(chosen, x).transpose(0, 1), weights, x.dtype)  # [K, 1, D] -> [1, K, D]
         parts = x.new_empty(N, K, x.shape[-1])

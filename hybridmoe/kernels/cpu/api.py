@@ -20,16 +20,17 @@ from .raw import KIND, W32, dequantize_rows, gemv_raw
 from .repack import (ACTIVATIONS, DEFAULT_LANES, PACKED_TYPES, PackedExperts, PackedWeight, repack_experts_raw,
                      repack_raw)
 
-# (kernel, group size of the activation sums it takes)
+# (kernel, group size of the activation sums it takes; None: it takes none)
 _PACKED = {
     T.Q4_0: (packed_kernels.gemv_q4_0, 32),
-    T.Q8_0: (packed_kernels.gemv_q8_0, 32),
+    T.Q8_0: (packed_kernels.gemv_q8_0, None),
     T.Q4_K: (packed_kernels.gemv_q4_k, 32),
     T.Q5_K: (packed_kernels.gemv_q5_k, 32),
     T.Q6_K: (packed_kernels.gemv_q6_k, 16),
 }
 GEMV_TYPES = tuple(KIND)
 _PREFILL_TILE_ROWS = 512
+_NO_ROWS = np.empty((0, 0), dtype=np.float32)  # an absent optional [n, ...] input
 
 
 def set_threads(n: int) -> None:
@@ -100,17 +101,13 @@ def gemv_packed(x: Array, w: PackedWeight) -> Array:
         raise ValueError(f"x has K = {xa.shape[1]}, the weight has {w.n_cols} columns")
     if w.activations == "int8":
         return _like_input(np.ascontiguousarray(_int8_gemv(xa, w)), x)
-    kernel, group = _PACKED[w.qtype]
-    xsum = xa.reshape(xa.shape[0], -1, group).sum(axis=-1)
-    y = np.empty((xa.shape[0], w.n_rows), dtype=np.float32)
-    kernel(xa, xsum, *w.arrays, y)
-    return _like_input(y, x)
+    return _like_input(_packed(xa, w), x)
 
 
 def _packed(xa: np.ndarray, w: PackedWeight) -> np.ndarray:
     kernel, group = _PACKED[w.qtype]
     y = np.empty((xa.shape[0], w.n_rows), dtype=np.float32)
-    kernel(xa, xa.reshape(xa.shape[0], -1, group).sum(axis=-1), *w.arrays, y)
+    kernel(xa, _NO_ROWS if group is None else xa.reshape(xa.shape[0], -1, group).sum(axis=-1), *w.arrays, y)
     return y
 
 
@@ -123,11 +120,13 @@ def _expert_shapes(xa: np.ndarray, gate, up, down) -> None:
         raise ValueError("gate, up and down were repacked for different activations")
 
 
-def _int8_ffn(xa: np.ndarray, gate, up, down, experts: np.ndarray) -> np.ndarray:
-    """[G, n, D] from stacked int8-layout arrays ([E, tiles, ...]), one kernel call."""
+def _int8_ffn(xa: np.ndarray, gate, up, down, experts: np.ndarray, w: np.ndarray = _NO_ROWS,
+              out: np.ndarray = _NO_ROWS) -> np.ndarray:
+    """[G, n, D] from stacked int8-layout arrays ([E, tiles, ...]), one kernel call; with weights w [n, G] also
+    their weighted sum into out [n, D]."""
     y = np.empty((experts.size, xa.shape[0], down.arrays[0].shape[-2] * down.lanes), dtype=np.float32)
     kinds = np.array([KIND[gate.qtype], KIND[up.qtype], KIND[down.qtype]], dtype=np.int64)
-    int8_kernels.ffn(kinds, xa, gate.n_rows, *gate.arrays, *up.arrays, *down.arrays, experts, y)
+    int8_kernels.ffn(kinds, xa, gate.n_rows, *gate.arrays, *up.arrays, *down.arrays, experts, y, w, out)
     return y[:, :, :down.n_rows]
 
 
@@ -146,19 +145,14 @@ def ffn_packed(x: np.ndarray, gate: PackedWeight, up: PackedWeight, down: Packed
     return _packed(np.ascontiguousarray(h, dtype=np.float32), down)
 
 
-def _ffn_experts(x: np.ndarray, gate: PackedExperts, up: PackedExperts, down: PackedExperts,
-                 experts: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(x's numpy view, [G, n, D] with expert experts[g] in row g; a view of the kernel's padded output)."""
-    xa = activations(x)
+def _expert_ids(xa: np.ndarray, gate: PackedExperts, up: PackedExperts, down: PackedExperts,
+                experts: list[int]) -> np.ndarray:
     _expert_shapes(xa, gate, up, down)
     if len(experts) == 0 or min(experts) < 0 or max(experts) >= gate.n_experts:
         raise ValueError(f"experts must be a non-empty list of ids below {gate.n_experts}, got {experts}")
-    ids = np.asarray(experts, dtype=np.int64)
     if any(w.n_experts != gate.n_experts for w in (up, down)):
         raise ValueError("gate, up and down hold different numbers of experts")
-    if gate.activations == "int8":
-        return xa, _int8_ffn(xa, gate, up, down, ids)
-    return xa, np.stack([ffn_packed(xa, gate.expert(e), up.expert(e), down.expert(e)) for e in experts])
+    return np.asarray(experts, dtype=np.int64)
 
 
 def ffn_experts(x: np.ndarray, gate: PackedExperts, up: PackedExperts, down: PackedExperts,
@@ -166,19 +160,27 @@ def ffn_experts(x: np.ndarray, gate: PackedExperts, up: PackedExperts, down: Pac
     """Several experts of one layer on the same tokens: f32 [n, D] -> f32 [G, n, D], expert experts[g] in row g.
     With 8-bit activations one kernel call runs them all (x quantized once); with float32 activations each expert
     runs as `ffn_packed`. Either way each expert's result is the one `ffn_packed` gives for it alone."""
-    return np.ascontiguousarray(_ffn_experts(x, gate, up, down, experts)[1])
+    xa = activations(x)
+    ids = _expert_ids(xa, gate, up, down, experts)
+    if gate.activations == "int8":
+        return np.ascontiguousarray(_int8_ffn(xa, gate, up, down, ids))
+    return np.stack([ffn_packed(xa, gate.expert(e), up.expert(e), down.expert(e)) for e in experts])
 
 
 def ffn_experts_sum(x: np.ndarray, gate: PackedExperts, up: PackedExperts, down: PackedExperts, experts: list[int],
                     weights: np.ndarray) -> np.ndarray:
     """sum_g weights[:, g] * ffn_experts(x, ...)[g]: f32 [n, D], weights f32 [n, G]; the same bits as
-    `layers.moe.combine` of ffn_experts' result (`combine.py`), without the stacked copy."""
-    xa, y = _ffn_experts(x, gate, up, down, experts)
-    w = activations(weights)
+    `layers.moe.combine` of ffn_experts' result (`combine.py`), without the stacked copy (with 8-bit activations,
+    in the same kernel call)."""
+    xa, w = activations(x), activations(weights)
+    ids = _expert_ids(xa, gate, up, down, experts)
     if w.shape != (xa.shape[0], len(experts)):
         raise ValueError(f"weights must be [{xa.shape[0]}, {len(experts)}], got {list(w.shape)}")
     out = np.empty((xa.shape[0], down.n_rows), dtype=np.float32)
-    combine_kernels.weighted_sum(y, w, out)
+    if gate.activations == "int8":
+        _int8_ffn(xa, gate, up, down, ids, w, out)
+    else:
+        combine_kernels.weighted_sum(ffn_experts(xa, gate, up, down, experts), w, out)
     return out
 
 
@@ -259,9 +261,6 @@ def route_softmax(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: boo
     weights = np.empty((xa.shape[0], top_k), dtype=np.float32)
     router_kernels.softmax_topk(xa, w, renorm, np.float32(scaling), ids, weights)
     return torch.from_numpy(ids), torch.from_numpy(weights)
-
-
-_NO_ROWS = np.empty((0, 0), dtype=np.float32)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
