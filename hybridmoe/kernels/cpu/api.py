@@ -217,7 +217,9 @@ def _f32_contiguous(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -
     """A float32 CPU tensor of `shape`, C-contiguous, as its numpy view (None: an empty array)."""
     if t is None:
         return _NO_WEIGHT
-    a = t.detach().numpy() if isinstance(t, torch.Tensor) and t.device.type == "cpu" else None
+    a = None
+    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+        a = t.detach().numpy() if t.requires_grad else t.numpy()
     if a is None or a.dtype != np.float32:
         raise ValueError(f"{name} must be a float32 tensor on the CPU")
     if a.shape != shape or not a.flags.c_contiguous:
