@@ -213,8 +213,9 @@ def matmul(x: Array, w_raw: np.ndarray, ggml_type: T | int) -> torch.Tensor:
 _NO_WEIGHT = np.empty(0, dtype=np.float32)
 
 
-def _f32_contiguous(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 CPU tensor of `shape`, C-contiguous, as its numpy view (None: an empty array)."""
+def _f32_contiguous(name: str, t: torch.Tensor | None, shape: tuple[int, ...], reshape: bool = False) -> np.ndarray:
+    """A float32 CPU tensor of `shape` (reshape: of as many elements, reshaped here, where numpy's reshape costs less
+    than torch's), C-contiguous, as its numpy view (None: an empty array)."""
     if t is None:
         return _NO_WEIGHT
     a = None
@@ -222,16 +223,17 @@ def _f32_contiguous(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -
         a = t.detach().numpy() if t.requires_grad else t.numpy()
     if a is None or a.dtype != np.float32:
         raise ValueError(f"{name} must be a float32 tensor on the CPU")
-    if a.shape != shape or not a.flags.c_contiguous:
+    if (a.size != int(np.prod(shape)) if reshape else a.shape != shape) or not a.flags.c_contiguous:
         raise ValueError(f"{name} must be contiguous of shape {list(shape)}, got {list(a.shape)}")
-    return a
+    return a.reshape(shape)
 
 
 def gqa_decode(qkv: torch.Tensor, n_heads: int, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                eps: float, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                pos: int, scale: float) -> torch.Tensor:
     """One decode step of grouped-query attention (`attention.py`): qkv [(H + 2 Hk) * D] (q, k, v heads, as the
-    projections give them); q_norm, k_norm: RMSNorm weights [D] or None; cos, sin [D/2] at the token's position
+    projections give them; any shape of that size, as are cos and sin); q_norm, k_norm: RMSNorm weights [D] or
+    None; cos, sin [D/2] at the token's position
     (half-split rope); k_cache, v_cache [max_len, Hk, D] of the token's slot, written at `pos`, whose keys
     0..pos are attended to. All float32 on the CPU. -> [H * D]."""
     if k_cache.dim() != 3:
@@ -244,10 +246,11 @@ def gqa_decode(qkv: torch.Tensor, n_heads: int, q_norm: torch.Tensor | None, k_n
     cache_shape = (max_len, n_kv, dim)
     out = np.empty(n_heads * dim, dtype=np.float32)
     attention_kernels.gqa_decode(
-        _f32_contiguous("qkv", qkv, ((n_heads + 2 * n_kv) * dim,)), n_heads, _f32_contiguous("q_norm", q_norm, (dim,)),
-        _f32_contiguous("k_norm", k_norm, (dim,)), np.float32(eps), _f32_contiguous("cos", cos, (dim // 2,)),
-        _f32_contiguous("sin", sin, (dim // 2,)), _f32_contiguous("k_cache", k_cache, cache_shape),
-        _f32_contiguous("v_cache", v_cache, cache_shape), pos, np.float32(scale), out)
+        _f32_contiguous("qkv", qkv, ((n_heads + 2 * n_kv) * dim,), reshape=True), n_heads,
+        _f32_contiguous("q_norm", q_norm, (dim,)), _f32_contiguous("k_norm", k_norm, (dim,)), np.float32(eps),
+        _f32_contiguous("cos", cos, (dim // 2,), reshape=True), _f32_contiguous("sin", sin, (dim // 2,), reshape=True),
+        _f32_contiguous("k_cache", k_cache, cache_shape), _f32_contiguous("v_cache", v_cache, cache_shape), pos,
+        np.float32(scale), out)
     return torch.from_numpy(out)
 
 
