@@ -92,5 +92,5 @@ class GQAttention(nn.Module):
         slot = batch.slots[0]
         norms = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
         eps = 0.0 if self.q_norm is None else self.q_norm.eps
-        return ck.gqa_decode(qkv.reshape(-1), self.n_heads, *norms, eps, cos.reshape(-1), sin.reshape(-1),
+        return ck.gqa_decode(qkv, self.n_heads, *norms, eps, cos, sin,
                              cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0], self.head_dim ** -0.5)

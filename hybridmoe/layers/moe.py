@@ -10,7 +10,10 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from ..kernels import cpu as ck
 from ..kernels import gpu_kernel
+
+CPU_ROUTE_TOKENS = 4  # up to this many tokens, CPU routing is one kernel call (route_hidden)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,20 @@ def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = No
     return ids, _scaled(scores.gather(1, ids), spec)
 
 
+def route_hidden(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D] (already normalised), router [E, D] -> `route` of the f32 logits. A decode step's float32 token on
+    the CPU under plain softmax top-k takes one kernel call for all of it (kernels.cpu.route_softmax): the same
+    choices and weights up to float32 rounding, without seven small ops that each start with cold caches."""
+    if (x.device.type == "cpu" and x.dtype == router.dtype == torch.float32 and x.shape[0] <= CPU_ROUTE_TOKENS
+            and spec.scoring == "softmax" and (spec.method == "greedy" or spec.n_group == 1)
+            and (bias is None or spec.method != "noaux_tc")):
+        renorm = spec.norm_topk_prob and spec.top_k > 1
+        scaling = spec.scaling if not renorm or spec.scale_after_norm else 1.0
+        return ck.route_softmax(x.contiguous(), router, spec.top_k, renorm, scaling)
+    return route(x.float() @ router.float().t(), spec, bias)
+
+
 def _scaled(weights: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
     """The chosen experts' scores [N, K] -> their weights: normalised to sum 1 if asked, times the scaling."""
     if spec.norm_topk_prob and spec.top_k > 1:
@@ -112,16 +129,22 @@ def combine(parts: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> t
 
 def run_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 compute: Callable[[int, torch.Tensor], torch.Tensor], counts: dict[int, int],
-                compute_many: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                compute_many: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
+                compute_sum: Callable[[list[int], torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
+                ) -> torch.Tensor:
     """Each routed expert once on its tokens, outputs combined in a fixed order; counts tokens per expert.
     compute(e, x_e [n, D]) -> [n, D]; compute_many(experts, x [n, D]) -> [G, n, D], if given, runs a decode step's
-    experts together (each with compute's result)."""
+    experts together (each with compute's result); compute_sum(experts, x, weights [n, G]) -> [n, D] or None, if
+    given, also combines them (the bits `combine` gives)."""
     N, K = ids.shape
     ids_host = ids.cpu()  # host sync: which experts run is decided on the host
     if N == 1:  # decode: each chosen expert (all distinct) runs on the one token, no index bookkeeping
-        chosen = ids_host[0].tolist()
+        chosen = ids_host.tolist()[0]
         for e in chosen:
             counts[e] = counts.get(e, 0) + 1
+        y = None if compute_sum is None else compute_sum(chosen, x, weights)
+        if y is not None:
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         if compute_many is not None:
             return combine(compute_many(chosen, x).transpose(0, 1), weights, x.dtype)  # [K, 1, D] -> [1, K, D]
         parts = x.new_empty(N, K, x.shape[-1])

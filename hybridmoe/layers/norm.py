@@ -1,8 +1,12 @@
+"""RMSNorm, with a residual add in front of it when the caller has one (decode fuses the two on the CPU)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu as ck
 from ..kernels import gpu_kernel
+
+CPU_KERNEL_ROWS = 4  # up to this many float32 rows on the CPU, one kernel call (kernels.cpu.rms_norm)
 
 
 class RMSNorm(nn.Module):
@@ -11,7 +15,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    def _kernel_applies(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
+                and x.numel() <= CPU_KERNEL_ROWS * x.shape[-1] and x.is_contiguous())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_applies(x):
+            return ck.rms_norm(x, self.weight, self.eps)[1]
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op (decode runs dozens)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         fused = gpu_kernel("norm", "rms_norm") if x.is_cuda else None
@@ -22,3 +32,11 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, its norm): one kernel call at CPU decode."""
+        if (self._kernel_applies(x) and residual.dtype == x.dtype and residual.device == x.device
+                and residual.is_contiguous()):
+            return ck.rms_norm(x, self.weight, self.eps, residual)
+        x = x + residual
+        return x, self(x)

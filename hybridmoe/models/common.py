@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layers.cache import Batch, KVCache
-from ..layers.moe import Experts, RouterSpec, route, start_experts
+from ..layers.moe import Experts, RouterSpec, route_hidden, start_experts
 from ..layers.mlp import MLP
 from ..layers.norm import RMSNorm
 from ..layers.rope import Rope, RopeTables
@@ -79,7 +79,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] (already normalised) -> (ids [N, K], weights [N, K] f32)."""
-        return route(x.float() @ self.router.float().t(), self.spec, self.router_bias)
+        return route_hidden(x, self.router, self.spec, self.router_bias)
 
 
 class Block(nn.Module):
@@ -90,15 +90,16 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(dim, eps)
         self.ffn = ffn
 
-    def forward(self, x, layer, batch, cos, sin, cache, experts):
-        x, h = self.attend(x, batch, cos, sin, cache)
-        h = self.ffn(h, layer, experts) if isinstance(self.ffn, MoE) else self.ffn(h)
-        return x + h
+    def forward(self, x, layer, batch, cos, sin, cache, experts, pending=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (x after attention, the feed-forward output still to be added to it). pending: the previous block's
+        such output; it is added inside this block's first norm (at CPU decode, one kernel call for both)."""
+        x, h = self.attend(x, batch, cos, sin, cache, pending)
+        return x, self.ffn(h, layer, experts) if isinstance(self.ffn, MoE) else self.ffn(h)
 
-    def attend(self, x, batch, cos, sin, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, x, batch, cos, sin, cache, pending=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention half: (x after attention, the normalised input of the feed-forward half)."""
-        x = x + self.attn(self.attn_norm(x), batch, cos, sin, cache)
-        return x, self.ffn_norm(x)
+        x, normed = (x, self.attn_norm(x)) if pending is None else self.attn_norm.add(x, pending)
+        return self.ffn_norm.add(x, self.attn(normed, batch, cos, sin, cache))
 
 
 class Transformer(nn.Module):
@@ -149,25 +150,40 @@ class Transformer(nn.Module):
         """tokens [B, T] -> logits [B, T, V] (f32), or [B, V] at each row's last valid token if last_only."""
         graphs = self.decode_graphs
         x = graphs.run(tokens, batch, cache) if graphs is not None and graphs.applies(tokens, batch, cache) else None
+        pending = None
         if x is None:
-            x = self._layers(tokens, batch, cache)
-        x = x.to(self.norm.weight.device)  # the final norm lives with the head (which may be quantized)
-        if last_only and x.shape[:2] == (1, 1):
+            x, pending = self._layers(tokens, batch, cache)
+        dev = self.norm.weight.device  # the final norm lives with the head (which may be quantized)
+        one = last_only and x.shape[:2] == (1, 1)
+        if pending is not None and (not one or pending.device != x.device or x.device != dev):
+            x, pending = x + pending, None
+        x = x.to(dev)
+        if one:
             x = x[:, 0]
+            pending = None if pending is None else pending[:, 0]
         elif last_only:
             last = torch.tensor([n - 1 for n in batch.n_new], device=x.device)
             x = x[torch.arange(x.shape[0], device=x.device), last]
-        return self.output(self.norm(x)).float()
+        x = self.norm(x) if pending is None else self.norm.add(x, pending)[1]
+        return self.output(x).float()
 
-    def _layers(self, tokens: torch.Tensor, batch: Batch, cache: KVCache | None) -> torch.Tensor:
+    def _layers(self, tokens: torch.Tensor, batch: Batch,
+                cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (x, the last block's output still to be added to it, or None)."""
         x = self.tok_embeddings(tokens.to(self.tok_embeddings.weight.device))
+        pending = None
         stage = None
         for i, (block, dev) in enumerate(zip(self.layers, self.devices())):
-            if dev != stage:  # entering a new pipeline stage
+            if dev != stage:  # entering a new pipeline stage: only the whole hidden state crosses
+                if pending is not None:
+                    x, pending = x + pending, None
                 stage, x, b = dev, x.to(dev), batch.to(dev)
                 cos, sin = self.tables(dev).cos_sin(b.positions)
             with on_device(dev):
-                x = block(x, i, b, cos, sin, None if cache is None else cache.layers[i], self.experts)
-            for observe in self.observers:
-                observe(i, x)
-        return x
+                x, pending = block(x, i, b, cos, sin, None if cache is None else cache.layers[i], self.experts,
+                                   pending)
+            if self.observers:
+                x, pending = x + pending, None
+                for observe in self.observers:
+                    observe(i, x)
+        return x, pending

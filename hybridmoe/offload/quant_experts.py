@@ -19,7 +19,7 @@ import torch
 
 from ..formats.gguf import GGUFTensor
 from ..layers.moe import run_experts
-from .quant_store import QuantStore
+from .quant_store import QuantStore, host_f32
 
 TIERS = ("mmap", "packed")
 
@@ -56,9 +56,10 @@ class QuantExperts:
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], ids [N, K], weights [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x), as [N, D]."""
         t0 = time.perf_counter()
-        xs = x.detach().to("cpu", torch.float32).contiguous()  # experts run on the host: the hidden state goes there
-        y = run_experts(xs, ids, weights.detach().cpu().float(),
+        xs = host_f32(x)  # experts run on the host: the hidden state goes there
+        y = run_experts(xs, ids, host_f32(weights),
                         lambda e, xe: self.store.compute_host(layer, e, xe), self.activity.setdefault(layer, {}),
-                        lambda experts, xe: self.store.compute_host_many(layer, experts, xe))
+                        lambda experts, xe: self.store.compute_host_many(layer, experts, xe),
+                        lambda experts, xe, w: self.store.compute_host_sum(layer, experts, xe, w))
         self.cpu_s += time.perf_counter() - t0
-        return y.to(x.device, x.dtype)
+        return y if y.dtype == x.dtype and y.device == x.device else y.to(x.device, x.dtype)

@@ -40,6 +40,14 @@ except ImportError:  # pragma: no cover - triton is missing
     gk = None
 
 
+def host_f32(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous float32 CPU tensor; at decode it already is one, and the no-op conversions are skipped (each
+    would start with the caches the kernels have just flushed)."""
+    if t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous():
+        return t.detach() if t.requires_grad else t
+    return t.detach().to("cpu", torch.float32).contiguous()
+
+
 class _Layout:
     """gate/up/down byte ranges of one expert row: kernels.gpu.SlotLayout when the GPU kernels exist and take these
     types, else the same rule (256-byte aligned parts) with no GPU layout."""
@@ -165,6 +173,16 @@ class QuantStore:
             return torch.stack([self.compute_host(layer, e, x) for e in experts])
         xs = x.to("cpu", torch.float32).contiguous()
         return torch.from_numpy(ck.ffn_experts(xs.numpy(), *packed, experts)).to(x.dtype)
+
+    def compute_host_sum(self, layer: int, experts: list[int], x: torch.Tensor,
+                         weights: torch.Tensor) -> torch.Tensor | None:
+        """sum_g weights[:, g] * expert_{experts[g]}(x) -> [n, D], the same bits as layers.moe.combine of
+        compute_host_many's result; None where that would not run from the repacked copy."""
+        packed = self._packed_layer(layer) if x.shape[0] < PREFILL_TOKENS else None
+        if packed is None:
+            return None
+        y = ck.ffn_experts_sum(host_f32(x).numpy(), *packed, experts, host_f32(weights).numpy())
+        return torch.from_numpy(y).to(x.dtype)
 
     def new_slots(self, n: int, device: torch.device) -> torch.Tensor:
         if device.type == "cuda":

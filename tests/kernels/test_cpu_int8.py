@@ -2,9 +2,11 @@
 of the float64 reference on any others; one call for many experts gives each expert's own result bit for bit."""
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as T
 
 from hybridmoe.kernels import cpu
+from hybridmoe.layers.moe import combine
 from hybridmoe.quant import dequantize, get_format, random_blocks
 
 TYPES = [T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -89,6 +91,23 @@ def test_f32_experts_match_ffn_packed_bit_for_bit() -> None:
     for g, e in enumerate([2, 1]):
         alone = [cpu.repack(raw[e], t) for raw, t in zip((gate, up, down), types)]
         assert np.array_equal(cpu.ffn_packed(x, *alone), y[g])
+
+
+@pytest.mark.parametrize("activations", ["int8", "f32"])
+@pytest.mark.parametrize("n_tokens", [1, 2])
+def test_combined_experts_are_the_combine_of_each_expert_bit_for_bit(activations: str, n_tokens: int) -> None:
+    rng = np.random.default_rng(4)
+    (gate, up, down), _ = expert_weights(rng, 5, 256, 256)
+    stacked = [cpu.repack_experts(raw, t, activations=activations)
+               for raw, t in zip((gate, up, down), (T.Q4_K, T.Q4_K, T.Q6_K))]
+    x = rng.standard_normal((n_tokens, 256)).astype(np.float32)
+    experts = [3, 0, 4]
+    weights = rng.random((n_tokens, 3)).astype(np.float32)
+    y = cpu.ffn_experts_sum(x, *stacked, experts, weights)
+    parts = torch.from_numpy(cpu.ffn_experts(x, *stacked, experts)).transpose(0, 1)  # [n, G, D]
+    assert np.array_equal(y, combine(parts, torch.from_numpy(weights), torch.float32).numpy())
+    with pytest.raises(ValueError, match="weights must be"):
+        cpu.ffn_experts_sum(x, *stacked, experts, weights[:, :2].copy())
 
 
 def test_stacked_copy_is_each_experts_copy() -> None:

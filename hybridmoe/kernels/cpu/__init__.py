@@ -12,12 +12,19 @@ Decode at memory speed, after a one-time copy into a lane-interleaved layout (th
     ffn_packed(x, gate, up, down) -> [n, D]                      one expert's whole FFN, checked once
     repack_experts(raw [E, N, row_bytes], ggml_type, activations) -> PackedExperts   a layer's experts, stacked
     ffn_experts(x, gate, up, down, experts) -> [G, n, D]         several experts of a layer on the same tokens
+    ffn_experts_sum(x, gate, up, down, experts, weights) -> [n, D]   the same, combined (as layers.moe.combine)
 activations="f32" keeps x in float32 (results match dequantize + matmul to float32 rounding); "int8" rounds x to 8
 bits per group of 32 (as llama.cpp does) and sums in integers (`int8.py`): several times less compute per weight,
 results within about 1e-2 relative of the exact ones, and `ffn_experts` runs all experts in one call.
 
 Grouped-query attention at decode (one token, float32, `attention.py`): q/k norm, rope, cache write, attention.
     gqa_decode(qkv, n_heads, q_norm, k_norm, eps, cos, sin, k_cache, v_cache, pos, scale) -> [H * D]
+
+RMSNorm of a few float32 rows, optionally after adding a residual (`norm.py`), in one call.
+    rms_norm(x, weight, eps, residual=None) -> (x + residual, normalised)
+
+Softmax top-k routing of a few tokens (float32, `router.py`): logits, softmax, top k and weights in one call.
+    route_softmax(x, router, top_k, renorm, scaling) -> (ids [n, K], weights [n, K])
 
 Prefill (many tokens per expert): float32 tiles of W and torch.matmul; any type `hybridmoe.quant` knows.
     matmul(x, w_raw, ggml_type) -> torch.Tensor [T, N]
@@ -34,9 +41,10 @@ from .target import use_full_vector_width
 
 use_full_vector_width()
 
-from .api import (GEMV_TYPES, dequantize, ffn_experts, ffn_packed, gemv, gemv_packed, gqa_decode,  # noqa: E402
-                  matmul, repack, repack_experts, set_threads)
+from .api import (GEMV_TYPES, dequantize, ffn_experts, ffn_experts_sum, ffn_packed, gemv, gemv_packed,  # noqa: E402
+                  gqa_decode, matmul, repack, repack_experts, rms_norm, route_softmax, set_threads)
 from .repack import ACTIVATIONS, PACKED_TYPES, PackedExperts, PackedWeight  # noqa: E402
 
 __all__ = ["ACTIVATIONS", "GEMV_TYPES", "PACKED_TYPES", "PackedExperts", "PackedWeight", "dequantize", "ffn_experts",
-           "ffn_packed", "gemv", "gemv_packed", "gqa_decode", "matmul", "repack", "repack_experts", "set_threads"]
+           "ffn_experts_sum", "ffn_packed", "gemv", "gemv_packed", "gqa_decode", "matmul", "repack", "repack_experts",
+           "rms_norm", "route_softmax", "set_threads"]

@@ -10,23 +10,27 @@ from hybridmoe.quant import as_qtype, get_format
 from hybridmoe.quant import dequantize as reference_dequantize
 
 from . import attention as attention_kernels
+from . import combine as combine_kernels
 from . import int8 as int8_kernels
+from . import norm as norm_kernels
 from . import packed as packed_kernels
+from . import router as router_kernels
 from .checks import Array, activations, kernel_type, weights
 from .raw import KIND, W32, dequantize_rows, gemv_raw
 from .repack import (ACTIVATIONS, DEFAULT_LANES, PACKED_TYPES, PackedExperts, PackedWeight, repack_experts_raw,
                      repack_raw)
 
-# (kernel, group size of the activation sums it takes)
+# (kernel, group size of the activation sums it takes; None: it takes none)
 _PACKED = {
     T.Q4_0: (packed_kernels.gemv_q4_0, 32),
-    T.Q8_0: (packed_kernels.gemv_q8_0, 32),
+    T.Q8_0: (packed_kernels.gemv_q8_0, None),
     T.Q4_K: (packed_kernels.gemv_q4_k, 32),
     T.Q5_K: (packed_kernels.gemv_q5_k, 32),
     T.Q6_K: (packed_kernels.gemv_q6_k, 16),
 }
 GEMV_TYPES = tuple(KIND)
 _PREFILL_TILE_ROWS = 512
+_NO_ROWS = np.empty((0, 0), dtype=np.float32)  # an absent optional [n, ...] input
 
 
 def set_threads(n: int) -> None:
@@ -97,17 +101,13 @@ def gemv_packed(x: Array, w: PackedWeight) -> Array:
         raise ValueError(f"x has K = {xa.shape[1]}, the weight has {w.n_cols} columns")
     if w.activations == "int8":
         return _like_input(np.ascontiguousarray(_int8_gemv(xa, w)), x)
-    kernel, group = _PACKED[w.qtype]
-    xsum = xa.reshape(xa.shape[0], -1, group).sum(axis=-1)
-    y = np.empty((xa.shape[0], w.n_rows), dtype=np.float32)
-    kernel(xa, xsum, *w.arrays, y)
-    return _like_input(y, x)
+    return _like_input(_packed(xa, w), x)
 
 
 def _packed(xa: np.ndarray, w: PackedWeight) -> np.ndarray:
     kernel, group = _PACKED[w.qtype]
     y = np.empty((xa.shape[0], w.n_rows), dtype=np.float32)
-    kernel(xa, xa.reshape(xa.shape[0], -1, group).sum(axis=-1), *w.arrays, y)
+    kernel(xa, _NO_ROWS if group is None else xa.reshape(xa.shape[0], -1, group).sum(axis=-1), *w.arrays, y)
     return y
 
 
@@ -120,11 +120,13 @@ def _expert_shapes(xa: np.ndarray, gate, up, down) -> None:
         raise ValueError("gate, up and down were repacked for different activations")
 
 
-def _int8_ffn(xa: np.ndarray, gate, up, down, experts: np.ndarray) -> np.ndarray:
-    """[G, n, D] from stacked int8-layout arrays ([E, tiles, ...]), one kernel call."""
+def _int8_ffn(xa: np.ndarray, gate, up, down, experts: np.ndarray, w: np.ndarray = _NO_ROWS,
+              out: np.ndarray = _NO_ROWS) -> np.ndarray:
+    """[G, n, D] from stacked int8-layout arrays ([E, tiles, ...]), one kernel call; with weights w [n, G] also
+    their weighted sum into out [n, D]."""
     y = np.empty((experts.size, xa.shape[0], down.arrays[0].shape[-2] * down.lanes), dtype=np.float32)
     kinds = np.array([KIND[gate.qtype], KIND[up.qtype], KIND[down.qtype]], dtype=np.int64)
-    int8_kernels.ffn(kinds, xa, gate.n_rows, *gate.arrays, *up.arrays, *down.arrays, experts, y)
+    int8_kernels.ffn(kinds, xa, gate.n_rows, *gate.arrays, *up.arrays, *down.arrays, experts, y, w, out)
     return y[:, :, :down.n_rows]
 
 
@@ -143,21 +145,43 @@ def ffn_packed(x: np.ndarray, gate: PackedWeight, up: PackedWeight, down: Packed
     return _packed(np.ascontiguousarray(h, dtype=np.float32), down)
 
 
+def _expert_ids(xa: np.ndarray, gate: PackedExperts, up: PackedExperts, down: PackedExperts,
+                experts: list[int]) -> np.ndarray:
+    _expert_shapes(xa, gate, up, down)
+    if len(experts) == 0 or min(experts) < 0 or max(experts) >= gate.n_experts:
+        raise ValueError(f"experts must be a non-empty list of ids below {gate.n_experts}, got {experts}")
+    if any(w.n_experts != gate.n_experts for w in (up, down)):
+        raise ValueError("gate, up and down hold different numbers of experts")
+    return np.asarray(experts, dtype=np.int64)
+
+
 def ffn_experts(x: np.ndarray, gate: PackedExperts, up: PackedExperts, down: PackedExperts,
                 experts: list[int]) -> np.ndarray:
     """Several experts of one layer on the same tokens: f32 [n, D] -> f32 [G, n, D], expert experts[g] in row g.
     With 8-bit activations one kernel call runs them all (x quantized once); with float32 activations each expert
     runs as `ffn_packed`. Either way each expert's result is the one `ffn_packed` gives for it alone."""
     xa = activations(x)
-    _expert_shapes(xa, gate, up, down)
-    if len(experts) == 0 or min(experts) < 0 or max(experts) >= gate.n_experts:
-        raise ValueError(f"experts must be a non-empty list of ids below {gate.n_experts}, got {experts}")
-    ids = np.asarray(experts, dtype=np.int64)
-    if any(w.n_experts != gate.n_experts for w in (up, down)):
-        raise ValueError("gate, up and down hold different numbers of experts")
+    ids = _expert_ids(xa, gate, up, down, experts)
     if gate.activations == "int8":
         return np.ascontiguousarray(_int8_ffn(xa, gate, up, down, ids))
     return np.stack([ffn_packed(xa, gate.expert(e), up.expert(e), down.expert(e)) for e in experts])
+
+
+def ffn_experts_sum(x: np.ndarray, gate: PackedExperts, up: PackedExperts, down: PackedExperts, experts: list[int],
+                    weights: np.ndarray) -> np.ndarray:
+    """sum_g weights[:, g] * ffn_experts(x, ...)[g]: f32 [n, D], weights f32 [n, G]; the same bits as
+    `layers.moe.combine` of ffn_experts' result (`combine.py`), without the stacked copy (with 8-bit activations,
+    in the same kernel call)."""
+    xa, w = activations(x), activations(weights)
+    ids = _expert_ids(xa, gate, up, down, experts)
+    if w.shape != (xa.shape[0], len(experts)):
+        raise ValueError(f"weights must be [{xa.shape[0]}, {len(experts)}], got {list(w.shape)}")
+    out = np.empty((xa.shape[0], down.n_rows), dtype=np.float32)
+    if gate.activations == "int8":
+        _int8_ffn(xa, gate, up, down, ids, w, out)
+    else:
+        combine_kernels.weighted_sum(ffn_experts(xa, gate, up, down, experts), w, out)
+    return out
 
 
 def dequantize(w_raw: np.ndarray, ggml_type: T | int, n_cols: int) -> np.ndarray:
@@ -189,23 +213,27 @@ def matmul(x: Array, w_raw: np.ndarray, ggml_type: T | int) -> torch.Tensor:
 _NO_WEIGHT = np.empty(0, dtype=np.float32)
 
 
-def _f32_contiguous(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 CPU tensor of `shape`, C-contiguous, as its numpy view (None: an empty array)."""
+def _f32_contiguous(name: str, t: torch.Tensor | None, shape: tuple[int, ...], reshape: bool = False) -> np.ndarray:
+    """A float32 CPU tensor of `shape` (reshape: of as many elements, reshaped here, where numpy's reshape costs less
+    than torch's), C-contiguous, as its numpy view (None: an empty array)."""
     if t is None:
         return _NO_WEIGHT
-    a = t.detach().numpy() if isinstance(t, torch.Tensor) and t.device.type == "cpu" else None
+    a = None
+    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+        a = t.detach().numpy() if t.requires_grad else t.numpy()
     if a is None or a.dtype != np.float32:
         raise ValueError(f"{name} must be a float32 tensor on the CPU")
-    if a.shape != shape or not a.flags.c_contiguous:
+    if (a.size != int(np.prod(shape)) if reshape else a.shape != shape) or not a.flags.c_contiguous:
         raise ValueError(f"{name} must be contiguous of shape {list(shape)}, got {list(a.shape)}")
-    return a
+    return a.reshape(shape)
 
 
 def gqa_decode(qkv: torch.Tensor, n_heads: int, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                eps: float, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                pos: int, scale: float) -> torch.Tensor:
     """One decode step of grouped-query attention (`attention.py`): qkv [(H + 2 Hk) * D] (q, k, v heads, as the
-    projections give them); q_norm, k_norm: RMSNorm weights [D] or None; cos, sin [D/2] at the token's position
+    projections give them; any shape of that size, as are cos and sin); q_norm, k_norm: RMSNorm weights [D] or
+    None; cos, sin [D/2] at the token's position
     (half-split rope); k_cache, v_cache [max_len, Hk, D] of the token's slot, written at `pos`, whose keys
     0..pos are attended to. All float32 on the CPU. -> [H * D]."""
     if k_cache.dim() != 3:
@@ -218,8 +246,41 @@ def gqa_decode(qkv: torch.Tensor, n_heads: int, q_norm: torch.Tensor | None, k_n
     cache_shape = (max_len, n_kv, dim)
     out = np.empty(n_heads * dim, dtype=np.float32)
     attention_kernels.gqa_decode(
-        _f32_contiguous("qkv", qkv, ((n_heads + 2 * n_kv) * dim,)), n_heads, _f32_contiguous("q_norm", q_norm, (dim,)),
-        _f32_contiguous("k_norm", k_norm, (dim,)), np.float32(eps), _f32_contiguous("cos", cos, (dim // 2,)),
-        _f32_contiguous("sin", sin, (dim // 2,)), _f32_contiguous("k_cache", k_cache, cache_shape),
-        _f32_contiguous("v_cache", v_cache, cache_shape), pos, np.float32(scale), out)
+        _f32_contiguous("qkv", qkv, ((n_heads + 2 * n_kv) * dim,), reshape=True), n_heads,
+        _f32_contiguous("q_norm", q_norm, (dim,)), _f32_contiguous("k_norm", k_norm, (dim,)), np.float32(eps),
+        _f32_contiguous("cos", cos, (dim // 2,), reshape=True), _f32_contiguous("sin", sin, (dim // 2,), reshape=True),
+        _f32_contiguous("k_cache", k_cache, cache_shape), _f32_contiguous("v_cache", v_cache, cache_shape), pos,
+        np.float32(scale), out)
     return torch.from_numpy(out)
+
+
+def route_softmax(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: bool,
+                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k routing (`router.py`): x f32 [n, D], router f32 [E, D] on the CPU -> (ids [n, K] long, best
+    first; weights [n, K] f32: the chosen scores, divided by their sum if renorm, times scaling)."""
+    xa = activations(x)
+    if router.dim() != 2 or not 1 <= top_k <= router.shape[0]:
+        raise ValueError(f"top_k {top_k} of a router of shape {list(router.shape)}")
+    w = _f32_contiguous("router", router, (router.shape[0], xa.shape[1]))
+    ids = np.empty((xa.shape[0], top_k), dtype=np.int64)
+    weights = np.empty((xa.shape[0], top_k), dtype=np.float32)
+    router_kernels.softmax_topk(xa, w, renorm, np.float32(scaling), ids, weights)
+    return torch.from_numpy(ids), torch.from_numpy(weights)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of a few float32 rows on the CPU (`norm.py`), optionally of x + residual: x [..., D], weight [D] ->
+    (x + residual, or x itself without one; the normalised rows times weight), both shaped as x."""
+    shape = x.shape
+    xa = activations(x.reshape(-1, shape[-1]))
+    w = _f32_contiguous("weight", weight, (xa.shape[1],))
+    out = np.empty_like(xa)
+    if residual is None:
+        norm_kernels.add_rms_norm(xa, _NO_ROWS, w, np.float32(eps), _NO_ROWS, out)
+        return x, torch.from_numpy(out).view(shape)
+    if residual.shape != shape:
+        raise ValueError(f"residual has shape {list(residual.shape)}, x {list(shape)}")
+    total = np.empty_like(xa)
+    norm_kernels.add_rms_norm(xa, activations(residual.reshape(xa.shape)), w, np.float32(eps), total, out)
+    return torch.from_numpy(total).view(shape), torch.from_numpy(out).view(shape)

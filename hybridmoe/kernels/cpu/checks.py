@@ -15,7 +15,7 @@ def activations(x: Array) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             raise ValueError(f"x must be on the CPU, got {x.device}")
-        x = x.detach().numpy()
+        x = x.detach().numpy() if x.requires_grad else x.numpy()  # detach is one more op per call at decode
     if not isinstance(x, np.ndarray):
         raise ValueError(f"x must be a numpy array or torch tensor, got {type(x).__name__}")
     if x.dtype != np.float32:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .combine import weighted_sum
 from .simd import bits, bor, dpbusd, fma, fzero, izero, load_floats, load_i8_floats, load_u8_floats, load_words, mul, \
     store_floats, sub, to_floats
 
@@ -174,9 +175,10 @@ def gemv(kind: int, x: np.ndarray, q: np.ndarray, s: np.ndarray, d: np.ndarray, 
 
 @njit(parallel=True, cache=True)
 def ffn(kinds: np.ndarray, x: np.ndarray, inter: int, gq, gs, gd, uq, us, ud, dq, ds, dd, experts: np.ndarray,
-        y: np.ndarray) -> None:
+        y: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
     """y[g, n, tiles * 16] = down(silu(gate(x)) * up(x)) of expert experts[g], for stacked gate/up/down weights of
-    the given kinds (inter: the rows of gate and up). x is quantized once, each expert's hidden state once."""
+    the given kinds (inter: the rows of gate and up). x is quantized once, each expert's hidden state once.
+    w f32 [n, G] (empty: skipped) -> out f32 [n, D] = sum_g w[:, g] * y[g] (`combine.py`)."""
     xw, xd, xqs = _quantized(x)
     n, n_experts, n_inter, n_out = x.shape[0], experts.size, gq.shape[1], dq.shape[1]
     h = np.empty((n_experts, n, n_inter * LANES), dtype=np.float32)
@@ -204,3 +206,5 @@ def ffn(kinds: np.ndarray, x: np.ndarray, inter: int, gq, gs, gd, uq, us, ud, dq
         for t in range(n):
             store_floats(y[g, t], tile * LANES,
                          _tile(kinds[2], hw[g], hd[g], hqs[g], dq[e, tile], ds[e, tile], dd[e, tile], t))
+    if w.size:
+        weighted_sum(y, w, out)
