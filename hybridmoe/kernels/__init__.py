@@ -33,6 +33,14 @@ class _FirstUse:
         return out
 
 
+ALSO_ON_CPU = False  # tests only: take the GPU kernels for CPU tensors too (run by Triton's interpreter)
+
+
+def gpu_kernel_for(t: torch.Tensor, module: str, name: str):
+    """gpu_kernel(module, name) where `t` is a CUDA tensor (or ALSO_ON_CPU is set), else None."""
+    return gpu_kernel(module, name) if t.is_cuda or ALSO_ON_CPU else None
+
+
 @cache
 def gpu_kernel(module: str, name: str):
     """kernels.gpu.<module>.<name>, imported at its first use (triton reads its interpreter setting when kernels are

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import cpu as ck
-from ..kernels import gpu_kernel
+from ..kernels import gpu_kernel_for
 
 CPU_ROUTE_TOKENS = 4  # up to this many tokens, CPU routing is one kernel call (route_hidden)
 
@@ -41,7 +41,7 @@ class RouterSpec:
 def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, E] (f32) -> (expert_ids [N, K] long, weights [N, K] f32)."""
-    fused = gpu_kernel("route", "route") if logits.is_cuda else None
+    fused = gpu_kernel_for(logits, "route", "route")
     out = fused(logits, spec, bias) if fused is not None else None  # one launch (eager: 6 to 17 kernels)
     if out is not None:
         return out
@@ -120,7 +120,7 @@ def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
 
 def combine(parts: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """parts [N, K, D] -> [N, D]: a fixed summation order, so results never depend on where experts ran."""
-    fused = gpu_kernel("combine", "combine") if parts.is_cuda else None
+    fused = gpu_kernel_for(parts, "combine", "combine")
     out = fused(parts, weights, dtype) if fused is not None else None  # one launch (eager: four kernels)
     if out is not None:
         return out

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu as ck
-from ..kernels import gpu_kernel
+from ..kernels import gpu_kernel_for
 
 CPU_KERNEL_ROWS = 4  # up to this many float32 rows on the CPU, one kernel call (kernels.cpu.rms_norm)
 
@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
             return ck.rms_norm(x, self.weight, self.eps)[1]
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op (decode runs dozens)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        fused = gpu_kernel("norm", "rms_norm") if x.is_cuda else None
+        fused = gpu_kernel_for(x, "norm", "rms_norm")
         out = fused(x, self.weight, self.eps) if fused is not None else None  # one launch instead of eight
         if out is not None:
             return out

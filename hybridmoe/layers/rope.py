@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
-from ..kernels import gpu_kernel
+from ..kernels import gpu_kernel_for
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -80,7 +80,7 @@ class RopeTables:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """x [B, T, H, D]; cos/sin [B, T, D/2]. Interleaved input comes out de-interleaved (as in the reference);
     queries and keys get the same permutation, so their dot products are unchanged."""
-    fused = gpu_kernel("rope", "rope") if x.is_cuda else None
+    fused = gpu_kernel_for(x, "rope", "rope")
     out = fused(x, cos, sin, interleaved) if fused is not None and x.stride(-1) == 1 else None  # one launch
     if out is not None:  # (eager: seven kernels)
         return out

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from . import checks
+from .norm import rounded
 
 
 @triton.jit
@@ -18,7 +19,8 @@ def combine_kernel(parts, weights, out, K, D, spn, spk, swn, BK: tl.constexpr, B
     k = tl.arange(0, BK)[:, None]
     p = tl.load(parts + n * spn + k * spk + d, mask=(k < K) & (d < D), other=0.0).to(tl.float32)
     w = tl.load(weights + n * swn + k, mask=k < K, other=0.0)
-    tl.store(out + n * D + d, tl.sum(p * w, axis=0)[None, :].to(out.dtype.element_ty), mask=d < D)
+    y = rounded(tl.sum(p * w, axis=0)[None, :], out.dtype.element_ty)  # rounded to nearest even, as torch's cast
+    tl.store(out + n * D + d, y.to(out.dtype.element_ty), mask=d < D)
 
 
 def combine(parts: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
