@@ -1,12 +1,19 @@
 """The fixed-window decode segments that CUDA graphs capture, run eagerly on the CPU, against transformers."""
-import pytest
+import os
+
 import torch
 
-import hybridmoe
-from hybridmoe.layers.cache import Batch
-from hybridmoe.models.graphs import MIN_WINDOW, DecodeGraphs
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the GPU kernels' case runs them on CPU tensors
 
-from test_parity import TOL, reference, rel_err, tokens
+import pytest  # noqa: E402
+
+import hybridmoe  # noqa: E402
+from hybridmoe import kernels  # noqa: E402
+from hybridmoe.layers.cache import Batch  # noqa: E402
+from hybridmoe.models.graphs import MIN_WINDOW, DecodeGraphs  # noqa: E402
+
+from test_parity import TOL, reference, rel_err, tokens  # noqa: E402
 
 FAMILIES = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral"]
 
@@ -20,8 +27,16 @@ def static_engine(path, **kw):
     return eng, calls
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_one_token_steps_across_windows_match_transformers(tiny_models, name):
+@pytest.mark.parametrize("name,gpu_kernels", [(n, False) for n in FAMILIES]
+                         + [("deepseek_v3", True), ("qwen3_moe", True)])
+def test_one_token_steps_across_windows_match_transformers(tiny_models, monkeypatch, name, gpu_kernels):
+    """gpu_kernels: with the one-launch GPU kernels too (on CPU tensors through Triton's interpreter), as a CUDA
+    decode runs these segments."""
+    if gpu_kernels:
+        pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            pytest.skip("on a GPU, decode takes the kernels on CUDA tensors (tests/offload, tests/models)")
+        monkeypatch.setattr(kernels, "ALSO_ON_CPU", True)
     path = tiny_models(name)
     eng, windows = static_engine(path)
     ids = tokens(MIN_WINDOW + 12, seed=3)  # crosses from the first window into the second
