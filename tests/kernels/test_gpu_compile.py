@@ -29,8 +29,10 @@ def cases() -> list[tuple]:
     }
     out = [(route_kernel, route, c, f"route-{n}") for n, c in routings.items()]
     for act in ("bf16", "fp16", "fp32"):
-        out.append((rms_norm_kernel, {"x": f"*{act}", "w": f"*{act}", "out": f"*{act}", "D": "i32", "eps": "fp32"},
-                    {"BLOCK": 8192}, f"norm-{act}"))
+        for res in (False, True):
+            out.append((rms_norm_kernel, {"x": f"*{act}", "res": f"*{act}", "total": f"*{act}", "w": f"*{act}",
+                                          "out": f"*{act}", "D": "i32", "eps": "fp32"},
+                        {"BLOCK": 8192, "HAS_RES": res}, f"norm-{act}{'-residual' if res else ''}"))
         out.append((combine_kernel, {"parts": f"*{act}", "weights": "*fp32", "out": f"*{act}", "K": "i32",
                                      "D": "i32", "spn": "i32", "spk": "i32", "swn": "i32"},
                     {"BK": 8, "BD": 1024}, f"combine-{act}"))
@@ -39,8 +41,9 @@ def cases() -> list[tuple]:
                    **{k: "i32" for k in ("T", "H", "HALF", "sxb", "sxt", "sxh", "scb", "sct", "ssb", "sst")}}
             out.append((rope_kernel, sig, {"INTERLEAVED": interleaved, "BH": 32, "BD": 64},
                         f"rope-{act}-{'interleaved' if interleaved else 'halves'}"))
-    out.append((rms_norm_kernel, {"x": "*bf16", "w": "*fp32", "out": "*fp32", "D": "i32", "eps": "fp32"},
-                {"BLOCK": 128}, "norm-bf16-x-fp32-weight"))
+    out.append((rms_norm_kernel, {"x": "*bf16", "res": "*bf16", "total": "*fp32", "w": "*fp32", "out": "*fp32",
+                                  "D": "i32", "eps": "fp32"}, {"BLOCK": 128, "HAS_RES": False},
+                "norm-bf16-x-fp32-weight"))
     return out
 
 

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from hybridmoe.kernels.gpu.norm import rms_norm  # noqa: E402
+from hybridmoe.kernels.gpu.norm import add_rms_norm, rms_norm  # noqa: E402
 from hybridmoe.layers.norm import RMSNorm  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,6 +47,20 @@ def test_matches_the_eager_norm(shape, x_dtype, w_dtype) -> None:
         norm = RMSNorm(shape[-1], 1e-6).to(w_dtype)
         norm.weight.data.copy_(w)
         assert torch.equal(norm(x), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_residual_add_then_norm(dtype) -> None:
+    """(x + residual, its norm) in one launch: the sum rounded as torch's add rounds it, then the same norm."""
+    g = torch.Generator().manual_seed(3)
+    x, res = ((torch.randn(3, 2048, generator=g) * 2).to(dtype).to(DEVICE) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(2048, generator=g)).to(dtype).to(DEVICE)
+    total, normed = add_rms_norm(x, res, w, 1e-6)
+    assert torch.equal(total.cpu(), (x + res).cpu())
+    apart = ulps_apart(normed, eager(x + res, w, 1e-6))
+    assert apart.max() <= 1 and (apart > 0).float().mean() < 0.01
+    with pytest.raises(ValueError, match="residual must be"):
+        add_rms_norm(x, res.float(), w, 1e-6)
 
 
 def test_non_contiguous_rows() -> None:
