@@ -1,4 +1,5 @@
 """Compute kernels: `cpu` (numba, over GGUF quantized blocks) and `gpu` (triton)."""
+import os
 import warnings
 from functools import cache
 from importlib import import_module
@@ -33,12 +34,15 @@ class _FirstUse:
         return out
 
 
+# The one-launch GPU kernels that stand in for eager torch code (norms, rope, routing, the experts' sum); the eager
+# code does the same work. HYBRIDMOE_GPU_KERNELS=0 turns them off (to rule them out when something looks wrong).
+USE_GPU_KERNELS = os.environ.get("HYBRIDMOE_GPU_KERNELS", "1") != "0"
 ALSO_ON_CPU = False  # tests only: take the GPU kernels for CPU tensors too (run by Triton's interpreter)
 
 
 def gpu_kernel_for(t: torch.Tensor, module: str, name: str):
-    """gpu_kernel(module, name) where `t` is a CUDA tensor (or ALSO_ON_CPU is set), else None."""
-    return gpu_kernel(module, name) if t.is_cuda or ALSO_ON_CPU else None
+    """gpu_kernel(module, name) where `t` is a CUDA tensor (or ALSO_ON_CPU is set) and USE_GPU_KERNELS, else None."""
+    return gpu_kernel(module, name) if USE_GPU_KERNELS and (t.is_cuda or ALSO_ON_CPU) else None
 
 
 @cache

@@ -45,3 +45,15 @@ def test_errors_after_a_success_and_input_errors_propagate() -> None:
         _FirstUse("rope.rope", bad)(1)
     with pytest.raises(torch.OutOfMemoryError):
         _FirstUse("combine.combine", lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))(1)
+
+
+def test_the_kernels_can_be_turned_off(monkeypatch) -> None:
+    """HYBRIDMOE_GPU_KERNELS=0 (read at import into USE_GPU_KERNELS): every call site gets None, runs eager code."""
+    import hybridmoe.kernels as kernels
+
+    monkeypatch.setattr(kernels, "ALSO_ON_CPU", True)
+    monkeypatch.setattr(kernels, "gpu_kernel", lambda module, name: f"{module}.{name}")
+    t = torch.zeros(1)
+    assert kernels.gpu_kernel_for(t, "norm", "rms_norm") == "norm.rms_norm"
+    monkeypatch.setattr(kernels, "USE_GPU_KERNELS", False)
+    assert kernels.gpu_kernel_for(t, "norm", "rms_norm") is None

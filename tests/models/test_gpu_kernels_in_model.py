@@ -29,6 +29,7 @@ TOL = {"float32": 1e-4, "bfloat16": 0.3} if DEVICE == "cuda" else {"float32": 2e
 
 def run(eng, ids: list[int], fused: bool, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(full-sequence logits, logits of one-token cached decode steps after a prefill of half the ids)."""
+    monkeypatch.setattr(kernels, "USE_GPU_KERNELS", fused)
     monkeypatch.setattr(kernels, "ALSO_ON_CPU", fused and DEVICE == "cpu")
     model = eng.model
     half = len(ids) // 2
