@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 
 from ..errors import ConfigError, ContextOverflowError
-from ..layers.attention import GQAttention
+from ..layers.attention import stack_qkv_projections
 from ..layers.cache import Batch
 from ..models.graphs import DecodeGraphs
 from ..models.loader import LoadedModel, load_hf, read_config
@@ -189,9 +189,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, cost_model)
         dev = stage_devs[0]
     if dev.type == "cuda":
-        for module in loaded.model.modules():  # fewer launches per decode step
-            if isinstance(module, GQAttention):
-                module.stack_linear()
+        stack_qkv_projections(loaded.model)  # fewer launches per decode step
     if cuda_graphs and dev.type == "cuda":
         loaded.model.decode_graphs = DecodeGraphs(loaded.model)
     tokenizer = getattr(loaded, "tokenizer", None)

@@ -6,7 +6,8 @@ on the CPU at its read rate, overlapped with the GPU's share. With uniform routi
 fraction of experts (a floor: real routing is skewed and the cache keeps the hot experts). Prefetch copies the
 predicted (top_k + margin) experts over PCIe while the previous layer runs, but no more than the CPU cannot serve
 meanwhile (the scheduler's ring quota); the part that lands in time turns misses into hits. A CPU-served expert
-enters the cache only after repeated use, so uniform routing costs no admission copies. mmap'd experts that do not fit in the page cache are read from disk.
+enters the cache only after repeated use, so uniform routing costs no admission copies. mmap'd experts that do
+not fit in the page cache are read from disk.
 """
 from __future__ import annotations
 

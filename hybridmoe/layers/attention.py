@@ -8,6 +8,7 @@ from torch import nn
 from ..kernels import cpu as ck
 from .cache import Batch, LayerCache
 from .norm import RMSNorm
+from .quant_linear import QuantLinear
 from .rope import apply_rope
 
 
@@ -34,28 +35,22 @@ class GQAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.wqkv: nn.Module | None = None  # q, k and v as one layer (see stack_qkv)
 
-    def stack_qkv(self, wqkv: nn.Module) -> None:
-        """Compute q, k and v with one layer whose output is theirs concatenated (on the CPU: one kernel call
-        instead of three); the separate layers are dropped."""
-        self.wqkv, self.wq, self.wk, self.wv = wqkv, None, None, None
-
-    def stack_linear(self) -> bool:
-        """q, k and v as one nn.Linear whose weight is theirs stacked (on a GPU: one matrix product, and its
-        launches, instead of three). False where they are not plain linear layers of one device and dtype."""
-        projs = (self.wq, self.wk, self.wv)
-        if self.wqkv is not None or not all(type(p) is nn.Linear for p in projs):
+    def stack_qkv(self) -> bool:
+        """q, k and v as one layer whose output is theirs concatenated: one kernel call (CPU, quantized layers) or
+        one matrix product (GPU, plain layers) instead of three; the separate layers are dropped. False where they
+        do not fit together (other kinds, types, devices or dtypes)."""
+        projs = [self.wq, self.wk, self.wv]
+        if self.wqkv is not None:
             return False
-        if len({(p.weight.device, p.weight.dtype, p.bias is None) for p in projs}) != 1:
+        if all(isinstance(p, QuantLinear) for p in projs):
+            stacked = QuantLinear.stack(projs)
+        elif all(type(p) is nn.Linear for p in projs):
+            stacked = _stacked_linear(projs)
+        else:
+            stacked = None
+        if stacked is None:
             return False
-        first = projs[0].weight
-        stacked = nn.Linear(first.shape[1], sum(p.out_features for p in projs), bias=projs[0].bias is not None,
-                            device=first.device, dtype=first.dtype)
-        with torch.no_grad():
-            stacked.weight.copy_(torch.cat([p.weight for p in projs]))
-            if stacked.bias is not None:
-                stacked.bias.copy_(torch.cat([p.bias for p in projs]))
-        stacked.requires_grad_(False)
-        self.stack_qkv(stacked)
+        self.wqkv, self.wq, self.wk, self.wv = stacked, None, None, None
         return True
 
     def cache_shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -94,3 +89,24 @@ class GQAttention(nn.Module):
         eps = 0.0 if self.q_norm is None else self.q_norm.eps
         return ck.gqa_decode(qkv, self.n_heads, *norms, eps, cos, sin,
                              cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0], self.head_dim ** -0.5)
+
+
+def _stacked_linear(layers: list[nn.Linear]) -> nn.Linear | None:
+    """One nn.Linear whose weight (and bias) is the layers' stacked; None unless they share device, dtype and bias."""
+    if len({(p.weight.device, p.weight.dtype, p.bias is None) for p in layers}) != 1:
+        return None
+    first = layers[0].weight
+    stacked = nn.Linear(first.shape[1], sum(p.out_features for p in layers), bias=layers[0].bias is not None,
+                        device=first.device, dtype=first.dtype)
+    with torch.no_grad():
+        stacked.weight.copy_(torch.cat([p.weight for p in layers]))
+        if stacked.bias is not None:
+            stacked.bias.copy_(torch.cat([p.bias for p in layers]))
+    return stacked.requires_grad_(False)
+
+
+def stack_qkv_projections(model: nn.Module) -> None:
+    """GQAttention.stack_qkv for every attention layer of the model that it applies to."""
+    for module in model.modules():
+        if isinstance(module, GQAttention):
+            module.stack_qkv()

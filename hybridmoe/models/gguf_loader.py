@@ -50,7 +50,7 @@ _DENSE_ONLY = (".attn.wkv_b",)
 def keep_quantized(model, found: dict[str, GGUFTensor], permuted, activations: str = "f32") -> None:
     """On the CPU, linear layers keep their GGUF blocks (QuantLinear) instead of dequantized f32 weights, and an
     attention's q, k and v projections are stacked into one. activations: QuantLinear's decode activations."""
-    from ..layers.attention import GQAttention
+    from ..layers.attention import stack_qkv_projections
     from ..layers.quant_linear import QuantLinear
     for name, module in list(model.named_modules()):
         t = found.get(name + ".weight")
@@ -66,11 +66,7 @@ def keep_quantized(model, found: dict[str, GGUFTensor], permuted, activations: s
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf,
                 QuantLinear(raw, t.qtype, module.out_features, module.in_features, bias, activations))
-    for attn in model.modules():
-        projs = [attn.wq, attn.wk, attn.wv] if isinstance(attn, GQAttention) and attn.wqkv is None else []
-        stacked = QuantLinear.stack(projs) if projs and all(isinstance(p, QuantLinear) for p in projs) else None
-        if stacked is not None:
-            attn.stack_qkv(stacked)
+    stack_qkv_projections(model)
 
 
 def _split_shapes(args) -> dict[str, tuple[int, ...]]:

@@ -154,7 +154,7 @@ class QuantStore:
     def _ffn(self, x: torch.Tensor, layer: int, raws, e: int | None) -> torch.Tensor:
         """One expert on the CPU. raws() gives its raw rows, asked for only when needed (e given: the repacked
         copy is used when there is one)."""
-        xs = x.to("cpu", torch.float32).contiguous()
+        xs = host_f32(x)
         packed = self._packed_layer(layer) if e is not None and xs.shape[0] < PREFILL_TOKENS else None
         if packed is not None:
             return torch.from_numpy(ck.ffn_experts(xs.numpy(), *packed, [e])[0]).to(x.dtype)
@@ -171,7 +171,7 @@ class QuantStore:
         packed = self._packed_layer(layer) if x.shape[0] < PREFILL_TOKENS else None
         if packed is None:
             return torch.stack([self.compute_host(layer, e, x) for e in experts])
-        xs = x.to("cpu", torch.float32).contiguous()
+        xs = host_f32(x)
         return torch.from_numpy(ck.ffn_experts(xs.numpy(), *packed, experts)).to(x.dtype)
 
     def compute_host_sum(self, layer: int, experts: list[int], x: torch.Tensor,

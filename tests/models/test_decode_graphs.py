@@ -86,7 +86,7 @@ def test_stacked_qkv_projection_matches_transformers(tiny_models, name):
     """What a CUDA load does to every GQA layer (q, k and v as one linear layer), here on the CPU."""
     path = tiny_models(name)
     eng = hybridmoe.load(path)
-    stacked = [m.stack_linear() for m in eng.model.modules() if hasattr(m, "stack_linear")]
+    stacked = [m.stack_qkv() for m in eng.model.modules() if hasattr(m, "stack_qkv")]
     assert stacked and all(stacked)
     ids = tokens(20, seed=5)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from . import checks
-from .norm import rounded
+from .formats import rounded
 
 
 @triton.jit

@@ -252,3 +252,15 @@ def decode(QT: tl.constexpr, raw, kb, BB: tl.constexpr, NA: tl.constexpr):
     else:
         tl.static_assert(QT == 14, "unsupported ggml type")
         return _q6_k_decode(raw, kb, BB, NA)
+
+
+@triton.jit
+def rounded(v, dtype: tl.constexpr):
+    """float32 v rounded to dtype, to nearest even, as float32 (exact in dtype). bfloat16 by hand: Triton's
+    interpreter truncates that cast, the GPU rounds it."""
+    if dtype == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    else:
+        return v.to(dtype).to(tl.float32)

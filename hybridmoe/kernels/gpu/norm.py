@@ -14,18 +14,7 @@ import triton
 import triton.language as tl
 
 from . import checks
-
-
-@triton.jit
-def rounded(v, dtype: tl.constexpr):
-    """float32 v rounded to dtype, to nearest even, as float32 (exact in dtype). bfloat16 by hand: Triton's
-    interpreter truncates that cast, the GPU rounds it."""
-    if dtype == tl.bfloat16:
-        u = v.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return u.to(tl.float32, bitcast=True)
-    else:
-        return v.to(dtype).to(tl.float32)
+from .formats import rounded
 
 
 @triton.jit
