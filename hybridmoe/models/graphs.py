@@ -8,10 +8,16 @@ each of them runs is decided on the host after the layer's one host sync. Except
 sits in a GPU slot for good (the offload engine's "resident" layers): then the experts run inside the graph too,
 their slots looked up on the device, and the layer needs no host sync at all.
 
+Consecutive layers on one device whose whole work is device work (dense layers and resident MoE layers) are
+captured together as one graph, a span, when nothing observes the hidden state between layers (the prefetcher
+does, where a cache holds part of the experts): one launch per span instead of one per layer, whose host cost
+(about 50 us each) exceeded a small layer's GPU time. With every expert in VRAM, a stage's whole step is one graph.
+
 The position lives in a device buffer and attention spans a fixed window of keys (the next power of two above the
 position, masked), so one graph serves every step until the sequence outgrows its window; the next window's graphs
-are captured then. The window's mask and the rope tables are made once per step and device, in buffers that every
-layer's graph reads. Graphs write into the KV cache they were captured with, so a new cache drops them.
+are captured then. The window's mask and the rope tables are made once per step and device, inside the graph of
+the device's first span, in buffers that every later graph of the step reads. Graphs write into the KV cache they
+were captured with, so a new cache drops them.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ class DecodeGraphs:
         self.capture = capture
         self.enabled = True
         self.cache: KVCache | None = None
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self.graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}  # span, window, slot
         self.inputs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (x, position)
         # (device, window) -> the step's attention mask and rope cos, sin: written once per step, read by every
         # layer's graph (computed in each layer, they were a dozen small kernels per layer)
@@ -41,6 +47,7 @@ class DecodeGraphs:
         self.captured = 0
         self.generation = 0  # the experts' slot generation the graphs were captured against
         self.failure: str | None = None  # why graphs were turned off, for the engine to report once
+        self._spans: list[range] | None = None
 
     def applies(self, tokens: torch.Tensor, batch: Batch, cache: KVCache | None) -> bool:
         return (self.enabled and cache is not None and batch.slots is not None and len(batch.slots) == 1
@@ -58,34 +65,57 @@ class DecodeGraphs:
         window = min(cache.max_len, max(MIN_WINDOW, 1 << pos.bit_length()))  # > pos
         x = model.tok_embeddings(tokens.to(model.tok_embeddings.weight.device))
         stage = None
-        for i, (block, dev) in enumerate(zip(model.layers, model.devices())):
+        for span in self.spans():
+            first, last = span[0], span[-1] + 1
+            dev = model.devices()[first]
             x_in, position = self._inputs(dev, x)
             if dev != stage:
                 stage = dev
                 position.fill_(pos)
-                self._fill_step_tables(dev, window, position)
             x_in.copy_(x)
             with on_device(dev):
-                out = self._replay(i, window, slot, dev)
+                out = self._replay(span, window, slot, dev)
                 if out is None:
                     return None
-                if len(out) == 1 and isinstance(block.ffn, MoE):  # its experts ran inside the graph
-                    model.experts.ran_resident(i)
+                if len(out) == 1:  # the span's experts ran inside its graph
+                    self._ran_resident(range(first, last))
                     x = out[0]
-                elif isinstance(block.ffn, MoE):
+                else:  # the span's last layer has its experts placed on the host
                     x_mid, h, ids, weights, shared = out
-                    finish = start_experts(model.experts, i, h, ids, weights)
-                    x = x_mid + block.ffn.combine(finish(), shared).view(x_mid.shape)
-                else:
-                    x = out[0]
-            for observe in model.observers:
-                observe(i, x)
+                    finish = start_experts(model.experts, last - 1, h, ids, weights)
+                    x = x_mid + model.layers[last - 1].ffn.combine(finish(), shared).view(x_mid.shape)
+                    self._ran_resident(range(first, last - 1))
+            for observe in model.observers:  # (spans are single layers where there are observers)
+                observe(last - 1, x)
         return x
+
+    def spans(self) -> list[range]:
+        """The step's layers in launch order, grouped into spans (see the module's docstring); fixed until the
+        graphs are dropped."""
+        if self._spans is None:
+            model = self.model
+            devs = model.devices()
+            resident = getattr(model.experts, "graph_resident", lambda layer: False)
+            whole = [not isinstance(b.ffn, MoE) or resident(i) for i, b in enumerate(model.layers)]
+            spans: list[list[int]] = []
+            for i in range(len(model.layers)):  # a span may end with a layer whose experts go to the host
+                if spans and whole[i - 1] and devs[i] == devs[i - 1] and not model.observers:
+                    spans[-1].append(i)
+                else:
+                    spans.append([i])
+            self._spans = [range(s[0], s[-1] + 1) for s in spans]
+        return self._spans
+
+    def _ran_resident(self, layers: range) -> None:
+        for i in layers:
+            if isinstance(self.model.layers[i].ffn, MoE):
+                self.model.experts.ran_resident(i)
 
     def _drop(self) -> None:
         """Forget every graph, and their memory pools with them (a pool does not outlive its graphs)."""
         self.graphs.clear()
         self.pools.clear()
+        self._spans = None
 
     def _inputs(self, dev: torch.device, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         got = self.inputs.get(dev)
@@ -104,12 +134,26 @@ class DecodeGraphs:
         for buffer, new in zip(tables, (mask, cos, sin)):
             buffer.copy_(new)
 
-    def _segment(self, i: int, window: int, slot: int, dev: torch.device) -> tuple:
-        """Layer i up to its routed experts, from the static inputs; every tensor it makes stays on the device."""
-        block = self.model.layers[i]
-        x_in, position = self.inputs[dev]
+    def _segment(self, span: range, window: int, slot: int, dev: torch.device) -> tuple:
+        """The layers of `span` (the last one up to its routed experts, unless they are resident), from the static
+        inputs; every tensor it makes stays on the device. The device's first span makes the step's tables."""
+        x, position = self.inputs[dev]
+        if span[0] == 0 or self.model.devices()[span[0] - 1] != dev:
+            self._fill_step_tables(dev, window, position)
         mask, cos, sin = self.step_tables[(dev, window)]
         batch = Batch.decode_static(position, window, slot, mask)
+        for i in span:
+            out = self._layer(i, x, batch, cos, sin)
+            if len(out) != 1:
+                if i != span[-1]:
+                    raise RuntimeError(f"layer {i} of a span needs its experts placed on the host")
+                return out
+            x = out[0]
+        return (x,)
+
+    def _layer(self, i: int, x_in: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        """(x after the layer,) or, where its experts are placed on the host, what placing them needs."""
+        block = self.model.layers[i]
         x_mid, h = block.attend(x_in, batch, cos, sin, self.cache.layers[i])
         if not isinstance(block.ffn, MoE):
             return (x_mid + block.ffn(h),)
@@ -122,41 +166,42 @@ class DecodeGraphs:
             return (x_mid + block.ffn.combine(y, shared).view(x_mid.shape),)
         return x_mid, h, ids, weights, shared
 
-    def _replay(self, i: int, window: int, slot: int, dev: torch.device) -> tuple | None:
+    def _replay(self, span: range, window: int, slot: int, dev: torch.device) -> tuple | None:
         if not self.capture:
-            return self._segment(i, window, slot, dev)
-        key = (i, window, slot)
+            return self._segment(span, window, slot, dev)
+        key = (span[0], span[-1], window, slot)
         got = self.graphs.get(key)
         if got is not None:
             got[0].replay()
             return got[1]
         try:
-            got = self.graphs[key] = self._capture(i, window, slot, dev)
+            got = self.graphs[key] = self._capture(span, window, slot, dev)
         except torch.OutOfMemoryError:  # the caller frees memory (smaller expert cache) and retries the step
             self._drop()
             raise
         except RuntimeError as e:  # something that cannot be captured: decode eagerly from now on
             self.enabled = False
-            self.failure = f"CUDA graphs turned off (layer {i}: {str(e).splitlines()[0]}); decoding eagerly"
+            self.failure = (f"CUDA graphs turned off (layers {span[0]}-{span[-1]}: {str(e).splitlines()[0]}); "
+                            "decoding eagerly")
             self._drop()
             return None
         got[0].replay()
         return got[1]
 
-    def _capture(self, i: int, window: int, slot: int, dev: torch.device) -> tuple:
+    def _capture(self, span: range, window: int, slot: int, dev: torch.device) -> tuple:
         with torch.cuda.device(dev):
             # One eager run on a side stream first (lazy library initialisation must not happen under capture).
             # It writes the same cache entry the replay then writes again.
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
-                self._segment(i, window, slot, dev)
+                self._segment(span, window, slot, dev)
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # a capture stream of this device (torch's default one belongs to whichever device came first)
             stream = self.streams.get(dev) or self.streams.setdefault(dev, torch.cuda.Stream(dev))
             with torch.cuda.graph(graph, pool=self.pools.get(dev), stream=stream, capture_error_mode="thread_local"):
-                out = self._segment(i, window, slot, dev)
+                out = self._segment(span, window, slot, dev)
             self.pools[dev] = graph.pool()
         self.captured += 1
         return graph, out

@@ -267,7 +267,7 @@ class OffloadExperts:
         dev = self.stages[self.layer_stage[layer]]
         table = self.resident_slots.get(layer)
         if table is None:
-            if x.shape[0] != 1 or not self._stage_full(dev):
+            if x.shape[0] != 1 or not self.graph_resident(layer):
                 return None
             slot_of = [dev.cache.lookup((layer, e)) for e in range(self.store.n_experts[layer])]
             table = torch.tensor(slot_of, device=x.device)
@@ -280,6 +280,12 @@ class OffloadExperts:
 
     def ran_resident(self, layer: int) -> None:
         self.resident_steps.append(layer)
+
+    def graph_resident(self, layer: int) -> bool:
+        """Whether `resident` serves this layer's decode steps: its stage's cache holds all of the stage's experts
+        for good, in slots the store computes from device-side ids."""
+        dev = self.stages[self.layer_stage[layer]]
+        return self._stage_full(dev) and self.store.graph_slots(dev.buffers, layer)
 
     def _stage_full(self, dev: DeviceSlots) -> bool:
         stage = self.stages.index(dev)

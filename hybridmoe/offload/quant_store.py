@@ -295,16 +295,19 @@ class QuantStore:
                 return y
         return torch.cat([F.linear(ag, wg) for ag, wg in zip(a.split(counts), w)])
 
+    def graph_slots(self, slots: torch.Tensor, layer: int) -> bool:
+        """Whether compute_slots_graph serves this layer's slots (for a decode step's few tokens)."""
+        return slots.device.type == "cpu" or self.layouts[layer].gpu.nbytes == slots.shape[1]
+
     def compute_slots_graph(self, slots: torch.Tensor, slot_ids: torch.Tensor, layer: int,
                             x: torch.Tensor) -> torch.Tensor | None:
         """As compute_slots with the slot ids already on the device (no host work, so it can be graph-captured);
         None where that path does not apply."""
         if slots.device.type == "cpu":  # the CPU standing in for a GPU: nothing to capture, same results
             return self.compute_slots(slots, slot_ids.tolist(), layer, x)
-        lay = self.layouts[layer]
-        if x.shape[0] > gk.MAX_TOKENS or lay.gpu.nbytes != slots.shape[1]:
+        if x.shape[0] > gk.MAX_TOKENS or not self.graph_slots(slots, layer):
             return None
-        return gk.experts_ffn(x, slots, slot_ids, lay.gpu).to(x.dtype)
+        return gk.experts_ffn(x, slots, slot_ids, self.layouts[layer].gpu).to(x.dtype)
 
     def will_need(self, layer: int, experts: list[int]) -> None:
         """mmap tier: read predicted experts ahead (madvise WILLNEED on their byte ranges)."""

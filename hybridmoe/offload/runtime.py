@@ -140,6 +140,9 @@ class OffloadRuntime:
     def ran_resident(self, layer: int) -> None:
         self.experts.ran_resident(layer)
 
+    def graph_resident(self, layer: int) -> bool:
+        return self.experts.graph_resident(layer)
+
     @property
     def generation(self) -> int:
         return self.experts.generation

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 @dataclass(slots=True)
 class CostModel:
-    cpu_bytes_per_s: float = 20e9  # CPU kernel's read rate over expert weights, all threads
+    # CPU kernel's read rate over expert weights, all threads. Without a profile this default decides where a
+    # decode step's missing experts run: above h2d_bytes_per_s, on the CPU (one read from RAM rather than one
+    # over PCIe, then a GPU read). Our kernels read 30-55 GB/s on the machines measured (bench/RESULTS.md).
+    cpu_bytes_per_s: float = 40e9
     cpu_flops: float = 0.5e12  # CPU matmul rate for many tokens
     h2d_bytes_per_s: float = 25e9  # pinned host -> device copies
     gpu_bytes_per_s: float = 900e9

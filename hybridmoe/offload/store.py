@@ -108,11 +108,16 @@ class DenseStore:
         """Each slot's expert on its own tokens (x holds counts[g] rows for slot_ids[g], in that order)."""
         return torch.cat([self.compute_slot(slots, s, layer, xe) for s, xe in zip(slot_ids, x.split(counts))])
 
+    @staticmethod
+    def graph_slots(slots: SlotBuffers, layer: int) -> bool:
+        """Whether compute_slots_graph serves these slots: only for the CPU standing in for a GPU (a gather of
+        whole float experts would cost more on a GPU than the host sync it saves)."""
+        return slots.gate.device.type == "cpu"
+
     def compute_slots_graph(self, slots: SlotBuffers, slot_ids: torch.Tensor, layer: int,
                             x: torch.Tensor) -> torch.Tensor | None:
-        """Slot ids on the device, no host work: only for the CPU standing in for a GPU (a gather of whole
-        float experts would cost more on a GPU than the host sync it saves)."""
-        if slots.gate.device.type != "cpu":
+        """Slot ids on the device, no host work (see graph_slots)."""
+        if not self.graph_slots(slots, layer):
             return None
         return self.compute_slots(slots, slot_ids.tolist(), layer, x)
 

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import hybridmoe  # noqa: E402
 from hybridmoe import kernels  # noqa: E402
 from hybridmoe.layers.cache import Batch  # noqa: E402
+from hybridmoe.models.common import MoE  # noqa: E402
 from hybridmoe.models.graphs import MIN_WINDOW, DecodeGraphs  # noqa: E402
 
 from test_parity import TOL, reference, rel_err, tokens  # noqa: E402
@@ -23,7 +24,7 @@ def static_engine(path, **kw):
     graphs = eng.model.decode_graphs = DecodeGraphs(eng.model, capture=False)
     calls = []
     segment = graphs._segment
-    graphs._segment = lambda *a: calls.append(a[1]) or segment(*a)  # record the windows used
+    graphs._segment = lambda *a: calls.append((a[1], a[0])) or segment(*a)  # record windows and spans
     return eng, calls
 
 
@@ -49,7 +50,7 @@ def test_one_token_steps_across_windows_match_transformers(tiny_models, monkeypa
         for pos, t in enumerate(ids):
             outs.append(model(torch.tensor([[t]]), Batch.make([pos], [1], [0], "cpu"), cache, last_only=True))
     assert rel_err(torch.cat(outs), want) <= TOL, name
-    assert set(windows) == {MIN_WINDOW, 2 * MIN_WINDOW}
+    assert {w for w, _ in windows} == {MIN_WINDOW, 2 * MIN_WINDOW}
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "qwen3_moe"])
@@ -70,7 +71,14 @@ def test_offloaded_greedy_decode_matches_transformers_generate(tiny_models, name
     if slots is None:
         assert set(model.experts.experts.resident_slots) == set(model.moe_layers())
         assert all(s["cache_hits"] == per_step for s in stats)
-    assert len(windows) >= 23 * len(eng.model.layers)  # every decode step went through the segments
+        # nothing is placed on the host and nothing observes between layers: a step is one span of all layers
+        assert {tuple(span) for _, span in windows} == {tuple(range(len(model.layers)))}
+    elif model.observers:  # the prefetcher observes every layer's output, so each layer is its own span
+        assert {len(span) for _, span in windows} == {1}
+    else:  # a span ends at each layer whose experts are placed on the host
+        assert all(not isinstance(model.layers[i].ffn, MoE) for _, span in windows for i in span[:-1])
+    covered = sum(len(span) for _, span in windows)
+    assert covered >= 23 * len(model.layers)  # every decode step went through the segments
 
 
 def test_cache_is_reused_when_large_enough(tiny_models):

@@ -139,15 +139,20 @@ def test_grouped_slot_calls_place_every_output(reference, slots, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_cuda_offload_agrees_with_the_cpu_run(reference, prefetch):
+@pytest.mark.parametrize("slots,prefetch", [(3, True), (3, False), (None, True)])
+def test_cuda_offload_agrees_with_the_cpu_run(reference, slots, prefetch):
     """On a GPU, with part of the experts in slots (copies, the prefetch ring, CPU experts, predictions read back
-    without a host sync): the same logits within float32 kernel tolerance and the same greedy tokens."""
+    without a host sync), or all of them (a decode step as one graph): the same logits within float32 kernel
+    tolerance and the same greedy tokens."""
     path, logits, tokens = reference
-    eng = hybridmoe.load(path, device="cuda", expert_cache_slots=3, prefetch=prefetch, experts_tier="pinned")
+    eng = hybridmoe.load(path, device="cuda", dtype="float32", expert_cache_slots=slots, prefetch=prefetch,
+                         experts_tier="pinned")
     got = eng.logits(IDS).cpu()
     assert ((got - logits).abs().max() / logits.abs().max()).item() < 1e-3
     events = list(eng.generate(IDS[:8], temperature=0, max_tokens=24, ignore_eos=True))
     assert events[-1].token_ids == tokens
     decode = [e.extra for e in events if isinstance(e, hybridmoe.Stats) and e.phase == "decode"]
-    assert any("prefetch_recall" in d for d in decode) == prefetch
+    assert any("prefetch_recall" in d for d in decode) == (prefetch and slots is not None)
+    if slots is None:
+        graphs = eng.model.decode_graphs
+        assert graphs.enabled and graphs.spans() == [range(len(eng.model.layers))]
