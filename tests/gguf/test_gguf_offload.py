@@ -56,3 +56,23 @@ def test_int8_activations_use_the_repacked_copy_in_every_tier(q4):
     off = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=0, cpu_activations="int8", cost_model=CPU_ONLY)
     assert off.model.experts.store.repack
     assert torch.equal(off.logits(IDS), plain.logits(IDS))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_cuda_decode_with_every_expert_resident_is_one_graph(gguf_models, tmp_path, family):
+    """Every expert in a GPU slot: a decode step replays one captured graph for all layers, the experts' slots
+    looked up on the device. Logits and greedy tokens as the CPU gives them, within kernel tolerance (prefill
+    experts on a GPU run as bfloat16 matrix products)."""
+    from hybridmoe.formats.convert import convert
+    hf, _ = gguf_models(family)
+    path = convert(hf, tmp_path / "q8_0.gguf", "q8_0", progress=False)
+    ref = hybridmoe.load(path)
+    want = ref.logits(IDS)
+    tokens = list(ref.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids
+    eng = hybridmoe.load(path, device="cuda", dtype="float32")
+    got = eng.logits(IDS).cpu()
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-2
+    assert list(eng.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids == tokens
+    graphs = eng.model.decode_graphs
+    assert graphs.enabled and graphs.captured and graphs.spans() == [range(len(eng.model.layers))]

@@ -142,8 +142,9 @@ def test_grouped_slot_calls_place_every_output(reference, slots, monkeypatch):
 @pytest.mark.parametrize("slots,prefetch", [(3, True), (3, False), (None, True)])
 def test_cuda_offload_agrees_with_the_cpu_run(reference, slots, prefetch):
     """On a GPU, with part of the experts in slots (copies, the prefetch ring, CPU experts, predictions read back
-    without a host sync), or all of them (a decode step as one graph): the same logits within float32 kernel
-    tolerance and the same greedy tokens."""
+    without a host sync), or all of them: the same logits within float32 kernel tolerance and the same greedy
+    tokens. (Float experts on a GPU keep one host sync per MoE layer; for quantized ones, whose slots run inside
+    the decode graphs, see tests/gguf/test_gguf_offload.py.)"""
     path, logits, tokens = reference
     eng = hybridmoe.load(path, device="cuda", dtype="float32", expert_cache_slots=slots, prefetch=prefetch,
                          experts_tier="pinned")
@@ -153,6 +154,4 @@ def test_cuda_offload_agrees_with_the_cpu_run(reference, slots, prefetch):
     assert events[-1].token_ids == tokens
     decode = [e.extra for e in events if isinstance(e, hybridmoe.Stats) and e.phase == "decode"]
     assert any("prefetch_recall" in d for d in decode) == (prefetch and slots is not None)
-    if slots is None:
-        graphs = eng.model.decode_graphs
-        assert graphs.enabled and graphs.spans() == [range(len(eng.model.layers))]
+    assert eng.model.decode_graphs.enabled
