@@ -149,8 +149,10 @@ class Transformer(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (f32), or [B, V] at each row's last valid token if last_only."""
         graphs = self.decode_graphs
-        x = graphs.run(tokens, batch, cache) if graphs is not None and graphs.applies(tokens, batch, cache) else None
-        pending = None
+        got = graphs.run(tokens, batch, cache) if graphs is not None and graphs.applies(tokens, batch, cache) else None
+        if got is not None and got[1]:  # the graphs ran the head too: [1, 1, V], in a buffer the next step reuses
+            return (got[0][:, 0] if last_only else got[0]).clone()
+        x, pending = got[0] if got is not None else None, None
         if x is None:
             x, pending = self._layers(tokens, batch, cache)
         dev = self.norm.weight.device  # the final norm lives with the head (which may be quantized)

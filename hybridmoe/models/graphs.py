@@ -16,8 +16,11 @@ does, where a cache holds part of the experts): one launch per span instead of o
 The position lives in a device buffer and attention spans a fixed window of keys (the next power of two above the
 position, masked), so one graph serves every step until the sequence outgrows its window; the next window's graphs
 are captured then. The window's mask and the rope tables are made once per step and device, inside the graph of
-the device's first span, in buffers that every later graph of the step reads. Graphs write into the KV cache they
-were captured with, so a new cache drops them.
+the device's first span, in buffers that every later graph of the step reads. The first graph also looks up the
+token's embedding (from a device buffer the step's token id is copied into), and the last one, where it ends the
+step on the output head's device, runs the final norm and the head: a step of a model whose experts all sit in
+VRAM is one launch from token id to logits. Graphs write into the KV cache they were captured with, so a new cache
+drops them.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ class DecodeGraphs:
         self.cache: KVCache | None = None
         self.graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}  # span, window, slot
         self.inputs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (x, position)
+        self.token: torch.Tensor | None = None  # [1, 1] the step's token id, on the embedding's device
         # (device, window) -> the step's attention mask and rope cos, sin: written once per step, read by every
         # layer's graph (computed in each layer, they were a dozen small kernels per layer)
         self.step_tables: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -48,31 +52,42 @@ class DecodeGraphs:
         self.generation = 0  # the experts' slot generation the graphs were captured against
         self.failure: str | None = None  # why graphs were turned off, for the engine to report once
         self._spans: list[range] | None = None
+        self.embeds = self.runs_head = False  # whether the first graph embeds the token; the last runs the head
 
     def applies(self, tokens: torch.Tensor, batch: Batch, cache: KVCache | None) -> bool:
         return (self.enabled and cache is not None and batch.slots is not None and len(batch.slots) == 1
                 and batch.n_new == [1] and tuple(tokens.shape) == (1, 1)
                 and (not self.capture or all(d.type == "cuda" for d in self.model.devices())))
 
-    def run(self, tokens: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor | None:
-        """The hidden state [1, 1, D] after the last layer, or None if graphs cannot be used here (then the
-        caller runs the step eagerly, which rewrites the same cache entries)."""
+    def run(self, tokens: torch.Tensor, batch: Batch, cache: KVCache) -> tuple[torch.Tensor, bool] | None:
+        """(the hidden state [1, 1, D] after the last layer, False), or (the logits [1, 1, V] in float32, True)
+        where the last graph ran the output head; None if graphs cannot be used here (then the caller runs the
+        step eagerly, which rewrites the same cache entries)."""
         generation = getattr(self.model.experts, "generation", 0)
         if cache is not self.cache or generation != self.generation:
             self._drop()
             self.cache, self.generation = cache, generation
         model, pos, slot = self.model, batch.start[0], batch.slots[0]
         window = min(cache.max_len, max(MIN_WINDOW, 1 << pos.bit_length()))  # > pos
-        x = model.tok_embeddings(tokens.to(model.tok_embeddings.weight.device))
+        spans = self.spans()
+        embedding = model.tok_embeddings.weight.device
+        if self.embeds:
+            if self.token is None:
+                self.token = torch.zeros(1, 1, dtype=torch.long, device=embedding)
+            self.token.copy_(tokens)
+            x = None
+        else:
+            x = model.tok_embeddings(tokens.to(embedding))
         stage = None
-        for span in self.spans():
+        for span in spans:
             first, last = span[0], span[-1] + 1
             dev = model.devices()[first]
-            x_in, position = self._inputs(dev, x)
+            x_in, position = self._inputs(dev)
             if dev != stage:
                 stage = dev
                 position.fill_(pos)
-            x_in.copy_(x)
+            if x is not None:
+                x_in.copy_(x)
             with on_device(dev):
                 out = self._replay(span, window, slot, dev)
                 if out is None:
@@ -87,7 +102,7 @@ class DecodeGraphs:
                     self._ran_resident(range(first, last - 1))
             for observe in model.observers:  # (spans are single layers where there are observers)
                 observe(last - 1, x)
-        return x
+        return x, self.runs_head
 
     def spans(self) -> list[range]:
         """The step's layers in launch order, grouped into spans (see the module's docstring); fixed until the
@@ -104,6 +119,8 @@ class DecodeGraphs:
                 else:
                     spans.append([i])
             self._spans = [range(s[0], s[-1] + 1) for s in spans]
+            self.embeds = devs[0] == model.tok_embeddings.weight.device
+            self.runs_head = whole[-1] and devs[-1] == model.norm.weight.device and not model.observers
         return self._spans
 
     def _ran_resident(self, layers: range) -> None:
@@ -117,10 +134,11 @@ class DecodeGraphs:
         self.pools.clear()
         self._spans = None
 
-    def _inputs(self, dev: torch.device, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inputs(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         got = self.inputs.get(dev)
         if got is None:
-            got = self.inputs[dev] = (torch.zeros(x.shape, dtype=x.dtype, device=dev),
+            w = self.model.tok_embeddings.weight
+            got = self.inputs[dev] = (torch.zeros(1, 1, w.shape[1], dtype=w.dtype, device=dev),
                                       torch.zeros(1, 1, dtype=torch.long, device=dev))
         return got
 
@@ -137,8 +155,11 @@ class DecodeGraphs:
     def _segment(self, span: range, window: int, slot: int, dev: torch.device) -> tuple:
         """The layers of `span` (the last one up to its routed experts, unless they are resident), from the static
         inputs; every tensor it makes stays on the device. The device's first span makes the step's tables."""
+        model = self.model
         x, position = self.inputs[dev]
-        if span[0] == 0 or self.model.devices()[span[0] - 1] != dev:
+        if span[0] == 0 and self.embeds:
+            x = model.tok_embeddings(self.token)
+        if span[0] == 0 or model.devices()[span[0] - 1] != dev:
             self._fill_step_tables(dev, window, position)
         mask, cos, sin = self.step_tables[(dev, window)]
         batch = Batch.decode_static(position, window, slot, mask)
@@ -149,6 +170,8 @@ class DecodeGraphs:
                     raise RuntimeError(f"layer {i} of a span needs its experts placed on the host")
                 return out
             x = out[0]
+        if span[-1] == len(model.layers) - 1 and self.runs_head:
+            return (model.output(model.norm(x)).float(),)
         return (x,)
 
     def _layer(self, i: int, x_in: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> tuple:

@@ -73,6 +73,7 @@ def test_offloaded_greedy_decode_matches_transformers_generate(tiny_models, name
         assert all(s["cache_hits"] == per_step for s in stats)
         # nothing is placed on the host and nothing observes between layers: a step is one span of all layers
         assert {tuple(span) for _, span in windows} == {tuple(range(len(model.layers)))}
+        assert model.decode_graphs.embeds and model.decode_graphs.runs_head  # token id in, logits out
     elif model.observers:  # the prefetcher observes every layer's output, so each layer is its own span
         assert {len(span) for _, span in windows} == {1}
     else:  # a span ends at each layer whose experts are placed on the host
