@@ -74,8 +74,10 @@ class GQAttention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
+            q = self.q_norm.then_rope(q, cos, sin, self.interleaved)
+            k = self.k_norm.then_rope(k, cos, sin, self.interleaved)
+        else:
+            q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
         if cache is not None:
             k, v = cache.update(batch, k, v)  # [B, L, Hk, D]
         out = attend(q, k, v, batch.mask, self.head_dim ** -0.5)

@@ -5,6 +5,7 @@ from torch import nn
 
 from ..kernels import cpu as ck
 from ..kernels import gpu_kernel_for
+from .rope import apply_rope
 
 CPU_KERNEL_ROWS = 4  # up to this many float32 rows on the CPU, one kernel call (kernels.cpu.rms_norm)
 
@@ -32,6 +33,14 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def then_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+        """apply_rope of this norm's output (x [B, T, H, D]: per-head norms, as Qwen3's q_norm and k_norm); one
+        launch on the GPU where the weight has x's dtype."""
+        fused = gpu_kernel_for(x, "rope", "norm_rope") if self.weight.dtype == x.dtype else None
+        out = (fused(x, self.weight, self.eps, cos, sin, interleaved)
+               if fused is not None and x.stride(-1) == 1 else None)
+        return out if out is not None else apply_rope(self(x), cos, sin, interleaved)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + residual, its norm): one kernel call at CPU decode."""

@@ -37,10 +37,11 @@ def cases() -> list[tuple]:
                                      "D": "i32", "spn": "i32", "spk": "i32", "swn": "i32"},
                     {"BK": 8, "BD": 1024}, f"combine-{act}"))
         for interleaved in (False, True):
-            sig = {"x": f"*{act}", "cos": "*fp32", "sin": "*fp32", "out": f"*{act}",
+            sig = {"x": f"*{act}", "cos": "*fp32", "sin": "*fp32", "out": f"*{act}", "w": f"*{act}", "eps": "fp32",
                    **{k: "i32" for k in ("T", "H", "HALF", "sxb", "sxt", "sxh", "scb", "sct", "ssb", "sst")}}
-            out.append((rope_kernel, sig, {"INTERLEAVED": interleaved, "BH": 32, "BD": 64},
-                        f"rope-{act}-{'interleaved' if interleaved else 'halves'}"))
+            for norm in (False, True):
+                out.append((rope_kernel, sig, {"INTERLEAVED": interleaved, "NORM": norm, "BH": 32, "BD": 64},
+                            f"rope-{act}-{'interleaved' if interleaved else 'halves'}{'-norm' if norm else ''}"))
     out.append((rms_norm_kernel, {"x": "*bf16", "res": "*bf16", "total": "*fp32", "w": "*fp32", "out": "*fp32",
                                   "D": "i32", "eps": "fp32"}, {"BLOCK": 128, "HAS_RES": False},
                 "norm-bf16-x-fp32-weight"))
