@@ -117,7 +117,8 @@ def test_grouped_slot_calls_place_every_output(reference, slots, monkeypatch):
     """On CUDA a prefill step's slot experts run as one call per slot buffer: one gather of their tokens, one
     scatter of the outputs. Forced here on the CPU (whose stand-in otherwise runs one call per expert), the logits
     stay those of the reference: each expert's rows come back to their own [token, k] positions. With 5 slots,
-    every miss is copied: admitted experts join the cached ones' call, the others go through staging slots."""
+    every miss is copied: admitted experts join the cached ones' call, the others go through staging slots. With
+    all of them (slots None), each layer takes the resident path."""
     path, logits, _ = reference
     eng = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=slots, prefetch=False)
     experts = eng.model.experts.experts
@@ -134,8 +135,14 @@ def test_grouped_slot_calls_place_every_output(reference, slots, monkeypatch):
         return grouped(buffers, slot_ids, layer, x, counts)
 
     monkeypatch.setattr(experts.store, "compute_slots_prefill", spy)
+    resident = []
+    start_resident = experts._start_resident_prefill
+    monkeypatch.setattr(experts, "_start_resident_prefill", lambda dev, layer, *a: resident.append(layer)
+                        or start_resident(dev, layer, *a))
     torch.testing.assert_close(eng.logits(IDS), logits, rtol=1e-5, atol=1e-5)
     assert sizes and max(sizes) > 1
+    # every expert in a slot for good: tokens sorted by expert on the device, nothing placed on the host
+    assert resident == (eng.model.moe_layers() if slots is None else [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
