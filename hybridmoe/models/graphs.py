@@ -163,30 +163,33 @@ class DecodeGraphs:
             self._fill_step_tables(dev, window, position)
         mask, cos, sin = self.step_tables[(dev, window)]
         batch = Batch.decode_static(position, window, slot, mask)
+        pending = None  # the last layer's feed-forward output, added inside the next norm (as the eager path does)
         for i in span:
-            out = self._layer(i, x, batch, cos, sin)
-            if len(out) != 1:
+            out = self._layer(i, x, pending, batch, cos, sin)
+            if len(out) != 2:
                 if i != span[-1]:
                     raise RuntimeError(f"layer {i} of a span needs its experts placed on the host")
                 return out
-            x = out[0]
+            x, pending = out
         if span[-1] == len(model.layers) - 1 and self.runs_head:
-            return (model.output(model.norm(x)).float(),)
-        return (x,)
+            return (model.output(model.norm.add(x, pending)[1]).float(),)
+        return (x + pending,)
 
-    def _layer(self, i: int, x_in: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
-        """(x after the layer,) or, where its experts are placed on the host, what placing them needs."""
+    def _layer(self, i: int, x_in: torch.Tensor, pending: torch.Tensor | None, batch: Batch, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple:
+        """(x after the attention, the feed-forward output still to be added to it), or, where the experts are
+        placed on the host, what placing them needs (5 values). pending: the previous layer's such output."""
         block = self.model.layers[i]
-        x_mid, h = block.attend(x_in, batch, cos, sin, self.cache.layers[i])
+        x_mid, h = block.attend(x_in, batch, cos, sin, self.cache.layers[i], pending)
         if not isinstance(block.ffn, MoE):
-            return (x_mid + block.ffn(h),)
+            return x_mid, block.ffn(h)
         h = h.reshape(-1, h.shape[-1])  # [1, D]
         ids, weights = block.ffn.route(h)
         shared = block.ffn.shared_out(h)
         resident = getattr(self.model.experts, "resident", None)
         y = resident(i, h, ids, weights) if resident is not None else None
         if y is not None:  # every expert of the layer is in a GPU slot: no host sync needed
-            return (x_mid + block.ffn.combine(y, shared).view(x_mid.shape),)
+            return x_mid, block.ffn.combine(y, shared).view(x_mid.shape)
         return x_mid, h, ids, weights, shared
 
     def _replay(self, span: range, window: int, slot: int, dev: torch.device) -> tuple | None:
