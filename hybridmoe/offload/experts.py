@@ -273,7 +273,7 @@ class OffloadExperts:
         return lambda: combine(parts.view(N, K, -1), weights, x.dtype)
 
     def _resident_host(self, dev: DeviceSlots, layer: int) -> list[int]:
-        """The slot of each expert of a resident layer, on the host (resident_slots holds it on the device)."""
+        """The slot of each expert of a resident layer, on the host (resident_slots: the same on the device)."""
         got = self.resident_host.get(layer)
         if got is None:
             got = self.resident_host[layer] = [dev.cache.lookup((layer, e))
@@ -305,8 +305,7 @@ class OffloadExperts:
         if table is None:
             if x.shape[0] != 1 or not self.graph_resident(layer):
                 return None
-            slot_of = [dev.cache.lookup((layer, e)) for e in range(self.store.n_experts[layer])]
-            table = torch.tensor(slot_of, device=x.device)
+            table = torch.tensor(self._resident_host(dev, layer), device=x.device)
             self.resident_slots[layer] = table
         ys = self.store.compute_slots_graph(dev.buffers, table[ids[0]], layer, x)  # [K, 1, D]
         if ys is None:
