@@ -14,6 +14,7 @@ from ..kernels import cpu as ck
 from ..kernels import gpu_kernel_for
 
 CPU_ROUTE_TOKENS = 4  # up to this many tokens, CPU routing is one kernel call (route_hidden)
+GPU_LOGITS_TOKENS = 4  # up to this many tokens, the GPU's router logits are one launch (router_logits); more: cuBLAS
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +79,14 @@ def route_hidden(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, bias: 
         renorm = spec.norm_topk_prob and spec.top_k > 1
         scaling = spec.scaling if not renorm or spec.scale_after_norm else 1.0
         return ck.route_softmax(x.contiguous(), router, spec.top_k, renorm, scaling)
-    return route(x.float() @ router.float().t(), spec, bias)
+    return route(router_logits(x, router), spec, bias)
+
+
+def router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """x [N, D], router [E, D] -> float32 logits [N, E]; one launch on the GPU for a decode step's few tokens."""
+    fused = gpu_kernel_for(x, "route", "router_logits") if x.shape[0] <= GPU_LOGITS_TOKENS else None
+    out = fused(x, router) if fused is not None else None
+    return out if out is not None else x.float() @ router.float().t()
 
 
 def _scaled(weights: torch.Tensor, spec: RouterSpec) -> torch.Tensor:

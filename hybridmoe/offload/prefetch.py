@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..layers.moe import route
+from ..layers.moe import route, router_logits
 
 
 @dataclass(slots=True)
@@ -52,7 +52,7 @@ class Prefetcher:
         x = x.to(ffn.router.device)  # the next MoE layer may sit on the next GPU
         with torch.no_grad():
             h = self.model.layers[target].ffn_norm(x)
-            logits = h.float() @ ffn.router.float().t()
+            logits = router_logits(h, ffn.router)
             k = ffn.spec.top_k
             wide = replace(ffn.spec, top_k=min(ffn.spec.n_experts, k + self.margin))
             ids, _ = route(logits, wide, ffn.router_bias)

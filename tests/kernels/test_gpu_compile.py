@@ -16,7 +16,7 @@ def cases() -> list[tuple]:
     from hybridmoe.kernels.gpu.combine import combine_kernel
     from hybridmoe.kernels.gpu.norm import rms_norm_kernel
     from hybridmoe.kernels.gpu.rope import rope_kernel
-    from hybridmoe.kernels.gpu.route import route_kernel
+    from hybridmoe.kernels.gpu.route import route_kernel, router_kernel
 
     route = {"logits": "*fp32", "bias": "*fp32", "ids_out": "*i64", "w_out": "*fp32", "E": "i32", "scaling": "fp32"}
     routings = {  # DeepSeek-V3; DeepSeek-V2 (groups of 20, padded); Qwen3 with the prefetcher's margin of 2
@@ -28,6 +28,9 @@ def cases() -> list[tuple]:
                             HAS_BIAS=False, GROUPED=False, TOP2=False, FILL_ZERO=True, NORM=True, SCALE=False),
     }
     out = [(route_kernel, route, c, f"route-{n}") for n, c in routings.items()]
+    for act in ("bf16", "fp16", "fp32"):
+        out.append((router_kernel, {"x": f"*{act}", "w": "*fp32", "out": "*fp32", "E": "i32", "D": "i32",
+                                    "sxn": "i32"}, {"BE": 4, "BD": 1024}, f"router-logits-{act}"))
     for act in ("bf16", "fp16", "fp32"):
         for res in (False, True):
             out.append((rms_norm_kernel, {"x": f"*{act}", "res": f"*{act}", "total": f"*{act}", "w": f"*{act}",

@@ -47,3 +47,23 @@ def test_logits_of_the_wrong_width_are_refused() -> None:
     spec, _ = SPECS["qwen3_moe"]
     with pytest.raises(ValueError, match=r"logits must be \[n_tokens, 128\]"):
         fused(torch.zeros(1, 64, device=DEVICE), spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens,experts,dim", [(1, 128, 2048), (3, 256, 7168), (2, 8, 4096), (1, 9, 100)])
+def test_router_logits_match_the_float32_product(dtype, tokens, experts, dim) -> None:
+    """Decode's router logits in one launch, against x.float() @ router.T (float32 rounding apart)."""
+    from hybridmoe.kernels.gpu.route import router_logits
+    g = torch.Generator().manual_seed(experts + dim)
+    x = torch.randn(tokens, dim, generator=g).to(dtype)
+    w = torch.randn(experts, dim, generator=g) * 0.02
+    want = x.float() @ w.t()
+    got = router_logits(x.to(DEVICE), w.to(DEVICE)).cpu()
+    assert got.dtype == torch.float32 and got.shape == (tokens, experts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_router_logits_name_bad_shapes() -> None:
+    from hybridmoe.kernels.gpu.route import router_logits
+    with pytest.raises(ValueError, match="weight \\[experts, D\\]"):
+        router_logits(torch.zeros(1, 64, device=DEVICE), torch.zeros(8, 32, device=DEVICE))

@@ -4,6 +4,10 @@
 routing with a correction bias and group limits; a decode step runs it once per MoE layer (and once more per layer
 for the prefetcher's prediction). Same arithmetic in float32; the choices are the same except between exactly equal
 scores (torch does not define that order either), the weights agree to float32 rounding.
+
+`router_logits` makes the float32 logits it reads, for a decode step's few tokens, in one launch too: eagerly that
+is a cast of the hidden state to float32 and a cuBLAS matrix-vector product (two or three kernels). The sums run in
+another order than cuBLAS's, so the logits agree to float32 rounding.
 """
 from __future__ import annotations
 
@@ -98,3 +102,40 @@ def route(logits: torch.Tensor, spec, bias: torch.Tensor | None = None) -> tuple
             TOP2=spec.method == "noaux_tc", FILL_ZERO=spec.method != "noaux_tc", NORM=norm, SCALE=scale,
             num_warps=4)
     return ids, weights
+
+
+@triton.jit
+def router_kernel(x, w, out, E, D, sxn, BE: tl.constexpr, BD: tl.constexpr):
+    """Program (experts block b, token n): out[n, b * BE : (b + 1) * BE] = w[those experts] @ x[n] in float32."""
+    b = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    e = b * BE + tl.arange(0, BE)[:, None]
+    d = tl.arange(0, BD)[None, :]
+    acc = tl.zeros([BE, BD], dtype=tl.float32)
+    for k in range(0, D, BD):
+        xk = tl.load(x + n * sxn + k + d, mask=k + d < D, other=0.0).to(tl.float32)
+        wk = tl.load(w + e.to(tl.int64) * D + k + d, mask=(e < E) & (k + d < D), other=0.0).to(tl.float32)
+        acc += wk * xk
+    rows = b * BE + tl.arange(0, BE)
+    tl.store(out + n * E + rows, tl.sum(acc, axis=1), mask=rows < E)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [N, D] (any float dtype), weight [E, D] -> float32 [N, E], as x.float() @ weight.float().t()."""
+    device = checks.device_of("x", x)
+    checks.device_of("weight", weight, device)
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"x must be [tokens, D] and weight [experts, D], got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if x.dtype not in checks.FLOAT_DTYPES or weight.dtype not in checks.FLOAT_DTYPES:
+        raise ValueError(f"x and weight must be float32, bfloat16 or float16, got {x.dtype} and {weight.dtype}")
+    N, D = x.shape
+    E = weight.shape[0]
+    x = x if x.stride(1) == 1 else x.contiguous()
+    weight = weight.contiguous()
+    out = torch.empty(N, E, dtype=torch.float32, device=device)
+    if N and E:
+        BE = 4  # small blocks of experts: the grid must spread the router's MBs over many SMs
+        router_kernel[(triton.cdiv(E, BE), N)](x, weight, out, E, D, x.stride(0), BE=BE,
+                                               BD=min(1024, triton.next_power_of_2(D)), num_warps=4)
+    return out
