@@ -135,6 +135,11 @@ class OffloadExperts:
         for e, c in routed.items():
             self.stats.expert_tokens[layer][e] = self.stats.expert_tokens[layer].get(e, 0) + c
         nbytes, flops = self.store.expert_nbytes(), self.store.flops_per_token()
+        if N == 1 and not cache.n_slots and dev.ahead is None and self.cost.place(1, nbytes, flops, False) == "cpu":
+            counters.misses += K
+            counters.cpu += K
+            self.prefetched.pop(layer, None)  # (nothing can have been copied ahead into a stage without slots)
+            return self._start_cpu_decode(layer, x, list(routed), weights)
         on_gpu, on_ring, staged, missed = [], [], [], []
         for e in routed:
             key = (layer, e)
@@ -244,6 +249,22 @@ class OffloadExperts:
                 parts = parts[to_device(torch.tensor(inverse), x.device)]
             self._release(dev, layer, on_gpu, on_cpu)
             return combine(parts.transpose(0, 1), weights, x.dtype)  # [1, K, D] -> [1, D]
+
+        return finish
+
+    def _start_cpu_decode(self, layer: int, x: torch.Tensor, experts: list[int], weights: torch.Tensor):
+        """One token whose experts all run on the CPU (a stage without slots, the cost model's choice at decode): no
+        cache bookkeeping, and the CPU sums them in k order (the bits `combine` gives), so one row comes back."""
+        x_host, w_host = x.to("cpu"), weights.to("cpu")  # a few KB, before the caller queues the shared expert
+
+        def finish() -> torch.Tensor:
+            t0 = time.perf_counter()
+            sum_on_host = getattr(self.store, "compute_host_sum", None)
+            y = sum_on_host(layer, experts, x_host, w_host) if sum_on_host is not None else None
+            if y is None:
+                y = combine(self.store.compute_host_many(layer, experts, x_host).transpose(0, 1), w_host, x.dtype)
+            self.stats.cpu_s += time.perf_counter() - t0
+            return to_device(y.to(x.dtype), x.device)  # one copy, which does not wait for the queue
 
         return finish
 
