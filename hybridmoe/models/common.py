@@ -152,9 +152,7 @@ class Transformer(nn.Module):
         got = graphs.run(tokens, batch, cache) if graphs is not None and graphs.applies(tokens, batch, cache) else None
         if got is not None and got[1]:  # the graphs ran the head too: [1, 1, V], in a buffer the next step reuses
             return (got[0][:, 0] if last_only else got[0]).clone()
-        x, pending = got[0] if got is not None else None, None
-        if x is None:
-            x, pending = self._layers(tokens, batch, cache)
+        x, pending = (got[0], None) if got is not None else self._layers(tokens, batch, cache)
         dev = self.norm.weight.device  # the final norm lives with the head (which may be quantized)
         one = last_only and x.shape[:2] == (1, 1)
         if pending is not None and (not one or pending.device != x.device or x.device != dev):

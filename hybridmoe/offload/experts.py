@@ -130,10 +130,7 @@ class OffloadExperts:
             routed = {e: len(p) for e, p in pos.items()}
         if self.on_routed is not None:
             self.on_routed(layer, set(routed))
-        counters = self.stats.layers.setdefault(layer, LayerCounters())
-        self.stats.expert_tokens.setdefault(layer, {})
-        for e, c in routed.items():
-            self.stats.expert_tokens[layer][e] = self.stats.expert_tokens[layer].get(e, 0) + c
+        counters = self._count_use(layer, routed.items())
         nbytes, flops = self.store.expert_nbytes(), self.store.flops_per_token()
         if N == 1 and not cache.n_slots and dev.ahead is None and self.cost.place(1, nbytes, flops, False) == "cpu":
             counters.misses += K
@@ -259,8 +256,7 @@ class OffloadExperts:
 
         def finish() -> torch.Tensor:
             t0 = time.perf_counter()
-            sum_on_host = getattr(self.store, "compute_host_sum", None)
-            y = sum_on_host(layer, experts, x_host, w_host) if sum_on_host is not None else None
+            y = self.store.compute_host_sum(layer, experts, x_host, w_host)
             if y is None:
                 y = combine(self.store.compute_host_many(layer, experts, x_host).transpose(0, 1), w_host, x.dtype)
             self.stats.cpu_s += time.perf_counter() - t0
@@ -281,10 +277,7 @@ class OffloadExperts:
         used = [e for e, c in enumerate(counts) if c]
         if self.on_routed is not None:
             self.on_routed(layer, set(used))
-        self.stats.layers.setdefault(layer, LayerCounters()).hits += len(used)
-        tokens = self.stats.expert_tokens.setdefault(layer, {})
-        for e in used:
-            tokens[e] = tokens.get(e, 0) + counts[e]
+        self._count_use(layer, [(e, counts[e]) for e in used]).hits += len(used)
         t0 = time.perf_counter()
         ys = self.store.compute_slots_prefill(dev.buffers, [slot_of[e] for e in used], layer, x[order // K],
                                               [counts[e] for e in used])
@@ -360,11 +353,15 @@ class OffloadExperts:
             for j, i in enumerate(mine):
                 rows[i] = flat[j * k:(j + 1) * k]
         for layer, row in zip(steps, rows):
-            self.stats.layers.setdefault(layer, LayerCounters()).hits += len(row)
-            used = self.stats.expert_tokens.setdefault(layer, {})
-            for e in row:
-                used[e] = used.get(e, 0) + 1
+            self._count_use(layer, [(e, 1) for e in row]).hits += len(row)
         self.resident_steps.clear()
+
+    def _count_use(self, layer: int, tokens_of) -> LayerCounters:
+        """Add (expert, tokens) pairs to the step's per-expert use; -> the layer's counters, to count hits etc."""
+        used = self.stats.expert_tokens.setdefault(layer, {})
+        for e, n in tokens_of:
+            used[e] = used.get(e, 0) + n
+        return self.stats.layers.setdefault(layer, LayerCounters())
 
     # -- slots ----------------------------------------------------------------------------------------------
     def _copy(self, dev: DeviceSlots, slot: int, layer: int, e: int, wait: bool) -> int:

@@ -86,6 +86,12 @@ class DenseStore:
     def compute_host_many(self, layer: int, experts: list[int], x: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.compute_host(layer, e, x) for e in experts])
 
+    @staticmethod
+    def compute_host_sum(layer: int, experts: list[int], x: torch.Tensor, weights: torch.Tensor) -> None:
+        """No fused weighted sum for float experts: callers combine compute_host_many's outputs (QuantStore's
+        has one)."""
+        return None
+
     def new_slots(self, n: int, device: torch.device) -> SlotBuffers:
         return SlotBuffers(n, self.inter, self.dim, self.dtype, device)
 
