@@ -139,6 +139,7 @@ def main() -> None:
     # Rounds alternate the contenders and each keeps its best round, so that other load on the machine biases
     # no one in particular.
     runs = {"hybridmoe mmap": lambda: bench_ours(path, ids, a.decode, "mmap"),
+            "mmap int8 acts": lambda: bench_ours(path, ids, a.decode, "mmap", "int8"),
             "hybridmoe pinned": lambda: bench_ours(path, ids, a.decode, "pinned"),
             "pinned int8 acts": lambda: bench_ours(path, ids, a.decode, "pinned", "int8"),
             "pinned int8-all": lambda: bench_ours(path, ids, a.decode, "pinned", "int8-all"),

@@ -68,6 +68,8 @@ def kernel_routes(qtype: T, experts: list[np.ndarray], x: np.ndarray,
     routes: dict[str, tuple[Callable[[int], object], int]] = {
         "numba raw": (lambda e: cpu.gemv(x, experts[e], qtype), 0),
     }
+    if qtype in cpu.RAW_INT8_TYPES:
+        routes["numba raw (int8 acts)"] = (lambda e: cpu.gemv_int8(x, experts[e], qtype), 0)
     packed = [cpu.repack(w, qtype) for w in experts]
     routes["numba packed"] = (lambda e: cpu.gemv_packed(x, packed[e]), packed[0].nbytes - experts[0].nbytes)
     int8 = [cpu.repack(w, qtype, activations="int8") for w in experts]

@@ -44,8 +44,9 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
                    help="host tier of the experts: mmap (page cache, default) or pinned (copied once to pinned RAM)")
     g.add_argument("--cpu-activations", choices=("f32", "int8", "int8-all"), default="f32",
                    help="GGUF experts decoded on the CPU: f32 is exact (default); int8 rounds activations to 8 "
-                        "bits per group of 32 as llama.cpp does, several times faster, logits no longer exact; it "
-                        "computes from a repacked copy of the experts in RAM (as --experts-tier pinned does); "
+                        "bits per group of 32 as llama.cpp does, several times faster, logits no longer exact (on "
+                        "the mmap tier Q8_0, Q4_K and Q6_K experts are read in place, other types from a repacked "
+                        "copy in RAM); "
                         "int8-all also rounds the inputs of attention and the output head on the CPU, faster still "
                         "but far less accurate (logits off by up to ~20%% on small random test models, as "
                         "llama.cpp's own)")

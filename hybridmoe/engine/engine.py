@@ -147,7 +147,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     that decodes faster; it sums in another order, so results then match within kernel tolerance.
     `cpu_activations` (GGUF): "f32" (exact) or "int8", which rounds x to 8 bits per group of 32 in the decode
     kernels of CPU experts, as llama.cpp does: several times less compute, and all CPU experts of a layer in one
-    call per decode step; it implies the repacked copy (`cpu_repack`, or the "pinned" tier without offload).
+    call per decode step, read in place on the mmap tier (Q8_0, Q4_K and Q6_K; layers of other types get the
+    repacked copy).
     "int8-all" also rounds the inputs of the other quantized linear layers on the CPU (attention, output head) at
     decode, as llama.cpp does: faster, but logits move much more than with "int8" (bench/RESULTS.md), so it is
     never the default.
@@ -211,9 +212,8 @@ def _load_gguf(path, dev: torch.device, dt: torch.dtype, experts_tier: str,
         raise ConfigError(f"--experts-tier {experts_tier!r} is not one of mmap, pinned")
     experts_acts, linear_acts = activation_modes(cpu_activations)
     loaded, experts = load_gguf(path, dev, dt, layer_devices, linear_acts)
-    # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout; the 8-bit
-    # kernels read only that layout
-    packed = not offloaded and (experts_tier == "pinned" or experts_acts == "int8")
+    # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout
+    packed = not offloaded and experts_tier == "pinned"
     loaded.model.experts = QuantExperts(experts, tier="packed" if packed else "mmap",
                                         activations="f32" if offloaded else experts_acts)
     # Without llama-cpp-python the model still scores token ids; text needs its tokenizer.

@@ -1,13 +1,14 @@
 """QuantExperts: routed experts computed on the CPU straight from their GGUF bytes (the "mmap" tier).
 
 One expert is a contiguous byte range of each stacked `ffn_{gate,up,down}_exps` tensor, so selecting expert e is
-slicing `raw[e]`: nothing is dequantized ahead of time and the weights are read from the page cache. Activations are
-float32 there (the exact path: no 8-bit quantization of x). Types the CPU kernels cover go through their fused
-dequant-GEMV; with many tokens per expert (prefill), or for other types, rows are dequantized in tiles for a matmul.
-tier="packed" copies every expert at load into the kernels' lane-interleaved layout, stacked per layer, which decodes
-several times faster than the file's layout; the copy is as large as the experts (the file's pages can then be
-dropped). There `activations` picks the kernels: "int8" rounds x to 8 bits per group of 32 and runs a decode step's
-experts of a layer in one call, "f32" is exact.
+slicing `raw[e]`: nothing is dequantized ahead of time and the weights are read from the page cache. `activations`
+picks the decode kernels: "f32" is exact (each type's fused dequant-GEMV over the file's layout); "int8" rounds x to
+8 bits per group of 32, as llama.cpp does, and runs a decode step's experts of a layer in one call, on the file's
+bytes for Q8_0, Q4_K and Q6_K layers (several times faster than "f32" there) and on a repacked copy for the other
+types. With many tokens per expert (prefill), or for types without a kernel, rows are dequantized in tiles for a
+matmul. tier="packed" copies every expert at load into the kernels' lane-interleaved layout, stacked per layer,
+which decodes faster than the file's layout with float32 activations; the copy is as large as the experts (the
+file's pages can then be dropped).
 
 Letters: N tokens, K experts per token, D hidden, I expert hidden.
 """

@@ -4,8 +4,9 @@ Host tiers: "mmap" computes from the file's pages; "pinned" copies each layer's 
 GPU slot layout (one contiguous row per expert), so a host-to-device copy is a single asynchronous transfer.
 `repack=True` also keeps a lane-interleaved copy for the CPU kernels, one stacked copy per layer ([E, ...] per
 projection, made when the layer is first computed), which decodes faster but sums in another order (results then
-agree within kernel tolerance, not bit for bit). Its `activations` ("int8" or "f32", kernels.cpu) say whether x is
-rounded to 8 bits there; with "int8" a decode step computes all of a layer's CPU experts in one kernel call.
+agree within kernel tolerance, not bit for bit). `activations` ("int8" or "f32", kernels.cpu) say whether the CPU
+rounds x to 8 bits at decode; with "int8" a decode step computes all of a layer's CPU experts in one kernel call,
+from the file's bytes on the mmap tier (Q8_0, Q4_K, Q6_K layers), else from the repacked copy.
 GPU slots hold the same raw bytes (kernels.gpu.SlotLayout); with the CPU standing in for the GPU, slots are computed
 with the CPU kernels on the slot's own copy of the bytes. At prefill on the GPU, a layer's slot experts run together
 (`compute_slots_prefill`): per chunk of experts, one dequantization launch per projection into a bf16 scratch, then
@@ -87,6 +88,10 @@ class QuantStore:
                         for layer, t in layers.items()}
         self.row_bytes = max(lay.nbytes for lay in self.layouts.values())
         self.packable = {layer: all(t in ck.PACKED_TYPES for t in types) for layer, types in self.types.items()}
+        # 8-bit activations on the mmap tier: layers whose types the raw-layout kernels take read the file's bytes in
+        # place; the others (and the pinned tier) get the repacked copy that the 8-bit kernels read there.
+        self.raw_int8 = {layer: activations == "int8" and tier == "mmap" and not repack
+                         and all(t in ck.RAW_INT8_TYPES for t in types) for layer, types in self.types.items()}
         self.rows: dict[int, torch.Tensor] = {}  # pinned tier: layer -> uint8 [E, nbytes]
         if tier == "pinned":
             for layer in layers:
@@ -123,7 +128,8 @@ class QuantStore:
     def _packed_layer(self, layer: int) -> tuple | None:
         """The layer's repacked gate, up and down, all experts stacked (made on first use), or None without repack."""
         packed = self.packed.get(layer)
-        if packed is not None or not self.repack or not self.packable[layer]:
+        wanted = self.repack or (self.activations == "int8" and not self.raw_int8[layer])
+        if packed is not None or not wanted or not self.packable[layer]:
             return packed
         raws = (np.asarray(t.raw) for t in self.layers[layer])
         if layer in self.rows:  # the pinned copy, not the file's pages
@@ -155,6 +161,8 @@ class QuantStore:
         """One expert on the CPU. raws() gives its raw rows, asked for only when needed (e given: the repacked
         copy is used when there is one)."""
         xs = host_f32(x)
+        if e is not None and xs.shape[0] < PREFILL_TOKENS and self.raw_int8[layer]:
+            return torch.from_numpy(self._raw_int8(layer, [e], xs)[0]).to(x.dtype)
         packed = self._packed_layer(layer) if e is not None and xs.shape[0] < PREFILL_TOKENS else None
         if packed is not None:
             return torch.from_numpy(ck.ffn_experts(xs.numpy(), *packed, [e])[0]).to(x.dtype)
@@ -168,6 +176,8 @@ class QuantStore:
     def compute_host_many(self, layer: int, experts: list[int], x: torch.Tensor) -> torch.Tensor:
         """Several experts on the same tokens -> [G, n, D], each as compute_host gives it; from the repacked copy at
         decode, in one kernel call with 8-bit activations."""
+        if x.shape[0] < PREFILL_TOKENS and self.raw_int8[layer]:
+            return torch.from_numpy(self._raw_int8(layer, experts, host_f32(x))).to(x.dtype)
         packed = self._packed_layer(layer) if x.shape[0] < PREFILL_TOKENS else None
         if packed is None:
             return torch.stack([self.compute_host(layer, e, x) for e in experts])
@@ -178,11 +188,18 @@ class QuantStore:
                          weights: torch.Tensor) -> torch.Tensor | None:
         """sum_g weights[:, g] * expert_{experts[g]}(x) -> [n, D], the same bits as layers.moe.combine of
         compute_host_many's result; None where that would not run from the repacked copy."""
+        if x.shape[0] < PREFILL_TOKENS and self.raw_int8[layer]:
+            return torch.from_numpy(self._raw_int8(layer, experts, host_f32(x), host_f32(weights))).to(x.dtype)
         packed = self._packed_layer(layer) if x.shape[0] < PREFILL_TOKENS else None
         if packed is None:
             return None
         y = ck.ffn_experts_sum(host_f32(x).numpy(), *packed, experts, host_f32(weights).numpy())
         return torch.from_numpy(y).to(x.dtype)
+
+    def _raw_int8(self, layer: int, experts: list[int], xs: torch.Tensor, weights: torch.Tensor | None = None):
+        """The layer's experts from the file's bytes with 8-bit activations (kernels.cpu.ffn_raw_int8)."""
+        return ck.ffn_raw_int8(xs.numpy(), *(t.raw for t in self.layers[layer]), self.types[layer], experts,
+                               None if weights is None else weights.numpy())
 
     def new_slots(self, n: int, device: torch.device) -> torch.Tensor:
         if device.type == "cuda":

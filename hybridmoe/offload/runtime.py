@@ -35,10 +35,9 @@ def make_store(experts, opts: "OffloadOptions"):
     if hasattr(experts, "weights"):  # LocalExperts
         return DenseStore(experts.weights, opts.experts_tier, pin=pin)
     from .quant_store import QuantStore
-    experts_acts = activation_modes(opts.cpu_activations)[0]
-    # the 8-bit kernels read only the repacked layout
-    return QuantStore(experts.layers, opts.experts_tier, pin=pin, repack=opts.cpu_repack or experts_acts == "int8",
-                      activations=experts_acts)
+    # with 8-bit activations the store repacks the layers its raw-layout kernels do not take (QuantStore)
+    return QuantStore(experts.layers, opts.experts_tier, pin=pin, repack=opts.cpu_repack,
+                      activations=activation_modes(opts.cpu_activations)[0])
 
 
 @dataclass(slots=True)

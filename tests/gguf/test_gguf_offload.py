@@ -48,14 +48,24 @@ def test_repacked_cpu_experts_match_the_packed_tier(q4, activations):
     assert list(eng.generate(IDS[:6], temperature=0, max_tokens=8, ignore_eos=True))[-1].token_ids == want
 
 
-def test_int8_activations_use_the_repacked_copy_in_every_tier(q4):
-    """The 8-bit kernels read only the repacked layout, so asking for them makes that copy (mmap tier too)."""
+def test_int8_activations_on_the_mmap_tier_read_the_file_in_place(q4):
+    """With 8-bit activations the mmap tier computes Q8_0 / Q4_K / Q6_K layers from the file's bytes (no repacked
+    copy), the plain engine and the offload engine alike, bit for bit; the repacked copy of the pinned tier sums in
+    another order and agrees to float32 rounding."""
     path = q4[0]
     plain = hybridmoe.load(path, cpu_activations="int8")
-    assert plain.model.experts.tier == "packed" and plain.model.experts.store.activations == "int8"
+    store = plain.model.experts.store
+    in_place = [layer for layer, on in store.raw_int8.items() if on]
+    assert plain.model.experts.tier == "mmap" and in_place
+    logits = plain.logits(IDS)
+    tokens = list(plain.generate(IDS[:6], temperature=0, max_tokens=8, ignore_eos=True))[-1].token_ids
+    assert not set(in_place) & set(store.packed)
     off = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=0, cpu_activations="int8", cost_model=CPU_ONLY)
-    assert off.model.experts.store.repack
-    assert torch.equal(off.logits(IDS), plain.logits(IDS))
+    assert torch.equal(off.logits(IDS), logits)
+    assert list(off.generate(IDS[:6], temperature=0, max_tokens=8, ignore_eos=True))[-1].token_ids == tokens
+    assert not set(in_place) & set(off.model.experts.store.packed)
+    packed = hybridmoe.load(path, experts_tier="pinned", cpu_activations="int8").logits(IDS)
+    assert ((packed - logits).abs().max() / packed.abs().max()).item() < 1e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -6,6 +6,11 @@ uint8 [N, row_bytes], e.g. one expert's slice of an mmap'd file.
 Decode (a few tokens per expert), weights as they are in the file (the "mmap" tier):
     gemv(x, w_raw, ggml_type) -> [n, N]                         Q4_0, Q8_0, Q4_K, Q5_K, Q6_K
 
+Decode with 8-bit activations (x rounded per group of 32, as llama.cpp does), in the file's layout (`raw_int8.py`):
+    gemv_int8(x, w_raw, ggml_type) -> [n, N]                    Q8_0, Q4_K, Q6_K
+    ffn_raw_int8(x, gate, up, down, types, experts, weights=None) -> [G, n, D] (or [n, D] combined)
+                                                                 a layer's stacked raw experts, one call
+
 Decode at memory speed, after a one-time copy into a lane-interleaved layout (the "pinned RAM" tier):
     repack(w_raw, ggml_type, lanes=64, activations="f32") -> PackedWeight     same types
     gemv_packed(x, packed) -> [n, N]
@@ -41,10 +46,11 @@ from .target import use_full_vector_width
 
 use_full_vector_width()
 
-from .api import (GEMV_TYPES, dequantize, ffn_experts, ffn_experts_sum, ffn_packed, gemv, gemv_packed,  # noqa: E402
-                  gqa_decode, matmul, repack, repack_experts, rms_norm, route_softmax, set_threads)
+from .api import (GEMV_TYPES, RAW_INT8_TYPES, dequantize, ffn_experts, ffn_experts_sum, ffn_packed,  # noqa: E402
+                  ffn_raw_int8, gemv, gemv_int8, gemv_packed, gqa_decode, matmul, repack, repack_experts, rms_norm,
+                  route_softmax, set_threads)
 from .repack import ACTIVATIONS, PACKED_TYPES, PackedExperts, PackedWeight  # noqa: E402
 
-__all__ = ["ACTIVATIONS", "GEMV_TYPES", "PACKED_TYPES", "PackedExperts", "PackedWeight", "dequantize", "ffn_experts",
-           "ffn_experts_sum", "ffn_packed", "gemv", "gemv_packed", "gqa_decode", "matmul", "repack", "repack_experts",
-           "rms_norm", "route_softmax", "set_threads"]
+__all__ = ["ACTIVATIONS", "GEMV_TYPES", "PACKED_TYPES", "RAW_INT8_TYPES", "PackedExperts", "PackedWeight", "dequantize",
+           "ffn_experts", "ffn_experts_sum", "ffn_packed", "ffn_raw_int8", "gemv", "gemv_int8", "gemv_packed",
+           "gqa_decode", "matmul", "repack", "repack_experts", "rms_norm", "route_softmax", "set_threads"]

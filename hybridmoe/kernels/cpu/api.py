@@ -14,6 +14,7 @@ from . import combine as combine_kernels
 from . import int8 as int8_kernels
 from . import norm as norm_kernels
 from . import packed as packed_kernels
+from . import raw_int8 as raw_int8_kernels
 from . import router as router_kernels
 from .checks import Array, activations, kernel_type, weights
 from .raw import KIND, W32, dequantize_rows, gemv_raw
@@ -29,6 +30,7 @@ _PACKED = {
     T.Q6_K: (packed_kernels.gemv_q6_k, 16),
 }
 GEMV_TYPES = tuple(KIND)
+RAW_INT8_TYPES = tuple(raw_int8_kernels.KIND)
 _PREFILL_TILE_ROWS = 512
 _NO_ROWS = np.empty((0, 0), dtype=np.float32)  # an absent optional [n, ...] input
 
@@ -52,6 +54,56 @@ def gemv(x: Array, w_raw: np.ndarray, ggml_type: T | int) -> Array:
     y = np.empty((xa.shape[0], w_raw.shape[0]), dtype=np.float32)
     gemv_raw(KIND[qtype], xa, w_raw, y, W32)
     return _like_input(y, x)
+
+
+def gemv_int8(x: Array, w_raw: np.ndarray, ggml_type: T | int) -> Array:
+    """Decode with 8-bit activations, W as raw GGUF rows (the mmap tier: nothing is copied): y[n, N] = rounded(x)
+    @ W.T, x rounded per group of 32 as `gemv_packed` of an int8 repack rounds it (the two agree to float32
+    rounding). Q8_0, Q4_K, Q6_K (`raw_int8.py`)."""
+    xa = activations(x)
+    qtype = kernel_type(ggml_type, RAW_INT8_TYPES)
+    weights(w_raw, qtype, xa.shape[1])
+    y = np.empty((1, xa.shape[0], w_raw.shape[0]), dtype=np.float32)
+    raw_int8_kernels.gemv(raw_int8_kernels.KIND[qtype], xa, w_raw[None], np.zeros(1, dtype=np.int64), y)
+    return _like_input(y[0], x)
+
+
+def ffn_raw_int8(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, types: tuple, experts: list[int],
+                 weights_: np.ndarray | None = None) -> np.ndarray:
+    """Several experts of one layer on the same tokens, from the raw GGUF bytes, with 8-bit activations, in one
+    call: gate, up uint8 [E, I, row_bytes], down uint8 [E, D, row_bytes] (stacked expert tensors, e.g. mmap'd),
+    types their GGML types (Q8_0, Q4_K, Q6_K) -> f32 [G, n, D], expert experts[g] in row g; with weights_ f32
+    [n, G], their weighted sum f32 [n, D] instead (the bits `layers.moe.combine` gives of the former). Each expert
+    agrees with `ffn_experts` of an int8 repack to float32 rounding."""
+    xa = activations(x)
+    qtypes = [kernel_type(t, RAW_INT8_TYPES) for t in types]
+    if len(qtypes) != 3:
+        raise ValueError(f"types must name gate, up and down, got {len(qtypes)}")
+    for name, raw in (("gate", gate), ("up", up), ("down", down)):
+        if not isinstance(raw, np.ndarray) or raw.ndim != 3 or raw.dtype != np.uint8 or not raw.flags.c_contiguous:
+            raise ValueError(f"{name} must be a C-contiguous uint8 [E, rows, row_bytes] array")
+    n_inter = gate.shape[1]
+    for name, raw, qtype, k_dim in (("gate", gate, qtypes[0], xa.shape[1]), ("up", up, qtypes[1], xa.shape[1]),
+                                    ("down", down, qtypes[2], n_inter)):
+        fmt = get_format(qtype)
+        if k_dim % fmt.block_size or raw.shape[2] != fmt.row_bytes(k_dim):
+            raise ValueError(f"{name}: rows of {raw.shape[2]} bytes do not hold K = {k_dim} of {qtype.name}")
+    if up.shape[:2] != gate.shape[:2] or down.shape[0] != gate.shape[0]:
+        raise ValueError(f"expert shapes do not fit: gate {gate.shape}, up {up.shape}, down {down.shape}")
+    if len(experts) == 0 or min(experts) < 0 or max(experts) >= gate.shape[0]:
+        raise ValueError(f"experts must be a non-empty list of ids below {gate.shape[0]}, got {experts}")
+    ids = np.asarray(experts, dtype=np.int64)
+    kinds = np.array([raw_int8_kernels.KIND[q] for q in qtypes], dtype=np.int64)
+    y = np.empty((ids.size, xa.shape[0], down.shape[1]), dtype=np.float32)
+    if weights_ is None:
+        raw_int8_kernels.ffn(kinds, xa, gate, up, down, ids, y, _NO_ROWS, _NO_ROWS)
+        return y
+    w = activations(weights_)
+    if w.shape != (xa.shape[0], ids.size):
+        raise ValueError(f"weights must be [{xa.shape[0]}, {ids.size}], got {list(w.shape)}")
+    out = np.empty((xa.shape[0], down.shape[1]), dtype=np.float32)
+    raw_int8_kernels.ffn(kinds, xa, gate, up, down, ids, y, w, out)
+    return out
 
 
 def _activation_mode(mode: str) -> str:

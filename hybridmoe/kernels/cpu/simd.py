@@ -141,13 +141,16 @@ def bor(typingctx, a, b):
 
 @intrinsic
 def dpbusd(typingctx, acc, a, b):
-    """acc + in every word: the sum over its 4 bytes of uint8(a byte) * int8(the same byte of b), b one int32 word
-    (4 activation bytes) broadcast to all lanes."""
+    """acc + in every word: the sum over its 4 bytes of uint8(a byte) * int8(the same byte of b); b is one int32
+    word (4 activation bytes) broadcast to all lanes, or a vector of 16 words (each lane its own 4 bytes)."""
     vnni = has_vnni()
 
     def codegen(context, builder, sig, args):
         acc, a, word = args
-        b = _splat(builder, builder.trunc(word, I32) if word.type != I32 else word, I32x16)
+        if isinstance(word.type, ir.VectorType):
+            b = word
+        else:
+            b = _splat(builder, builder.trunc(word, I32) if word.type != I32 else word, I32x16)
         if vnni:
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I32x16, [I32x16] * 3),
                                                 "llvm.x86.avx512.vpdpbusd.512")
@@ -190,3 +193,120 @@ def sub(typingctx, a, b):
     def codegen(context, builder, sig, args):
         return builder.fsub(*(_as_vector(builder, v) for v in args))
     return fvec(a, b), codegen
+
+
+@intrinsic
+def halves(typingctx, a, b):
+    """A float vector whose lanes 0-7 are a and lanes 8-15 are b (scalars)."""
+    def codegen(context, builder, sig, args):
+        lo, hi = (_as_vector(builder, v) for v in args)
+        return builder.shuffle_vector(lo, hi, ir.Constant(I32x16, [0] * 8 + [16] * 8))
+    return fvec(a, b), codegen
+
+
+@intrinsic
+def hsum(typingctx, v):
+    """The sum of the 16 lanes of v, as float32, in a fixed order (pairwise: lanes i and i + 8, then i + 4, ...)."""
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        width = 16
+        while width > 1:
+            width //= 2
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, width), list(range(width))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, width), list(range(width, 2 * width))))
+            v = builder.fadd(lo, hi)
+        return builder.extract_element(v, ir.Constant(I32, 0))
+    return types.float32(v), codegen
+
+
+@intrinsic
+def bxor(typingctx, v, mask):
+    """v ^ mask in every word."""
+    def codegen(context, builder, sig, args):
+        return builder.xor(args[0], _splat(builder, builder.trunc(args[1], I32), I32x16))
+    return ivec(v, types.int64), codegen
+
+
+@intrinsic
+def load_halves(typingctx, array, i, j):
+    """32 bytes of a uint8 array from `i` on as lanes 0-7, 32 bytes from `j` on as lanes 8-15 (int32 words)."""
+    def codegen(context, builder, sig, args):
+        half = ir.VectorType(I32, 8)
+        lo = builder.load(_pointer(context, builder, sig.args[0], args[0], args[1], half), align=1)
+        hi = builder.load(_pointer(context, builder, sig.args[0], args[0], args[2], half), align=1)
+        return builder.shuffle_vector(lo, hi, ir.Constant(I32x16, list(range(16))))
+    return ivec(array, types.intp, types.intp), codegen
+
+
+@intrinsic
+def load_half(typingctx, array, index):
+    """The little-endian float16 at bytes index, index + 1 of a uint8 array, as float32 (vcvtph2ps)."""
+    def codegen(context, builder, sig, args):
+        h = builder.load(_pointer(context, builder, sig.args[0], *args, ir.IntType(16)), align=1)
+        return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
+    return types.float32(array, types.intp), codegen
+
+
+@intrinsic
+def k4_scales(typingctx, array, index):
+    """The 12 packed scale bytes of a Q4_K / Q5_K block at `index`, unpacked as 16 floats: the 6-bit scales of
+    groups 0-3, the mins of groups 0-3, the scales of groups 4-7, the mins of groups 4-7."""
+    def codegen(context, builder, sig, args):
+        v4 = ir.VectorType(I32, 4)
+        c4 = lambda *vs: ir.Constant(v4, list(vs))  # noqa: E731
+        u = builder.load(_pointer(context, builder, sig.args[0], *args, v4), align=1)  # bytes 0-15: 12 used
+        # per word (4 groups at once): scales 0-3 = u0 & 63, mins 0-3 = u1 & 63, scales 4-7 = (u2 & 15) | the top
+        # bits of u0 at bits 4-5, mins 4-7 = (u2 >> 4) | the top bits of u1 there
+        low = builder.and_(builder.lshr(builder.shuffle_vector(u, u, c4(0, 1, 2, 2)), c4(0, 0, 0, 4)),
+                           c4(0x3F3F3F3F, 0x3F3F3F3F, 0x0F0F0F0F, 0x0F0F0F0F))
+        high = builder.and_(builder.lshr(builder.shuffle_vector(u, u, c4(0, 0, 0, 1)), c4(2, 2, 2, 2)),
+                            c4(0, 0, 0x30303030, 0x30303030))
+        bytes16 = builder.bitcast(builder.or_(low, high), ir.VectorType(ir.IntType(8), 16))
+        return builder.uitofp(builder.zext(bytes16, I32x16), F32x16)
+    return fvec(array, types.intp), codegen
+
+
+@intrinsic
+def spread(typingctx, v, i, j):
+    """A float vector whose lanes 0-7 are lane i of v and lanes 8-15 lane j (i, j: constants)."""
+    if not isinstance(i, types.IntegerLiteral) or not isinstance(j, types.IntegerLiteral):
+        return None
+    lanes = [i.literal_value] * 8 + [j.literal_value] * 8
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], args[0], ir.Constant(I32x16, lanes))
+    return fvec(v, i, j), codegen
+
+
+@intrinsic
+def quarters(typingctx, v, first):
+    """A float vector whose lanes 4q..4q+3 are lane first + q of v (first: a constant)."""
+    if not isinstance(first, types.IntegerLiteral):
+        return None
+    lanes = [first.literal_value + q for q in range(4) for _ in range(4)]
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], args[0], ir.Constant(I32x16, lanes))
+    return fvec(v, first), codegen
+
+
+@intrinsic
+def q6_high(typingctx, qh, upper):
+    """The 2 high bits of Q6_K quants at bits 4-5 of each byte, from qh words (both halves of the vector the same
+    32 qh bytes): for the low nibbles (upper=0) bits 0-1 in lanes 0-7 and bits 2-3 in lanes 8-15, for the high
+    nibbles (upper=1) bits 4-5 and 6-7 (upper: a constant)."""
+    if not isinstance(upper, types.IntegerLiteral):
+        return None
+    up = upper.literal_value
+
+    def codegen(context, builder, sig, args):
+        amounts = ir.Constant(I32x16, ([0] * 8 + [2] * 8) if up else ([4] * 8 + [2] * 8))
+        moved = builder.lshr(args[0], amounts) if up else builder.shl(args[0], amounts)
+        return builder.and_(moved, ir.Constant(I32x16, [0x30303030] * 16))
+    return ivec(qh, upper), codegen
+
+
+@intrinsic
+def add(typingctx, a, b):
+    """a + b (float vectors)."""
+    return fvec(a, b), lambda context, builder, sig, args: builder.fadd(*args)

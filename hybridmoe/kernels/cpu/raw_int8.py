@@ -1,0 +1,224 @@
+"""Decode kernels with 8-bit activations over the GGUF byte layout itself (the mmap tier: nothing is copied).
+
+x is rounded to int8 per group of 32 exactly as `int8.quantize` does for the repacked kernels, so both compute
+rounded(x) @ W.T; they sum in other orders, so they agree to float32 rounding, not bit for bit. A row is one dot
+product along K: one vector lane holds 4 consecutive positions, `dpbusd` multiplies 64 weight bytes by 64
+activation bytes, and the lanes are summed once per row (`hsum`). Per-group scales multiply the lanes' integer sums
+as float vectors, lanes 0-7 and 8-15 each with their group's scale (`halves`).
+
+Per type, what one vector covers and what the activations are prepared as (once per call, `prepare`):
+    Q8_0  two blocks' 32 quant bytes (`load_halves`), flipped to unsigned (+ 128); the accumulator starts at
+          -128 * the sum of each lane's 4 activations (`xneg`), so the sum is exact without a correction.
+    Q4_K  64 of the 128 nibble bytes: low nibbles are groups 4h and 4h + 2, high ones 4h + 1 and 4h + 3, so the
+          activations are reordered per 128 positions to match (`xr`); mins come off per group (`xm`).
+    Q6_K  64 of the 128 low-bit bytes with their 2 high bits from qh (each half of qh serves 4 groups of 16), the
+          offset 32 comes off per group of 16 (`x16`).
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from numba import njit, prange
+
+from .combine import weighted_sum
+from .int8 import quantize
+from .raw import half_at, scale_min_k4
+from .simd import bits, bor, bxor, dpbusd, fma, fzero, halves, hsum, izero, k4_scales, load_floats, load_half, load_i8_floats, \
+    load_halves, load_words, mul, q6_high, quarters, spread, to_floats, add
+
+f32 = np.float32
+KIND = {T.Q8_0: 1, T.Q4_K: 2, T.Q6_K: 4}
+BLOCK_BYTES = {1: 34, 2: 144, 4: 210}
+M4 = 0x0F0F0F0F
+PAD = 64  # bytes past K in each activation row: a two-block Q8_0 load may read one block beyond the last
+ROWS_PER_TASK = 16
+NEG_MIN_LANES = np.array([0, 0, 0, 0, -1, -1, -1, -1] * 2, dtype=np.float32)  # the mins' lanes of k4_scales
+
+
+@njit(cache=True)
+def prepare(x, xq, xd, xqs, xr, xk, xneg, x16):
+    """x f32 [n, K] -> xq int8 [n, K + PAD] (tail zero), xd f32 [n, K/32], xqs int32 [n, K/16] (int8.quantize);
+    xr int8 [n, K]: xq reordered for Q4_K; xk f32 [n, K/16]: per 256, xd of groups 0-3, xd * the group's integer
+    sum (xm) of groups 0-3, xd of groups 4-7, xm of groups 4-7; xneg int32 [n, K/4 + 16]:
+    -128 * the sum of each 4 consecutive xq; x16 f32 [n, K/8]: per 256,
+    xd of its 16 groups of 16, then -32 * their integer sums."""
+    n, k_dim = x.shape
+    quantize(x, xq[:, :k_dim], xd, xqs)
+    for t in range(n):
+        for i in range(k_dim, xq.shape[1]):
+            xq[t, i] = 0
+        for c in range(k_dim // 128):
+            base = c * 128
+            for j in range(32):
+                xr[t, base + j] = xq[t, base + j]
+                xr[t, base + 32 + j] = xq[t, base + 64 + j]
+                xr[t, base + 64 + j] = xq[t, base + 32 + j]
+                xr[t, base + 96 + j] = xq[t, base + 96 + j]
+        for g in range(k_dim // 32):
+            at = (g // 8) * 16 + (g % 8 // 4) * 8 + g % 4
+            xk[t, at] = xd[t, g]
+            xk[t, at + 4] = xd[t, g] * f32(xqs[t, 2 * g] + xqs[t, 2 * g + 1])
+            for half in range(2):
+                j = (g // 8) * 32 + (g % 8) * 2 + half
+                x16[t, j] = xd[t, g]
+                x16[t, j + 16] = f32(-32 * xqs[t, 2 * g + half])
+        for i in range(xneg.shape[1]):
+            s = 0
+            if 4 * i < k_dim:
+                for j in range(4):
+                    s += xq[t, 4 * i + j]
+            xneg[t, i] = -128 * s
+
+
+@njit(cache=True, inline="always")
+def _q8_0_pair(w, o, b, nb, xq, xneg, xd, acc):
+    """acc + blocks b and b + 1 (b alone if it is the last) of the row at byte o, lane by lane."""
+    two = b + 1 < nb
+    o1 = o + (b + 1) * 34 if two else o + b * 34
+    v = bxor(load_halves(w, o + b * 34 + 2, o1 + 2), 0x80808080)
+    s = dpbusd(load_words(xneg, b * 8), v, load_words(xq, b * 32))
+    f1 = load_half(w, o1) * xd[b + 1] if two else f32(0.0)
+    return fma(to_floats(s), halves(load_half(w, o + b * 34) * xd[b], f1), acc)
+
+
+@njit(cache=True, inline="always")
+def _dot_q8_0(w, o, nb, xq, xneg, xd):
+    """Row at byte o of w (nb blocks) . one token: xq, xneg, xd are that token's rows of `prepare`'s arrays."""
+    a0 = fzero()
+    a1 = fzero()
+    for b in range(0, nb, 4):
+        a0 = _q8_0_pair(w, o, b, nb, xq, xneg, xd, a0)
+        if b + 2 < nb:
+            a1 = _q8_0_pair(w, o, b + 2, nb, xq, xneg, xd, a1)
+    return hsum(add(a0, a1))
+
+
+@njit(cache=True, inline="always")
+def _dot_q4_k(w, o, nb, xr, xk):
+    """xk: per block, xd of groups 0-3, xm of 0-3, xd of 4-7, xm of 4-7 (the order of `k4_scales`)."""
+    # four accumulators: one chain of fused multiply-adds would wait on its own latency every block
+    a0 = fzero()
+    a1 = fzero()
+    a2 = fzero()
+    a3 = fzero()
+    for b in range(nb):
+        ob = o + b * 144
+        p = mul(k4_scales(w, ob + 4), load_floats(xk, b * 16))  # scale * xd, min * xm per group
+        a3 = fma(mul(p, load_floats(NEG_MIN_LANES, 0)), load_half(w, ob + 2), a3)  # - dmin * min * xm
+        f = mul(p, load_half(w, ob))
+        v = load_words(w, ob + 16)
+        a0 = fma(to_floats(dpbusd(izero(), bits(v, 0, M4), load_words(xr, b * 256))), spread(f, 0, 2), a0)
+        a1 = fma(to_floats(dpbusd(izero(), bits(v, 4, M4), load_words(xr, b * 256 + 64))), spread(f, 1, 3), a1)
+        v = load_words(w, ob + 80)
+        a2 = fma(to_floats(dpbusd(izero(), bits(v, 0, M4), load_words(xr, b * 256 + 128))), spread(f, 8, 10), a2)
+        a3 = fma(to_floats(dpbusd(izero(), bits(v, 4, M4), load_words(xr, b * 256 + 192))), spread(f, 9, 11), a3)
+    return hsum(add(add(a0, a1), add(a2, a3)))
+
+
+@njit(cache=True, inline="always")
+def _dot_q6_k(w, o, nb, xq, x16):
+    """x16: per group of 16, xd, then -32 * the group's integer sum (`prepare`)."""
+    a0 = fzero()
+    a1 = fzero()
+    a2 = fzero()
+    a3 = fzero()
+    for b in range(nb):
+        ob = o + b * 210
+        f = mul(mul(load_i8_floats(w, ob + 192), load_floats(x16, b * 32)), load_half(w, ob + 208))
+        a0 = fma(f, load_floats(x16, b * 32 + 16), a0)  # - 32 * the sum of the group's x
+        v = load_words(w, ob)
+        qh = load_halves(w, ob + 128, ob + 128)
+        a0 = fma(to_floats(dpbusd(izero(), bor(bits(v, 0, M4), q6_high(qh, 0)), load_words(xq, b * 256))),
+                 quarters(f, 0), a0)
+        a1 = fma(to_floats(dpbusd(izero(), bor(bits(v, 4, M4), q6_high(qh, 1)), load_words(xq, b * 256 + 64))),
+                 quarters(f, 4), a1)
+        v = load_words(w, ob + 64)
+        qh = load_halves(w, ob + 160, ob + 160)
+        a2 = fma(to_floats(dpbusd(izero(), bor(bits(v, 0, M4), q6_high(qh, 0)), load_words(xq, b * 256 + 128))),
+                 quarters(f, 8), a2)
+        a3 = fma(to_floats(dpbusd(izero(), bor(bits(v, 4, M4), q6_high(qh, 1)), load_words(xq, b * 256 + 192))),
+                 quarters(f, 12), a3)
+    return hsum(add(add(a0, a1), add(a2, a3)))
+
+
+@njit(cache=True, inline="always")
+def _dot(kind, w, o, k_dim, xq, xr, xd, xk, xneg, x16):
+    if kind == 1:
+        return _dot_q8_0(w, o, k_dim // 32, xq, xneg, xd)
+    if kind == 2:
+        return _dot_q4_k(w, o, k_dim // 256, xr, xk)
+    return _dot_q6_k(w, o, k_dim // 256, xq, x16)
+
+
+@njit(cache=True, inline="always")
+def _buffers(n, k_dim):
+    """Empty arrays for `prepare` of n rows of K."""
+    return (np.empty((n, k_dim + PAD), dtype=np.int8), np.empty((n, k_dim // 32), dtype=np.float32),
+            np.empty((n, k_dim // 16), dtype=np.int32), np.empty((n, k_dim), dtype=np.int8),
+            np.empty((n, k_dim // 16), dtype=np.float32), np.empty((n, k_dim // 4 + 16), dtype=np.int32),
+            np.empty((n, k_dim // 8), dtype=np.float32))
+
+
+@njit(cache=True, inline="always")
+def _prepared(x):
+    xq, xd, xqs, xr, xk, xneg, x16 = _buffers(x.shape[0], x.shape[1])
+    prepare(x, xq, xd, xqs, xr, xk, xneg, x16)
+    return xq.view(np.uint8), xr.view(np.uint8), xd, xk, xneg, x16
+
+
+@njit(parallel=True, cache=True)
+def gemv(kind: int, x: np.ndarray, w: np.ndarray, experts: np.ndarray, y: np.ndarray) -> None:
+    """y[g, n, N] = x[n, K] @ W_{experts[g]}.T for stacked raw weights w uint8 [E, N, row_bytes] of one kind."""
+    xq, xr, xd, xk, xneg, x16 = _prepared(x)
+    n, k_dim = x.shape
+    n_rows = w.shape[1]
+    flat = w.reshape(-1)
+    row_bytes = w.shape[2]
+    chunks = -(-n_rows // ROWS_PER_TASK)
+    for task in prange(experts.size * chunks):
+        g, c = task // chunks, task % chunks
+        base = experts[g] * n_rows
+        for r in range(c * ROWS_PER_TASK, min(n_rows, (c + 1) * ROWS_PER_TASK)):
+            for t in range(n):
+                y[g, t, r] = _dot(kind, flat, (base + r) * row_bytes, k_dim, xq[t], xr[t], xd[t], xk[t], xneg[t],
+                                  x16[t])
+
+
+@njit(parallel=True, cache=True)
+def ffn(kinds: np.ndarray, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, experts: np.ndarray,
+        y: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """y[g, n, D] = down(silu(gate(x)) * up(x)) of expert experts[g], for stacked raw weights gate, up uint8
+    [E, I, row_bytes] and down [E, D, row_bytes] of the given kinds. x is rounded once, each expert's hidden state
+    once (as `int8.ffn` rounds them). w f32 [n, G] (empty: skipped) -> out f32 [n, D] = sum_g w[:, g] * y[g]."""
+    xq, xr, xd, xk, xneg, x16 = _prepared(x)
+    n, k_dim = x.shape
+    n_experts, n_inter, n_out = experts.size, gate.shape[1], down.shape[1]
+    g_flat, u_flat, d_flat = gate.reshape(-1), up.reshape(-1), down.reshape(-1)
+    h = np.empty((n_experts, n, n_inter), dtype=np.float32)
+    chunks = -(-n_inter // ROWS_PER_TASK)
+    for task in prange(n_experts * chunks):
+        g, c = task // chunks, task % chunks
+        base = experts[g] * n_inter
+        for r in range(c * ROWS_PER_TASK, min(n_inter, (c + 1) * ROWS_PER_TASK)):
+            for t in range(n):
+                v = _dot(kinds[0], g_flat, (base + r) * gate.shape[2], k_dim, xq[t], xr[t], xd[t], xk[t], xneg[t],
+                         x16[t])
+                u = _dot(kinds[1], u_flat, (base + r) * up.shape[2], k_dim, xq[t], xr[t], xd[t], xk[t], xneg[t],
+                         x16[t])
+                h[g, t, r] = v / (f32(1.0) + np.exp(-v)) * u  # silu(gate) * up
+    hq, hd, hqs, hr, hk, hneg, h16 = _buffers(n_experts * n, n_inter)
+    for g in range(n_experts):  # a few KB each: not worth a parallel region
+        rows = slice(g * n, (g + 1) * n)
+        prepare(h[g], hq[rows], hd[rows], hqs[rows], hr[rows], hk[rows], hneg[rows], h16[rows])
+    hq, hr = hq.view(np.uint8), hr.view(np.uint8)
+    chunks = -(-n_out // ROWS_PER_TASK)
+    for task in prange(n_experts * chunks):
+        g, c = task // chunks, task % chunks
+        base = experts[g] * n_out
+        for r in range(c * ROWS_PER_TASK, min(n_out, (c + 1) * ROWS_PER_TASK)):
+            for t in range(n):
+                i = g * n + t
+                y[g, t, r] = _dot(kinds[2], d_flat, (base + r) * down.shape[2], n_inter, hq[i], hr[i], hd[i], hk[i],
+                                  hneg[i], h16[i])
+    if w.size:
+        weighted_sum(y, w, out)

@@ -1,0 +1,80 @@
+"""8-bit-activation kernels over the GGUF byte layout (the mmap tier): the arithmetic of the repacked 8-bit kernels
+(rounded(x) @ W.T, exact on activations that 8 bits represent), read from the file's rows in place."""
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from hybridmoe.kernels import cpu
+from hybridmoe.layers.moe import combine
+
+from test_cpu_int8 import expert_weights, ffn_reference, int8_exact, rounded
+
+TYPES = [T.Q8_0, T.Q4_K, T.Q6_K]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_raw_int8_gemv_is_exact_on_8_bit_activations(case, qtype: T, n_tokens: int) -> None:
+    c = case(qtype, 40, 768, n_tokens)  # 768: an odd number of Q8_0 block pairs' worth (24 blocks) and 3 K blocks
+    x = int8_exact(np.random.default_rng(1), n_tokens, 768)
+    want = x.astype(np.float64) @ c.w.T
+    got = cpu.gemv_int8(x, c.w_raw, qtype)
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+@pytest.mark.parametrize("qtype,k_dim", [(T.Q8_0, 96), (T.Q8_0, 2048), (T.Q4_K, 2048), (T.Q6_K, 512)],
+                         ids=["q8_0-odd-blocks", "q8_0", "q4_k", "q6_k"])
+def test_raw_int8_gemv_agrees_with_the_repacked_kernel(case, qtype: T, k_dim: int) -> None:
+    c = case(qtype, 33, k_dim, 2)
+    got = cpu.gemv_int8(torch.from_numpy(c.x), c.w_raw, qtype)
+    assert isinstance(got, torch.Tensor)
+    want = cpu.gemv_packed(c.x, cpu.repack(c.w_raw, qtype, activations="int8"))
+    assert np.abs(got.numpy() - want).max() / np.abs(want).max() < 1e-5
+    assert c.rel_error(got.numpy()) < 1e-2  # and near the exact product
+
+
+@pytest.mark.parametrize("types,inter", [((T.Q4_K, T.Q4_K, T.Q6_K), 256), ((T.Q8_0, T.Q8_0, T.Q8_0), 96)],
+                         ids=["q4_k_m", "q8_0"])
+@pytest.mark.parametrize("n_tokens", [1, 2])
+def test_raw_int8_experts_match_the_repacked_ones_and_the_reference(types, inter: int, n_tokens: int) -> None:
+    rng = np.random.default_rng(0)
+    raws, floats = expert_weights(rng, 6, 256, inter, types)
+    x = rng.standard_normal((n_tokens, 256)).astype(np.float32)
+    experts = [4, 0, 5]
+    y = cpu.ffn_raw_int8(x, *raws, types, experts)
+    assert y.shape == (3, n_tokens, 256) and y.dtype == np.float32
+    stacked = [cpu.repack_experts(raw, t, activations="int8") for raw, t in zip(raws, types)]
+    packed = cpu.ffn_experts(x, *stacked, experts)
+    assert np.abs(y - packed).max() / np.abs(packed).max() < 1e-5
+    for g, e in enumerate(experts):
+        want = ffn_reference(x, *(f[e] for f in floats), rounded)  # the kernels' arithmetic, in float64
+        assert np.abs(y[g] - want).max() / np.abs(want).max() < 1e-4
+    weights = rng.random((n_tokens, 3)).astype(np.float32)
+    summed = cpu.ffn_raw_int8(x, *raws, types, experts, weights)
+    parts = torch.from_numpy(y).transpose(0, 1)
+    assert np.array_equal(summed, combine(parts, torch.from_numpy(weights), torch.float32).numpy())
+
+
+def test_raw_int8_inputs_are_checked() -> None:
+    rng = np.random.default_rng(2)
+    types = (T.Q4_K, T.Q4_K, T.Q6_K)
+    (gate, up, down), _ = expert_weights(rng, 2, 256, 256, types)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    with pytest.raises(ValueError, match="Q5_K"):
+        cpu.gemv_int8(x, gate[0], T.Q5_K)
+    with pytest.raises(ValueError, match="K = 512"):
+        cpu.gemv_int8(np.zeros((1, 512), np.float32), gate[0], T.Q4_K)
+    with pytest.raises(ValueError, match="Q5_K"):
+        cpu.ffn_raw_int8(x, gate, up, down, (T.Q4_K, T.Q5_K, T.Q6_K), [0])
+    with pytest.raises(ValueError, match="down: rows"):
+        cpu.ffn_raw_int8(x, gate, up, down, (T.Q4_K, T.Q4_K, T.Q4_K), [0])
+    with pytest.raises(ValueError, match="C-contiguous uint8"):
+        cpu.ffn_raw_int8(x, gate[:, :, ::2], up, down, types, [0])
+    with pytest.raises(ValueError, match="expert shapes"):
+        cpu.ffn_raw_int8(x, gate, up[:, :128].copy(), down, types, [0])
+    with pytest.raises(ValueError, match="ids below 2"):
+        cpu.ffn_raw_int8(x, gate, up, down, types, [2])
+    with pytest.raises(ValueError, match="weights must be"):
+        cpu.ffn_raw_int8(x, gate, up, down, types, [0, 1], np.ones((1, 3), np.float32))
