@@ -78,3 +78,12 @@ def test_raw_int8_inputs_are_checked() -> None:
         cpu.ffn_raw_int8(x, gate, up, down, types, [2])
     with pytest.raises(ValueError, match="weights must be"):
         cpu.ffn_raw_int8(x, gate, up, down, types, [0, 1], np.ones((1, 3), np.float32))
+
+
+@pytest.mark.parametrize("qtype,k_dim", [(T.Q4_K, 768), (T.Q6_K, 512), (T.Q8_0, 96)], ids=lambda v: str(v))
+def test_raw_int8_tokens_together_are_each_token_alone_bit_for_bit(case, qtype: T, k_dim: int) -> None:
+    """Several tokens share one pass over a row (its scales unpacked once), with each token's own arithmetic."""
+    c = case(qtype, 40, k_dim, 5)
+    together = cpu.gemv_int8(c.x, c.w_raw, qtype)
+    alone = np.concatenate([cpu.gemv_int8(c.x[t:t + 1], c.w_raw, qtype) for t in range(5)])
+    assert np.array_equal(together, alone)

@@ -24,7 +24,7 @@ from .combine import weighted_sum
 from .int8 import quantize
 from .raw import half_at, scale_min_k4
 from .simd import bits, bor, bxor, dpbusd, fma, fzero, halves, hsum, izero, k4_scales, load_floats, load_half, load_i8_floats, \
-    load_halves, load_words, mul, q6_high, quarters, spread, to_floats, add
+    load_halves, load_words, mul, q6_high, quarters, spread, store_floats, to_floats, add
 
 f32 = np.float32
 KIND = {T.Q8_0: 1, T.Q4_K: 2, T.Q6_K: 4}
@@ -142,6 +142,52 @@ def _dot_q6_k(w, o, nb, xq, x16):
 
 
 @njit(cache=True, inline="always")
+def _dots_q4_k(w, o, nb, xr, xk, acc, out):
+    """_dot_q4_k for every token (rows of xr, xk), the block's scales and nibbles unpacked once for all of them;
+    each token's arithmetic is _dot_q4_k's, in the same order, so results are the same bits. acc: f32 [n * 64]."""
+    n = out.size
+    acc[:n * 64] = 0.0
+    neg = load_floats(NEG_MIN_LANES, 0)
+    for b in range(nb):
+        ob = o + b * 144
+        scales = k4_scales(w, ob + 4)
+        d = load_half(w, ob)
+        dmin = load_half(w, ob + 2)
+        v = load_words(w, ob + 16)
+        lo0, hi0 = bits(v, 0, M4), bits(v, 4, M4)
+        v = load_words(w, ob + 80)
+        lo1, hi1 = bits(v, 0, M4), bits(v, 4, M4)
+        for t in range(n):
+            at = t * 64
+            p = mul(scales, load_floats(xk[t], b * 16))
+            a3 = fma(mul(p, neg), dmin, load_floats(acc, at + 48))
+            f = mul(p, d)
+            x = xr[t]
+            store_floats(acc, at, fma(to_floats(dpbusd(izero(), lo0, load_words(x, b * 256))), spread(f, 0, 2),
+                                      load_floats(acc, at)))
+            store_floats(acc, at + 16, fma(to_floats(dpbusd(izero(), hi0, load_words(x, b * 256 + 64))),
+                                           spread(f, 1, 3), load_floats(acc, at + 16)))
+            store_floats(acc, at + 32, fma(to_floats(dpbusd(izero(), lo1, load_words(x, b * 256 + 128))),
+                                           spread(f, 8, 10), load_floats(acc, at + 32)))
+            store_floats(acc, at + 48, fma(to_floats(dpbusd(izero(), hi1, load_words(x, b * 256 + 192))),
+                                           spread(f, 9, 11), a3))
+    for t in range(n):
+        at = t * 64
+        out[t] = hsum(add(add(load_floats(acc, at), load_floats(acc, at + 16)),
+                          add(load_floats(acc, at + 32), load_floats(acc, at + 48))))
+
+
+@njit(cache=True, inline="always")
+def _dots(kind, w, o, k_dim, xq, xr, xd, xk, xneg, x16, acc, out):
+    """_dot of one row for every token (rows of the prepared arrays) -> out [n]."""
+    if kind == 2 and out.size > 1:
+        _dots_q4_k(w, o, k_dim // 256, xr, xk, acc, out)
+        return
+    for t in range(out.size):
+        out[t] = _dot(kind, w, o, k_dim, xq[t], xr[t], xd[t], xk[t], xneg[t], x16[t])
+
+
+@njit(cache=True, inline="always")
 def _dot(kind, w, o, k_dim, xq, xr, xd, xk, xneg, x16):
     if kind == 1:
         return _dot_q8_0(w, o, k_dim // 32, xq, xneg, xd)
@@ -178,10 +224,13 @@ def gemv(kind: int, x: np.ndarray, w: np.ndarray, experts: np.ndarray, y: np.nda
     for task in prange(experts.size * chunks):
         g, c = task // chunks, task % chunks
         base = experts[g] * n_rows
+        acc = np.empty(n * 64 if n > 1 else 0, dtype=np.float32)
         for r in range(c * ROWS_PER_TASK, min(n_rows, (c + 1) * ROWS_PER_TASK)):
-            for t in range(n):
-                y[g, t, r] = _dot(kind, flat, (base + r) * row_bytes, k_dim, xq[t], xr[t], xd[t], xk[t], xneg[t],
-                                  x16[t])
+            if n == 1:  # decode: no views, nothing allocated per row
+                y[g, 0, r] = _dot(kind, flat, (base + r) * row_bytes, k_dim, xq[0], xr[0], xd[0], xk[0], xneg[0],
+                                  x16[0])
+            else:
+                _dots(kind, flat, (base + r) * row_bytes, k_dim, xq, xr, xd, xk, xneg, x16, acc, y[g, :, r])
 
 
 @njit(parallel=True, cache=True)
@@ -199,13 +248,21 @@ def ffn(kinds: np.ndarray, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down
     for task in prange(n_experts * chunks):
         g, c = task // chunks, task % chunks
         base = experts[g] * n_inter
+        acc = np.empty(n * 64 if n > 1 else 0, dtype=np.float32)
+        v = np.empty(n if n > 1 else 0, dtype=np.float32)
+        u = np.empty(n if n > 1 else 0, dtype=np.float32)
         for r in range(c * ROWS_PER_TASK, min(n_inter, (c + 1) * ROWS_PER_TASK)):
+            if n == 1:  # decode: no views, nothing allocated per row
+                a = _dot(kinds[0], g_flat, (base + r) * gate.shape[2], k_dim, xq[0], xr[0], xd[0], xk[0], xneg[0],
+                         x16[0])
+                b = _dot(kinds[1], u_flat, (base + r) * up.shape[2], k_dim, xq[0], xr[0], xd[0], xk[0], xneg[0],
+                         x16[0])
+                h[g, 0, r] = a / (f32(1.0) + np.exp(-a)) * b  # silu(gate) * up
+                continue
+            _dots(kinds[0], g_flat, (base + r) * gate.shape[2], k_dim, xq, xr, xd, xk, xneg, x16, acc, v)
+            _dots(kinds[1], u_flat, (base + r) * up.shape[2], k_dim, xq, xr, xd, xk, xneg, x16, acc, u)
             for t in range(n):
-                v = _dot(kinds[0], g_flat, (base + r) * gate.shape[2], k_dim, xq[t], xr[t], xd[t], xk[t], xneg[t],
-                         x16[t])
-                u = _dot(kinds[1], u_flat, (base + r) * up.shape[2], k_dim, xq[t], xr[t], xd[t], xk[t], xneg[t],
-                         x16[t])
-                h[g, t, r] = v / (f32(1.0) + np.exp(-v)) * u  # silu(gate) * up
+                h[g, t, r] = v[t] / (f32(1.0) + np.exp(-v[t])) * u[t]
     hq, hd, hqs, hr, hk, hneg, h16 = _buffers(n_experts * n, n_inter)
     for g in range(n_experts):  # a few KB each: not worth a parallel region
         rows = slice(g * n, (g + 1) * n)
@@ -215,10 +272,14 @@ def ffn(kinds: np.ndarray, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down
     for task in prange(n_experts * chunks):
         g, c = task // chunks, task % chunks
         base = experts[g] * n_out
+        rows = slice(g * n, (g + 1) * n)
+        acc = np.empty(n * 64 if n > 1 else 0, dtype=np.float32)
         for r in range(c * ROWS_PER_TASK, min(n_out, (c + 1) * ROWS_PER_TASK)):
-            for t in range(n):
-                i = g * n + t
-                y[g, t, r] = _dot(kinds[2], d_flat, (base + r) * down.shape[2], n_inter, hq[i], hr[i], hd[i], hk[i],
-                                  hneg[i], h16[i])
+            if n == 1:
+                y[g, 0, r] = _dot(kinds[2], d_flat, (base + r) * down.shape[2], n_inter, hq[g], hr[g], hd[g], hk[g],
+                                  hneg[g], h16[g])
+            else:
+                _dots(kinds[2], d_flat, (base + r) * down.shape[2], n_inter, hq[rows], hr[rows], hd[rows], hk[rows],
+                      hneg[rows], h16[rows], acc, y[g, :, r])
     if w.size:
         weighted_sum(y, w, out)
