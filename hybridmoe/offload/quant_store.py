@@ -6,7 +6,7 @@ GPU slot layout (one contiguous row per expert), so a host-to-device copy is a s
 projection, made when the layer is first computed), which decodes faster but sums in another order (results then
 agree within kernel tolerance, not bit for bit). `activations` ("int8" or "f32", kernels.cpu) say whether the CPU
 rounds x to 8 bits at decode; with "int8" a decode step computes all of a layer's CPU experts in one kernel call,
-from the file's bytes on the mmap tier (Q8_0, Q4_K, Q6_K layers), else from the repacked copy.
+from the file's bytes on the mmap tier (layers of kernels.cpu.RAW_INT8_TYPES), else from the repacked copy.
 GPU slots hold the same raw bytes (kernels.gpu.SlotLayout); with the CPU standing in for the GPU, slots are computed
 with the CPU kernels on the slot's own copy of the bytes. At prefill on the GPU, a layer's slot experts run together
 (`compute_slots_prefill`): per chunk of experts, one dequantization launch per projection into a bf16 scratch, then

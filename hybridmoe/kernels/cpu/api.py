@@ -59,7 +59,7 @@ def gemv(x: Array, w_raw: np.ndarray, ggml_type: T | int) -> Array:
 def gemv_int8(x: Array, w_raw: np.ndarray, ggml_type: T | int) -> Array:
     """Decode with 8-bit activations, W as raw GGUF rows (the mmap tier: nothing is copied): y[n, N] = rounded(x)
     @ W.T, x rounded per group of 32 as `gemv_packed` of an int8 repack rounds it (the two agree to float32
-    rounding). Q8_0, Q4_K, Q6_K (`raw_int8.py`)."""
+    rounding). Q8_0, Q2_K, Q3_K, Q4_K, Q6_K (`raw_int8.py`)."""
     xa = activations(x)
     qtype = kernel_type(ggml_type, RAW_INT8_TYPES)
     weights(w_raw, qtype, xa.shape[1])
@@ -72,7 +72,7 @@ def ffn_raw_int8(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarr
                  weights_: np.ndarray | None = None) -> np.ndarray:
     """Several experts of one layer on the same tokens, from the raw GGUF bytes, with 8-bit activations, in one
     call: gate, up uint8 [E, I, row_bytes], down uint8 [E, D, row_bytes] (stacked expert tensors, e.g. mmap'd),
-    types their GGML types (Q8_0, Q4_K, Q6_K) -> f32 [G, n, D], expert experts[g] in row g; with weights_ f32
+    types their GGML types (RAW_INT8_TYPES) -> f32 [G, n, D], expert experts[g] in row g; with weights_ f32
     [n, G], their weighted sum f32 [n, D] instead (the bits `layers.moe.combine` gives of the former). Each expert
     agrees with `ffn_experts` of an int8 repack to float32 rounding."""
     xa = activations(x)

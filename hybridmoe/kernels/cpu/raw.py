@@ -17,7 +17,7 @@ from numba import njit, prange
 f32 = np.float32
 
 # Kernel ids: one compiled kernel serves every type, switching per row.
-KIND = {T.Q4_0: 0, T.Q8_0: 1, T.Q4_K: 2, T.Q5_K: 3, T.Q6_K: 4}
+KIND = {T.Q4_0: 0, T.Q8_0: 1, T.Q4_K: 2, T.Q5_K: 3, T.Q6_K: 4, T.Q2_K: 5, T.Q3_K: 6}
 
 # 2 ** (e - 25) for the f16 exponent field e: (1024 + mantissa) * _POW2[e] is the value of a normal f16.
 _POW2 = (2.0 ** (np.arange(32) - 25)).astype(np.float32)
@@ -118,6 +118,42 @@ def _row_q6_k(w: np.ndarray, out: np.ndarray, w32: int) -> None:
 
 
 @njit(cache=True)
+def _row_q2_k(w: np.ndarray, out: np.ndarray, w32: int) -> None:
+    """84-byte blocks: 16 (scale, min) nibble pairs, 64 bytes of 2-bit quants, d, dmin. Quant byte l of half h holds
+    element 128 h + 32 i + l at bits 2 i; group j (16 elements) is element // 16."""
+    for b in range(out.size // 256):
+        o = b * 84
+        d = half_at(w, o + 80)
+        dmin = half_at(w, o + 82)
+        for j in range(16):
+            h, i, second = j // 8, j % 8 // 2, j % 2
+            sc = np.int32(w[o + j])
+            dl, ml = d * f32(sc & 15), dmin * f32(sc >> 4)
+            qs = o + 16 + h * 32 + second * 16
+            for l in range(w32 // 2):
+                out[b * 256 + j * 16 + l] = dl * f32((np.int32(w[qs + l]) >> (2 * i)) & 3) - ml
+
+
+@njit(cache=True)
+def _row_q3_k(w: np.ndarray, out: np.ndarray, w32: int) -> None:
+    """110-byte blocks: 32 bytes of high bits (bit 4 h + i of byte l: element 128 h + 32 i + l; clear means - 4),
+    64 bytes of 2-bit quants (as Q2_K), 12 bytes of 6-bit signed scales, d."""
+    for b in range(out.size // 256):
+        o = b * 110
+        d = half_at(w, o + 108)
+        for j in range(16):
+            h, i, second = j // 8, j % 8 // 2, j % 2
+            low4 = np.int32(w[o + 96 + j]) & 15 if j < 8 else np.int32(w[o + 88 + j]) >> 4
+            high2 = (np.int32(w[o + 104 + j % 4]) >> (2 * (j // 4))) & 3
+            dl = d * f32((low4 | (high2 << 4)) - 32)
+            for l in range(w32 // 2):
+                at = second * 16 + l
+                low = (np.int32(w[o + 32 + h * 32 + at]) >> (2 * i)) & 3
+                high = (np.int32(w[o + at]) >> (4 * h + i)) & 1
+                out[b * 256 + j * 16 + l] = dl * f32(low - ((high ^ 1) << 2))
+
+
+@njit(cache=True)
 def dequantize_row(kind: int, w: np.ndarray, out: np.ndarray, w32: int) -> None:
     """One row of raw blocks (uint8) -> float32 `out` (its length is the row's element count)."""
     if kind == 0:
@@ -128,8 +164,12 @@ def dequantize_row(kind: int, w: np.ndarray, out: np.ndarray, w32: int) -> None:
         _row_k4(w, out, False, w32)
     elif kind == 3:
         _row_k4(w, out, True, w32)
-    else:
+    elif kind == 4:
         _row_q6_k(w, out, w32)
+    elif kind == 5:
+        _row_q2_k(w, out, w32)
+    else:
+        _row_q3_k(w, out, w32)
 
 
 @njit(parallel=True, cache=True)

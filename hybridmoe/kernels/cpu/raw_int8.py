@@ -13,6 +13,10 @@ Per type, what one vector covers and what the activations are prepared as (once 
           activations are reordered per 128 positions to match (`xr`); mins come off per group (`xm`).
     Q6_K  64 of the 128 low-bit bytes with their 2 high bits from qh (each half of qh serves 4 groups of 16), the
           offset 32 comes off per group of 16 (`x16`).
+    Q2_K  all 64 quant bytes: shift 2 i gives elements 32 i.. of both halves of the block, so the activations are
+          reordered to match (the second half of `xr`); scales and mins are the 16 nibble pairs, per group of 16.
+    Q3_K  Q2_K's 2 low bits plus the third from the 32 hmask bytes (the same bytes serve both halves, at bits i and
+          4 + i); quants are stored + 4, which comes off per group of 16; 16 signed 6-bit scales from 12 bytes.
 """
 from __future__ import annotations
 
@@ -23,13 +27,14 @@ from numba import njit, prange
 from .combine import weighted_sum
 from .int8 import quantize
 from .raw import half_at, scale_min_k4
-from .simd import bits, bor, bxor, dpbusd, fma, fzero, halves, hsum, izero, k4_scales, load_floats, load_half, load_i8_floats, \
-    load_halves, load_words, mul, q6_high, quarters, spread, store_floats, to_floats, add
+from .simd import add, bits, bor, bxor, dpbusd, fma, fzero, halves, hsum, izero, k4_scales, load_floats, load_half, \
+    load_halves, load_i8_floats, load_nibble_floats, load_words, mul, q3_high, q3_scales, q6_high, quarters, spread, \
+    spread4, store_floats, to_floats
 
 f32 = np.float32
-KIND = {T.Q8_0: 1, T.Q4_K: 2, T.Q6_K: 4}
-BLOCK_BYTES = {1: 34, 2: 144, 4: 210}
+KIND = {T.Q8_0: 1, T.Q4_K: 2, T.Q6_K: 4, T.Q2_K: 5, T.Q3_K: 6}
 M4 = 0x0F0F0F0F
+M2 = 0x03030303
 PAD = 64  # bytes past K in each activation row: a two-block Q8_0 load may read one block beyond the last
 ROWS_PER_TASK = 16
 NEG_MIN_LANES = np.array([0, 0, 0, 0, -1, -1, -1, -1] * 2, dtype=np.float32)  # the mins' lanes of k4_scales
@@ -38,7 +43,7 @@ NEG_MIN_LANES = np.array([0, 0, 0, 0, -1, -1, -1, -1] * 2, dtype=np.float32)  # 
 @njit(cache=True)
 def prepare(x, xq, xd, xqs, xr, xk, xneg, x16):
     """x f32 [n, K] -> xq int8 [n, K + PAD] (tail zero), xd f32 [n, K/32], xqs int32 [n, K/16] (int8.quantize);
-    xr int8 [n, K]: xq reordered for Q4_K; xk f32 [n, K/16]: per 256, xd of groups 0-3, xd * the group's integer
+    xr int8 [n, 2 K]: xq reordered for Q4_K, then for Q2_K / Q3_K; xk f32 [n, K/16]: per 256, xd of groups 0-3, xd * the group's integer
     sum (xm) of groups 0-3, xd of groups 4-7, xm of groups 4-7; xneg int32 [n, K/4 + 16]:
     -128 * the sum of each 4 consecutive xq; x16 f32 [n, K/8]: per 256,
     xd of its 16 groups of 16, then -32 * their integer sums."""
@@ -54,6 +59,11 @@ def prepare(x, xq, xd, xqs, xr, xk, xneg, x16):
                 xr[t, base + 32 + j] = xq[t, base + 64 + j]
                 xr[t, base + 64 + j] = xq[t, base + 32 + j]
                 xr[t, base + 96 + j] = xq[t, base + 96 + j]
+        for c in range(k_dim // 256):  # the 2-bit order: per 64, 32 of the first half, then 32 of the second
+            for i in range(4):
+                for j in range(32):
+                    xr[t, k_dim + c * 256 + i * 64 + j] = xq[t, c * 256 + i * 32 + j]
+                    xr[t, k_dim + c * 256 + i * 64 + 32 + j] = xq[t, c * 256 + 128 + i * 32 + j]
         for g in range(k_dim // 32):
             at = (g // 8) * 16 + (g % 8 // 4) * 8 + g % 4
             xk[t, at] = xd[t, g]
@@ -142,6 +152,56 @@ def _dot_q6_k(w, o, nb, xq, x16):
 
 
 @njit(cache=True, inline="always")
+def _dot_q2_k(w, o, nb, xr2, x16):
+    """One 64-byte load holds both halves' 2-bit quants: shift 2 i gives elements 32 i.. of each half (groups of
+    16: 2 i, 2 i + 1 in lanes 0-7, 8 + 2 i, 9 + 2 i in lanes 8-15); xr2 is x in that order."""
+    a0 = fzero()
+    a1 = fzero()
+    a2 = fzero()
+    a3 = fzero()
+    for b in range(nb):
+        ob = o + b * 84
+        xd16 = load_floats(x16, b * 32)
+        f = mul(mul(load_nibble_floats(w, ob, 0), xd16), load_half(w, ob + 80))
+        # - dmin * min * xd * (the group's sum): x16's second half holds -32 * the sums
+        a3 = fma(mul(mul(load_nibble_floats(w, ob, 1), xd16), load_floats(x16, b * 32 + 16)),
+                 load_half(w, ob + 82) * f32(1 / 32), a3)
+        v = load_words(w, ob + 16)
+        a0 = fma(to_floats(dpbusd(izero(), bits(v, 0, M2), load_words(xr2, b * 256))), spread4(f, 0, 1, 8, 9), a0)
+        a1 = fma(to_floats(dpbusd(izero(), bits(v, 2, M2), load_words(xr2, b * 256 + 64))), spread4(f, 2, 3, 10, 11),
+                 a1)
+        a2 = fma(to_floats(dpbusd(izero(), bits(v, 4, M2), load_words(xr2, b * 256 + 128))),
+                 spread4(f, 4, 5, 12, 13), a2)
+        a3 = fma(to_floats(dpbusd(izero(), bits(v, 6, M2), load_words(xr2, b * 256 + 192))),
+                 spread4(f, 6, 7, 14, 15), a3)
+    return hsum(add(add(a0, a1), add(a2, a3)))
+
+
+@njit(cache=True, inline="always")
+def _dot_q3_k(w, o, nb, xr2, x16):
+    """Q2_K's layout of the low 2 bits, plus a third bit from hmask; quants are stored + 4 (unsigned)."""
+    a0 = fzero()
+    a1 = fzero()
+    a2 = fzero()
+    a3 = fzero()
+    for b in range(nb):
+        ob = o + b * 110
+        f = mul(mul(q3_scales(w, ob + 96), load_floats(x16, b * 32)), load_half(w, ob + 108))
+        a0 = fma(f, mul(load_floats(x16, b * 32 + 16), f32(1 / 8)), a0)  # - 4 * the sum of the group's x
+        v = load_words(w, ob + 32)
+        hm = load_halves(w, ob, ob)
+        a0 = fma(to_floats(dpbusd(izero(), bor(bits(v, 0, M2), q3_high(hm, 0)), load_words(xr2, b * 256))),
+                 spread4(f, 0, 1, 8, 9), a0)
+        a1 = fma(to_floats(dpbusd(izero(), bor(bits(v, 2, M2), q3_high(hm, 1)), load_words(xr2, b * 256 + 64))),
+                 spread4(f, 2, 3, 10, 11), a1)
+        a2 = fma(to_floats(dpbusd(izero(), bor(bits(v, 4, M2), q3_high(hm, 2)), load_words(xr2, b * 256 + 128))),
+                 spread4(f, 4, 5, 12, 13), a2)
+        a3 = fma(to_floats(dpbusd(izero(), bor(bits(v, 6, M2), q3_high(hm, 3)), load_words(xr2, b * 256 + 192))),
+                 spread4(f, 6, 7, 14, 15), a3)
+    return hsum(add(add(a0, a1), add(a2, a3)))
+
+
+@njit(cache=True, inline="always")
 def _dots_q4_k(w, o, nb, xr, xk, acc, out):
     """_dot_q4_k for every token (rows of xr, xk), the block's scales and nibbles unpacked once for all of them;
     each token's arithmetic is _dot_q4_k's, in the same order, so results are the same bits. acc: f32 [n * 64]."""
@@ -193,14 +253,18 @@ def _dot(kind, w, o, k_dim, xq, xr, xd, xk, xneg, x16):
         return _dot_q8_0(w, o, k_dim // 32, xq, xneg, xd)
     if kind == 2:
         return _dot_q4_k(w, o, k_dim // 256, xr, xk)
-    return _dot_q6_k(w, o, k_dim // 256, xq, x16)
+    if kind == 4:
+        return _dot_q6_k(w, o, k_dim // 256, xq, x16)
+    if kind == 5:
+        return _dot_q2_k(w, o, k_dim // 256, xr[k_dim:], x16)
+    return _dot_q3_k(w, o, k_dim // 256, xr[k_dim:], x16)
 
 
 @njit(cache=True, inline="always")
 def _buffers(n, k_dim):
     """Empty arrays for `prepare` of n rows of K."""
     return (np.empty((n, k_dim + PAD), dtype=np.int8), np.empty((n, k_dim // 32), dtype=np.float32),
-            np.empty((n, k_dim // 16), dtype=np.int32), np.empty((n, k_dim), dtype=np.int8),
+            np.empty((n, k_dim // 16), dtype=np.int32), np.empty((n, 2 * k_dim), dtype=np.int8),
             np.empty((n, k_dim // 16), dtype=np.float32), np.empty((n, k_dim // 4 + 16), dtype=np.int32),
             np.empty((n, k_dim // 8), dtype=np.float32))
 

@@ -291,6 +291,72 @@ def quarters(typingctx, v, first):
 
 
 @intrinsic
+def spread4(typingctx, v, a, b, c, d):
+    """A float vector whose lanes 4q..4q+3 are lane (a, b, c, d)[q] of v (constants)."""
+    picks = (a, b, c, d)
+    if not all(isinstance(i, types.IntegerLiteral) for i in picks):
+        return None
+    lanes = [i.literal_value for i in picks for _ in range(4)]
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], args[0], ir.Constant(I32x16, lanes))
+    return fvec(v, a, b, c, d), codegen
+
+
+@intrinsic
+def load_nibble_floats(typingctx, array, index, upper):
+    """The low (upper=0) or high (upper=1) nibbles of 16 bytes of a uint8 array, as float32 (upper: a constant)."""
+    if not isinstance(upper, types.IntegerLiteral):
+        return None
+    shift = 4 * upper.literal_value
+
+    def codegen(context, builder, sig, args):
+        v = builder.load(_pointer(context, builder, sig.args[0], args[0], args[1], ir.VectorType(ir.IntType(8), 16)),
+                         align=1)
+        v = builder.and_(builder.lshr(v, ir.Constant(v.type, [shift] * 16)), ir.Constant(v.type, [15] * 16))
+        return builder.uitofp(v, F32x16)
+    return fvec(array, types.intp, upper), codegen
+
+
+@intrinsic
+def q3_scales(typingctx, array, index):
+    """The 12 packed scale bytes of a Q3_K block at `index` as its 16 signed 6-bit scales (minus 32), as floats."""
+    def codegen(context, builder, sig, args):
+        arr, index = args
+        c = lambda v: ir.Constant(I32, v)  # noqa: E731
+        a = [builder.load(_pointer(context, builder, sig.args[0], arr, builder.add(index, ir.Constant(index.type, 4 * i)),
+                                   I32), align=1) for i in range(3)]
+        low = [a[0], a[1], builder.lshr(a[0], c(4)), builder.lshr(a[1], c(4))]
+        words = [builder.or_(builder.and_(lw, c(0x0F0F0F0F)),
+                             builder.shl(builder.and_(builder.lshr(a[2], c(2 * q)), c(0x03030303)), c(4)))
+                 for q, lw in enumerate(low)]
+        vec = ir.Constant(ir.VectorType(I32, 4), ir.Undefined)
+        for i, w in enumerate(words):
+            vec = builder.insert_element(vec, w, c(i))
+        scales = builder.uitofp(builder.zext(builder.bitcast(vec, ir.VectorType(ir.IntType(8), 16)), I32x16), F32x16)
+        return builder.fsub(scales, ir.Constant(F32x16, [32.0] * 16))
+    return fvec(array, types.intp), codegen
+
+
+@intrinsic
+def q3_high(typingctx, hmask, i):
+    """Q3_K's high bits as bit 2 of each byte, from hmask words (both halves of the vector the same 32 bytes): bit i
+    in lanes 0-7 (the block's first 128 elements), bit 4 + i in lanes 8-15 (i: a constant)."""
+    if not isinstance(i, types.IntegerLiteral):
+        return None
+    k = i.literal_value
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        first = builder.shl(v, _splat(builder, ir.Constant(I32, 2 - k), I32x16)) if k < 2 else \
+            builder.lshr(v, _splat(builder, ir.Constant(I32, k - 2), I32x16))
+        second = builder.lshr(v, _splat(builder, ir.Constant(I32, 2 + k), I32x16))
+        both = builder.shuffle_vector(first, second, ir.Constant(I32x16, list(range(8)) + list(range(24, 32))))
+        return builder.and_(both, ir.Constant(I32x16, [0x04040404] * 16))
+    return ivec(hmask, i), codegen
+
+
+@intrinsic
 def q6_high(typingctx, qh, upper):
     """The 2 high bits of Q6_K quants at bits 4-5 of each byte, from qh words (both halves of the vector the same
     32 qh bytes): for the low nibbles (upper=0) bits 0-1 in lanes 0-7 and bits 2-3 in lanes 8-15, for the high
