@@ -3,8 +3,11 @@
 The file is synthetic: random valid blocks at Qwen3-30B-A3B's real per-layer dims (hidden 2048, 128 experts of
 768, 8 per token, 32 query / 4 KV heads of 128), a few layers, routed experts Q4_K, the rest Q8_0, and a small
 vocabulary (the lm_head of a real vocabulary costs both sides alike). Speeds, not outputs, are compared.
+`--experts q2_k` makes the experts Q2_K / Q2_K / Q3_K (gate, up, down), as most layers of the popular 2-bit dynamic
+quants of DeepSeek-R1 are.
 
     python bench/cpu_decode.py [--layers 4] [--threads 2] [--decode 32] [--prefill 128] [--rounds 3] [--keep FILE]
+                               [--experts q4_k|q2_k] [--only "mmap int8 acts,pinned int8 acts"]
 """
 from __future__ import annotations
 
@@ -31,7 +34,11 @@ def _blocks(shape: tuple[int, ...], qtype: Q, rng) -> np.ndarray:
     return random_blocks(qtype, n, rng, scale=0.02).reshape(*shape[:-1], shape[-1] // block * size)
 
 
-def write_model(path: Path, layers: int) -> Path:
+EXPERT_TYPES = {"q4_k": (Q.Q4_K, Q.Q4_K, Q.Q4_K),
+                "q2_k": (Q.Q2_K, Q.Q2_K, Q.Q3_K)}  # gate, up, down: most layers of DeepSeek-R1's dynamic 2-bit quants
+
+
+def write_model(path: Path, layers: int, experts: str = "q4_k") -> Path:
     import tiny
     from hybridmoe.formats.convert import _tokenizer
     rng = np.random.default_rng(0)
@@ -67,9 +74,10 @@ def write_model(path: Path, layers: int) -> Path:
         q(b + "attn_v.weight", (HKV * HD, D))
         q(b + "attn_output.weight", (D, H * HD))
         f32(b + "ffn_gate_inp.weight", rng.standard_normal((E, D)) * 0.02)
-        q(b + "ffn_gate_exps.weight", (E, I, D), Q.Q4_K)
-        q(b + "ffn_up_exps.weight", (E, I, D), Q.Q4_K)
-        q(b + "ffn_down_exps.weight", (E, D, I), Q.Q4_K)
+        gate, up, down = EXPERT_TYPES[experts]
+        q(b + "ffn_gate_exps.weight", (E, I, D), gate)
+        q(b + "ffn_up_exps.weight", (E, I, D), up)
+        q(b + "ffn_down_exps.weight", (E, D, I), down)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -126,6 +134,9 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; each contender keeps its best")
     ap.add_argument("--keep", type=Path, default=None, help="write (or reuse) the synthetic GGUF here")
+    ap.add_argument("--experts", choices=sorted(EXPERT_TYPES), default="q4_k",
+                    help="expert types: q4_k (gate, up, down all Q4_K) or q2_k (Q2_K, Q2_K, Q3_K); default q4_k")
+    ap.add_argument("--only", default=None, help="comma-separated contenders to run (default: all)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from hybridmoe.kernels.cpu import set_threads
@@ -133,7 +144,7 @@ def main() -> None:
     path = a.keep or Path(tempfile.mkdtemp()) / "synthetic.gguf"
     if not path.exists():
         t0 = time.perf_counter()
-        write_model(path, a.layers)
+        write_model(path, a.layers, a.experts)
         print(f"wrote {path}: {path.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
     ids = np.random.default_rng(1).integers(8, VOCAB, a.prefill).tolist()
     # Rounds alternate the contenders and each keeps its best round, so that other load on the machine biases
@@ -144,6 +155,9 @@ def main() -> None:
             "pinned int8 acts": lambda: bench_ours(path, ids, a.decode, "pinned", "int8"),
             "pinned int8-all": lambda: bench_ours(path, ids, a.decode, "pinned", "int8-all"),
             "llama.cpp": lambda: bench_llama(path, ids, a.decode, a.threads)}
+    if a.only:
+        keep = set(a.only.split(",")) | {"llama.cpp"}
+        runs = {name: run for name, run in runs.items() if name in keep}
     best = {name: (0.0, 0.0) for name in runs}
     for _ in range(a.rounds):
         for name, run in runs.items():

@@ -88,10 +88,12 @@ class QuantStore:
                         for layer, t in layers.items()}
         self.row_bytes = max(lay.nbytes for lay in self.layouts.values())
         self.packable = {layer: all(t in ck.PACKED_TYPES for t in types) for layer, types in self.types.items()}
-        # 8-bit activations on the mmap tier: layers whose types the raw-layout kernels take read the file's bytes in
-        # place; the others (and the pinned tier) get the repacked copy that the 8-bit kernels read there.
-        self.raw_int8 = {layer: activations == "int8" and tier == "mmap" and not repack
-                         and all(t in ck.RAW_INT8_TYPES for t in types) for layer, types in self.types.items()}
+        # 8-bit activations: on the mmap tier, layers whose types the raw-layout kernels take read the file's bytes in
+        # place; the others (and the pinned tier) get the repacked copy that the 8-bit kernels read there, where
+        # their types can be repacked (Q2_K and Q3_K cannot: those read the file's bytes on either tier).
+        self.raw_int8 = {layer: activations == "int8" and all(t in ck.RAW_INT8_TYPES for t in types)
+                         and (not self.packable[layer] or (tier == "mmap" and not repack))
+                         for layer, types in self.types.items()}
         self.rows: dict[int, torch.Tensor] = {}  # pinned tier: layer -> uint8 [E, nbytes]
         if tier == "pinned":
             for layer in layers:
