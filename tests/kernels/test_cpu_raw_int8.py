@@ -10,7 +10,7 @@ from hybridmoe.layers.moe import combine
 
 from test_cpu_int8 import expert_weights, ffn_reference, int8_exact, rounded
 
-TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q2_K, T.Q3_K]
+TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q2_K, T.Q3_K, T.IQ4_XS]
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
@@ -36,7 +36,8 @@ def test_raw_int8_gemv_agrees_with_the_repacked_kernel(case, qtype: T, k_dim: in
 
 
 @pytest.mark.parametrize("types,inter", [((T.Q4_K, T.Q4_K, T.Q6_K), 256), ((T.Q8_0, T.Q8_0, T.Q8_0), 96),
-                                         ((T.Q2_K, T.Q2_K, T.Q3_K), 256)], ids=["q4_k_m", "q8_0", "q2_k"])
+                                         ((T.Q2_K, T.Q2_K, T.Q3_K), 256), ((T.IQ4_XS, T.IQ4_XS, T.Q4_K), 256)],
+                         ids=["q4_k_m", "q8_0", "q2_k", "iq4_xs"])
 @pytest.mark.parametrize("n_tokens", [1, 2])
 def test_raw_int8_experts_match_the_repacked_ones_and_the_reference(types, inter: int, n_tokens: int) -> None:
     rng = np.random.default_rng(0)
@@ -81,7 +82,8 @@ def test_raw_int8_inputs_are_checked() -> None:
         cpu.ffn_raw_int8(x, gate, up, down, types, [0, 1], np.ones((1, 3), np.float32))
 
 
-@pytest.mark.parametrize("qtype,k_dim", [(T.Q4_K, 768), (T.Q6_K, 512), (T.Q8_0, 96), (T.Q2_K, 512), (T.Q3_K, 256)],
+@pytest.mark.parametrize("qtype,k_dim", [(T.Q4_K, 768), (T.Q6_K, 512), (T.Q8_0, 96), (T.Q2_K, 512), (T.Q3_K, 256),
+                                         (T.IQ4_XS, 512)],
                          ids=lambda v: str(v))
 def test_raw_int8_tokens_together_are_each_token_alone_bit_for_bit(case, qtype: T, k_dim: int) -> None:
     """Several tokens share one pass over a row (its scales unpacked once), with each token's own arithmetic."""

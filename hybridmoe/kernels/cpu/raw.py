@@ -14,14 +14,17 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
+from hybridmoe.quant.simple import IQ4_KVALUES
+
 f32 = np.float32
 
 # Kernel ids: one compiled kernel serves every type, switching per row.
-KIND = {T.Q4_0: 0, T.Q8_0: 1, T.Q4_K: 2, T.Q5_K: 3, T.Q6_K: 4, T.Q2_K: 5, T.Q3_K: 6}
+KIND = {T.Q4_0: 0, T.Q8_0: 1, T.Q4_K: 2, T.Q5_K: 3, T.Q6_K: 4, T.Q2_K: 5, T.Q3_K: 6, T.IQ4_XS: 7}
 
 # 2 ** (e - 25) for the f16 exponent field e: (1024 + mantissa) * _POW2[e] is the value of a normal f16.
 _POW2 = (2.0 ** (np.arange(32) - 25)).astype(np.float32)
 _ROWS_PER_TASK = 16
+_IQ4 = IQ4_KVALUES.astype(np.float32)  # IQ4_XS's 16 non-linear levels
 W32 = 32
 
 
@@ -154,6 +157,23 @@ def _row_q3_k(w: np.ndarray, out: np.ndarray, w32: int) -> None:
 
 
 @njit(cache=True)
+def _row_iq4_xs(w: np.ndarray, out: np.ndarray, w32: int) -> None:
+    """136-byte blocks: d, 2 bytes of high scale bits, 4 bytes of low scale nibbles, 8 sub-blocks of 16 bytes whose
+    low nibbles are elements 0-15 and high nibbles 16-31, each an index into the 16 levels."""
+    for b in range(out.size // 256):
+        o = b * 136
+        d = half_at(w, o)
+        high = np.int32(w[o + 2]) | (np.int32(w[o + 3]) << 8)
+        for s in range(8):
+            low = (np.int32(w[o + 4 + s // 2]) >> (4 * (s % 2))) & 15
+            dl = d * f32((low | (((high >> (2 * s)) & 3) << 4)) - 32)
+            for j in range(w32 // 2):
+                q = np.int32(w[o + 8 + 16 * s + j])
+                out[b * 256 + 32 * s + j] = dl * _IQ4[q & 15]
+                out[b * 256 + 32 * s + 16 + j] = dl * _IQ4[q >> 4]
+
+
+@njit(cache=True)
 def dequantize_row(kind: int, w: np.ndarray, out: np.ndarray, w32: int) -> None:
     """One row of raw blocks (uint8) -> float32 `out` (its length is the row's element count)."""
     if kind == 0:
@@ -168,8 +188,10 @@ def dequantize_row(kind: int, w: np.ndarray, out: np.ndarray, w32: int) -> None:
         _row_q6_k(w, out, w32)
     elif kind == 5:
         _row_q2_k(w, out, w32)
-    else:
+    elif kind == 6:
         _row_q3_k(w, out, w32)
+    else:
+        _row_iq4_xs(w, out, w32)
 
 
 @njit(parallel=True, cache=True)

@@ -17,6 +17,9 @@ Per type, what one vector covers and what the activations are prepared as (once 
           reordered to match (the second half of `xr`); scales and mins are the 16 nibble pairs, per group of 16.
     Q3_K  Q2_K's 2 low bits plus the third from the 32 hmask bytes (the same bytes serve both halves, at bits i and
           4 + i); quants are stored + 4, which comes off per group of 16; 16 signed 6-bit scales from 12 bytes.
+    IQ4_XS  64 of the 128 index bytes (4 sub-blocks of 32: low nibbles elements 0-15, high 16-31, so x is reordered
+          to match), each nibble turned into its level + 128 by a byte shuffle; the 128 comes off through the
+          accumulators' start (`xneg`), the 8 signed 6-bit scales per block are one per group of 32.
 """
 from __future__ import annotations
 
@@ -26,13 +29,12 @@ from numba import njit, prange
 
 from .combine import weighted_sum
 from .int8 import quantize
-from .raw import half_at, scale_min_k4
-from .simd import add, bits, bor, bxor, dpbusd, fma, fzero, halves, hsum, izero, k4_scales, load_floats, load_half, \
-    load_halves, load_i8_floats, load_nibble_floats, load_words, mul, q3_high, q3_scales, q6_high, quarters, spread, \
-    spread4, store_floats, to_floats
+from .simd import (add, bits, bor, bxor, dpbusd, fma, fzero, halves, hsum, iq4_levels, iq4_xs_scales, izero,
+                   k4_scales, load_floats, load_half, load_halves, load_i8_floats, load_nibble_floats, load_words, mul,
+                   q3_high, q3_scales, q6_high, quarters, spread, spread4, store_floats, to_floats)
 
 f32 = np.float32
-KIND = {T.Q8_0: 1, T.Q4_K: 2, T.Q6_K: 4, T.Q2_K: 5, T.Q3_K: 6}
+KIND = {T.Q8_0: 1, T.Q4_K: 2, T.Q6_K: 4, T.Q2_K: 5, T.Q3_K: 6, T.IQ4_XS: 7}
 M4 = 0x0F0F0F0F
 M2 = 0x03030303
 PAD = 64  # bytes past K in each activation row: a two-block Q8_0 load may read one block beyond the last
@@ -42,11 +44,12 @@ NEG_MIN_LANES = np.array([0, 0, 0, 0, -1, -1, -1, -1] * 2, dtype=np.float32)  # 
 
 @njit(cache=True)
 def prepare(x, xq, xd, xqs, xr, xk, xneg, x16):
-    """x f32 [n, K] -> xq int8 [n, K + PAD] (tail zero), xd f32 [n, K/32], xqs int32 [n, K/16] (int8.quantize);
-    xr int8 [n, 2 K]: xq reordered for Q4_K, then for Q2_K / Q3_K; xk f32 [n, K/16]: per 256, xd of groups 0-3, xd * the group's integer
-    sum (xm) of groups 0-3, xd of groups 4-7, xm of groups 4-7; xneg int32 [n, K/4 + 16]:
-    -128 * the sum of each 4 consecutive xq; x16 f32 [n, K/8]: per 256,
-    xd of its 16 groups of 16, then -32 * their integer sums."""
+    """x f32 [n, K] -> xq int8 [n, K + PAD] (tail zero), xd f32 [n, K/32 + 16] (16 zero columns after the scales),
+    xqs int32 [n, K/16] (as int8.quantize gives them); xr int8 [n, 3 K]: xq reordered for Q4_K, then for Q2_K /
+    Q3_K, then for IQ4_XS; xk f32 [n, K/16]: per 256, xd of groups 0-3, xd * the group's integer sum (xm) of groups
+    0-3, xd of groups 4-7, xm of groups 4-7; xneg int32 [n, K/2 + 16]: -128 * the sum of each 4 consecutive xq,
+    then of each 4 of xr's IQ4_XS order; x16 f32 [n, K/8]: per 256, xd of its 16 groups of 16, then -32 * their
+    integer sums."""
     n, k_dim = x.shape
     quantize(x, xq[:, :k_dim], xd, xqs)
     for t in range(n):
@@ -64,6 +67,13 @@ def prepare(x, xq, xd, xqs, xr, xk, xneg, x16):
                 for j in range(32):
                     xr[t, k_dim + c * 256 + i * 64 + j] = xq[t, c * 256 + i * 32 + j]
                     xr[t, k_dim + c * 256 + i * 64 + 32 + j] = xq[t, c * 256 + 128 + i * 32 + j]
+        for c in range(k_dim // 128):  # IQ4_XS's order: per 128, the first 16 of each 32, then the last 16
+            for q in range(4):
+                for j in range(16):
+                    xr[t, 2 * k_dim + c * 128 + q * 16 + j] = xq[t, c * 128 + q * 32 + j]
+                    xr[t, 2 * k_dim + c * 128 + 64 + q * 16 + j] = xq[t, c * 128 + q * 32 + 16 + j]
+        for g in range(k_dim // 32, xd.shape[1]):
+            xd[t, g] = 0.0
         for g in range(k_dim // 32):
             at = (g // 8) * 16 + (g % 8 // 4) * 8 + g % 4
             xk[t, at] = xd[t, g]
@@ -72,11 +82,11 @@ def prepare(x, xq, xd, xqs, xr, xk, xneg, x16):
                 j = (g // 8) * 32 + (g % 8) * 2 + half
                 x16[t, j] = xd[t, g]
                 x16[t, j + 16] = f32(-32 * xqs[t, 2 * g + half])
-        for i in range(xneg.shape[1]):
+        for i in range(xneg.shape[1]):  # the natural order, then IQ4_XS's, then zeros
             s = 0
-            if 4 * i < k_dim:
+            if 4 * i < 2 * k_dim:
                 for j in range(4):
-                    s += xq[t, 4 * i + j]
+                    s += xq[t, 4 * i + j] if 4 * i < k_dim else xr[t, k_dim + 4 * i + j]
             xneg[t, i] = -128 * s
 
 
@@ -202,6 +212,31 @@ def _dot_q3_k(w, o, nb, xr2, x16):
 
 
 @njit(cache=True, inline="always")
+def _dot_iq4_xs(w, o, nb, xr4, xneg4, xd):
+    """Two 64-byte loads per block, each 4 sub-blocks of 16 bytes (lanes 4q..4q+3: sub-block q); the nibbles become
+    levels + 128 by one byte shuffle, and the accumulators start at -128 * the sums of x (`xneg`'s IQ4_XS part)."""
+    a0 = fzero()
+    a1 = fzero()
+    a2 = fzero()
+    a3 = fzero()
+    for b in range(nb):
+        ob = o + b * 136
+        f = mul(mul(iq4_xs_scales(w, ob), load_floats(xd, b * 8)), load_half(w, ob))
+        v = load_words(w, ob + 8)
+        at = b * 256
+        a0 = fma(to_floats(dpbusd(load_words(xneg4, at // 4), iq4_levels(bits(v, 0, M4)), load_words(xr4, at))),
+                 quarters(f, 0), a0)
+        a1 = fma(to_floats(dpbusd(load_words(xneg4, at // 4 + 16), iq4_levels(bits(v, 4, M4)),
+                                  load_words(xr4, at + 64))), quarters(f, 0), a1)
+        v = load_words(w, ob + 72)
+        a2 = fma(to_floats(dpbusd(load_words(xneg4, at // 4 + 32), iq4_levels(bits(v, 0, M4)),
+                                  load_words(xr4, at + 128))), quarters(f, 4), a2)
+        a3 = fma(to_floats(dpbusd(load_words(xneg4, at // 4 + 48), iq4_levels(bits(v, 4, M4)),
+                                  load_words(xr4, at + 192))), quarters(f, 4), a3)
+    return hsum(add(add(a0, a1), add(a2, a3)))
+
+
+@njit(cache=True, inline="always")
 def _dots_q4_k(w, o, nb, xr, xk, acc, out):
     """_dot_q4_k for every token (rows of xr, xk), the block's scales and nibbles unpacked once for all of them;
     each token's arithmetic is _dot_q4_k's, in the same order, so results are the same bits. acc: f32 [n * 64]."""
@@ -257,15 +292,17 @@ def _dot(kind, w, o, k_dim, xq, xr, xd, xk, xneg, x16):
         return _dot_q6_k(w, o, k_dim // 256, xq, x16)
     if kind == 5:
         return _dot_q2_k(w, o, k_dim // 256, xr[k_dim:], x16)
-    return _dot_q3_k(w, o, k_dim // 256, xr[k_dim:], x16)
+    if kind == 6:
+        return _dot_q3_k(w, o, k_dim // 256, xr[k_dim:], x16)
+    return _dot_iq4_xs(w, o, k_dim // 256, xr[2 * k_dim:], xneg[k_dim // 4:], xd)
 
 
 @njit(cache=True, inline="always")
 def _buffers(n, k_dim):
     """Empty arrays for `prepare` of n rows of K."""
-    return (np.empty((n, k_dim + PAD), dtype=np.int8), np.empty((n, k_dim // 32), dtype=np.float32),
-            np.empty((n, k_dim // 16), dtype=np.int32), np.empty((n, 2 * k_dim), dtype=np.int8),
-            np.empty((n, k_dim // 16), dtype=np.float32), np.empty((n, k_dim // 4 + 16), dtype=np.int32),
+    return (np.empty((n, k_dim + PAD), dtype=np.int8), np.empty((n, k_dim // 32 + 16), dtype=np.float32),
+            np.empty((n, k_dim // 16), dtype=np.int32), np.empty((n, 3 * k_dim), dtype=np.int8),
+            np.empty((n, k_dim // 16), dtype=np.float32), np.empty((n, k_dim // 2 + 16), dtype=np.int32),
             np.empty((n, k_dim // 8), dtype=np.float32))
 
 

@@ -23,12 +23,16 @@ I32x16 = ir.VectorType(I32, 16)
 F32x16 = ir.VectorType(ir.FloatType(), 16)
 
 
-def has_vnni() -> bool:
-    """True if the code numba generates may use AVX-512 VNNI (NUMBA_CPU_FEATURES / NUMBA_CPU_NAME, else the host)."""
+def _has(feature: str) -> bool:
+    """True if the code numba generates may use `feature` (NUMBA_CPU_FEATURES / NUMBA_CPU_NAME, else the host)."""
     features = numba.config.CPU_FEATURES
     if features is None:
         features = "" if numba.config.CPU_NAME else llvm.get_host_cpu_features().flatten()
-    return "+avx512vnni" in features.split(",")
+    return f"+{feature}" in features.split(",")
+
+
+def has_vnni() -> bool:
+    return _has("avx512vnni")
 
 
 class _IVec(types.Type):
@@ -324,8 +328,8 @@ def q3_scales(typingctx, array, index):
     def codegen(context, builder, sig, args):
         arr, index = args
         c = lambda v: ir.Constant(I32, v)  # noqa: E731
-        a = [builder.load(_pointer(context, builder, sig.args[0], arr, builder.add(index, ir.Constant(index.type, 4 * i)),
-                                   I32), align=1) for i in range(3)]
+        at = lambda k: builder.add(index, ir.Constant(index.type, k))  # noqa: E731
+        a = [builder.load(_pointer(context, builder, sig.args[0], arr, at(4 * i), I32), align=1) for i in range(3)]
         low = [a[0], a[1], builder.lshr(a[0], c(4)), builder.lshr(a[1], c(4))]
         words = [builder.or_(builder.and_(lw, c(0x0F0F0F0F)),
                              builder.shl(builder.and_(builder.lshr(a[2], c(2 * q)), c(0x03030303)), c(4)))
@@ -354,6 +358,55 @@ def q3_high(typingctx, hmask, i):
         both = builder.shuffle_vector(first, second, ir.Constant(I32x16, list(range(8)) + list(range(24, 32))))
         return builder.and_(both, ir.Constant(I32x16, [0x04040404] * 16))
     return ivec(hmask, i), codegen
+
+
+IQ4_LEVELS = (1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241)  # IQ4_NL's levels + 128
+
+
+@intrinsic
+def iq4_levels(typingctx, v):
+    """Each byte of v (an index 0-15) replaced by IQ4_NL's level there + 128, an unsigned byte: AVX-512BW's vpshufb
+    where the target has it, else 16 compares and selects (LLVM's generic vector code)."""
+    shuffle = _has("avx512bw")
+
+    def codegen(context, builder, sig, args):
+        b64 = ir.VectorType(ir.IntType(8), 64)
+        idx = builder.bitcast(args[0], b64)
+        if shuffle:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(b64, [b64, b64]),
+                                                "llvm.x86.avx512.pshuf.b.512")
+            out = builder.call(fn, [ir.Constant(b64, list(IQ4_LEVELS) * 4), idx])
+        else:
+            out = ir.Constant(b64, [0] * 64)
+            for k, level in enumerate(IQ4_LEVELS):
+                hit = builder.icmp_unsigned("==", idx, ir.Constant(b64, [k] * 64))
+                out = builder.select(hit, ir.Constant(b64, [level] * 64), out)
+        return builder.bitcast(out, I32x16)
+    return ivec(v), codegen
+
+
+@intrinsic
+def iq4_xs_scales(typingctx, array, index):
+    """The 8 sub-block scales of an IQ4_XS block at `index` (6 bits, minus 32) as floats in lanes 0-7; lanes 8-15
+    are 0."""
+    def codegen(context, builder, sig, args):
+        arr, index = args
+        i32x8 = ir.VectorType(I32, 8)
+        at = lambda k: builder.add(index, ir.Constant(index.type, k))  # noqa: E731
+        low = builder.load(_pointer(context, builder, sig.args[0], arr, at(4), I32), align=1)
+        high = builder.zext(builder.load(_pointer(context, builder, sig.args[0], arr, at(2), ir.IntType(16)),
+                                         align=1), I32)
+        splat8 = lambda w: builder.shuffle_vector(  # noqa: E731
+            builder.insert_element(ir.Constant(i32x8, ir.Undefined), w, ir.Constant(I32, 0)),
+            ir.Constant(i32x8, ir.Undefined), ir.Constant(i32x8, [0] * 8))
+        lo = builder.and_(builder.lshr(splat8(low), ir.Constant(i32x8, [4 * s for s in range(8)])),
+                          ir.Constant(i32x8, [15] * 8))
+        hi = builder.and_(builder.lshr(splat8(high), ir.Constant(i32x8, [2 * s for s in range(8)])),
+                          ir.Constant(i32x8, [3] * 8))
+        ls = builder.sub(builder.or_(lo, builder.shl(hi, ir.Constant(i32x8, [4] * 8))), ir.Constant(i32x8, [32] * 8))
+        wide = builder.shuffle_vector(ls, ir.Constant(i32x8, [0] * 8), ir.Constant(I32x16, list(range(16))))
+        return builder.sitofp(wide, F32x16)
+    return fvec(array, types.intp), codegen
 
 
 @intrinsic
