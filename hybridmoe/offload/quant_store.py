@@ -90,7 +90,7 @@ class QuantStore:
         self.packable = {layer: all(t in ck.PACKED_TYPES for t in types) for layer, types in self.types.items()}
         # 8-bit activations: on the mmap tier, layers whose types the raw-layout kernels take read the file's bytes in
         # place; the others (and the pinned tier) get the repacked copy that the 8-bit kernels read there, where
-        # their types can be repacked (Q2_K and Q3_K cannot: those read the file's bytes on either tier).
+        # their types can be repacked (Q2_K, Q3_K and IQ4_XS cannot: those read the file's bytes on either tier).
         self.raw_int8 = {layer: activations == "int8" and all(t in ck.RAW_INT8_TYPES for t in types)
                          and (not self.packable[layer] or (tier == "mmap" and not repack))
                          for layer, types in self.types.items()}

@@ -69,11 +69,11 @@ def gemv_int8(x: Array, w_raw: np.ndarray, ggml_type: T | int) -> Array:
 
 
 def ffn_raw_int8(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, types: tuple, experts: list[int],
-                 weights_: np.ndarray | None = None) -> np.ndarray:
+                 routing_weights: np.ndarray | None = None) -> np.ndarray:
     """Several experts of one layer on the same tokens, from the raw GGUF bytes, with 8-bit activations, in one
     call: gate, up uint8 [E, I, row_bytes], down uint8 [E, D, row_bytes] (stacked expert tensors, e.g. mmap'd),
-    types their GGML types (RAW_INT8_TYPES) -> f32 [G, n, D], expert experts[g] in row g; with weights_ f32
-    [n, G], their weighted sum f32 [n, D] instead (the bits `layers.moe.combine` gives of the former). Each expert
+    types their GGML types (RAW_INT8_TYPES) -> f32 [G, n, D], expert experts[g] in row g; with routing_weights
+    f32 [n, G], their weighted sum f32 [n, D] instead (the bits `layers.moe.combine` gives of the former). Each expert
     agrees with `ffn_experts` of an int8 repack to float32 rounding."""
     xa = activations(x)
     qtypes = [kernel_type(t, RAW_INT8_TYPES) for t in types]
@@ -95,10 +95,10 @@ def ffn_raw_int8(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarr
     ids = np.asarray(experts, dtype=np.int64)
     kinds = np.array([raw_int8_kernels.KIND[q] for q in qtypes], dtype=np.int64)
     y = np.empty((ids.size, xa.shape[0], down.shape[1]), dtype=np.float32)
-    if weights_ is None:
+    if routing_weights is None:
         raw_int8_kernels.ffn(kinds, xa, gate, up, down, ids, y, _NO_ROWS, _NO_ROWS)
         return y
-    w = activations(weights_)
+    w = activations(routing_weights)
     if w.shape != (xa.shape[0], ids.size):
         raise ValueError(f"weights must be [{xa.shape[0]}, {ids.size}], got {list(w.shape)}")
     out = np.empty((xa.shape[0], down.shape[1]), dtype=np.float32)
