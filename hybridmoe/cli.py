@@ -45,7 +45,7 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-activations", choices=("f32", "int8", "int8-all"), default="f32",
                    help="GGUF experts decoded on the CPU: f32 is exact (default); int8 rounds activations to 8 "
                         "bits per group of 32 as llama.cpp does, several times faster, logits no longer exact (on "
-                        "the mmap tier Q2_K, Q3_K, Q4_K, Q6_K, Q8_0 and IQ4_XS experts are read in place, others "
+                        "the mmap tier all but Q4_0 experts (Q2_K-Q6_K, Q8_0, IQ4_XS) are read in place, Q4_0 "
                         "from a repacked copy in RAM); "
                         "int8-all also rounds the inputs of attention and the output head on the CPU, faster still "
                         "but far less accurate (logits off by up to ~20%% on small random test models, as "

@@ -147,7 +147,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     that decodes faster; it sums in another order, so results then match within kernel tolerance.
     `cpu_activations` (GGUF): "f32" (exact) or "int8", which rounds x to 8 bits per group of 32 in the decode
     kernels of CPU experts, as llama.cpp does: several times less compute, and all CPU experts of a layer in one
-    call per decode step, read in place on the mmap tier (Q2_K, Q3_K, Q4_K, Q6_K, Q8_0, IQ4_XS; layers of other
+    call per decode step, read in place on the mmap tier (Q2_K to Q6_K, Q8_0, IQ4_XS; layers of other
     types get the repacked copy).
     "int8-all" also rounds the inputs of the other quantized linear layers on the CPU (attention, output head) at
     decode, as llama.cpp does: faster, but logits move much more than with "int8" (bench/RESULTS.md), so it is

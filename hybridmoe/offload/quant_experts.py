@@ -4,7 +4,7 @@ One expert is a contiguous byte range of each stacked `ffn_{gate,up,down}_exps` 
 slicing `raw[e]`: nothing is dequantized ahead of time and the weights are read from the page cache. `activations`
 picks the decode kernels: "f32" is exact (each type's fused dequant-GEMV over the file's layout); "int8" rounds x to
 8 bits per group of 32, as llama.cpp does, and runs a decode step's experts of a layer in one call: on the file's
-bytes for Q2_K, Q3_K, Q4_K, Q6_K, Q8_0 and IQ4_XS layers (several times faster than "f32" there), else on a
+bytes for Q2_K to Q6_K, Q8_0 and IQ4_XS layers (several times faster than "f32" there), else on a
 repacked copy. With many tokens per expert (prefill), or for types without a kernel, rows are dequantized in tiles
 for a matmul. tier="packed" copies every expert at load into the kernels' lane-interleaved layout, stacked per layer,
 which decodes faster than the file's layout with float32 activations; the copy is as large as the experts (the

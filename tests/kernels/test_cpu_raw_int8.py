@@ -10,7 +10,7 @@ from hybridmoe.layers.moe import combine
 
 from test_cpu_int8 import expert_weights, ffn_reference, int8_exact, rounded
 
-TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q2_K, T.Q3_K, T.IQ4_XS]
+TYPES = [T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.Q2_K, T.Q3_K, T.IQ4_XS]
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
@@ -24,8 +24,8 @@ def test_raw_int8_gemv_is_exact_on_8_bit_activations(case, qtype: T, n_tokens: i
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
 
 
-@pytest.mark.parametrize("qtype,k_dim", [(T.Q8_0, 96), (T.Q8_0, 2048), (T.Q4_K, 2048), (T.Q6_K, 512)],
-                         ids=["q8_0-odd-blocks", "q8_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("qtype,k_dim", [(T.Q8_0, 96), (T.Q8_0, 2048), (T.Q4_K, 2048), (T.Q5_K, 512), (T.Q6_K, 512)],
+                         ids=["q8_0-odd-blocks", "q8_0", "q4_k", "q5_k", "q6_k"])
 def test_raw_int8_gemv_agrees_with_the_repacked_kernel(case, qtype: T, k_dim: int) -> None:
     c = case(qtype, 33, k_dim, 2)
     got = cpu.gemv_int8(torch.from_numpy(c.x), c.w_raw, qtype)
@@ -64,12 +64,12 @@ def test_raw_int8_inputs_are_checked() -> None:
     types = (T.Q4_K, T.Q4_K, T.Q6_K)
     (gate, up, down), _ = expert_weights(rng, 2, 256, 256, types)
     x = rng.standard_normal((1, 256)).astype(np.float32)
-    with pytest.raises(ValueError, match="Q5_K"):
-        cpu.gemv_int8(x, gate[0], T.Q5_K)
+    with pytest.raises(ValueError, match="Q4_0"):
+        cpu.gemv_int8(x, gate[0], T.Q4_0)
     with pytest.raises(ValueError, match="K = 512"):
         cpu.gemv_int8(np.zeros((1, 512), np.float32), gate[0], T.Q4_K)
-    with pytest.raises(ValueError, match="Q5_K"):
-        cpu.ffn_raw_int8(x, gate, up, down, (T.Q4_K, T.Q5_K, T.Q6_K), [0])
+    with pytest.raises(ValueError, match="Q4_0"):
+        cpu.ffn_raw_int8(x, gate, up, down, (T.Q4_K, T.Q4_0, T.Q6_K), [0])
     with pytest.raises(ValueError, match="down: rows"):
         cpu.ffn_raw_int8(x, gate, up, down, (T.Q4_K, T.Q4_K, T.Q4_K), [0])
     with pytest.raises(ValueError, match="C-contiguous uint8"):

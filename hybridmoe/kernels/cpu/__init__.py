@@ -7,7 +7,7 @@ Decode (a few tokens per expert), weights as they are in the file (the "mmap" ti
     gemv(x, w_raw, ggml_type) -> [n, N]                         Q4_0, Q8_0, Q2_K-Q6_K, IQ4_XS
 
 Decode with 8-bit activations (x rounded per group of 32, as llama.cpp does), in the file's layout (`raw_int8.py`):
-    gemv_int8(x, w_raw, ggml_type) -> [n, N]                    Q8_0, Q2_K, Q3_K, Q4_K, Q6_K, IQ4_XS
+    gemv_int8(x, w_raw, ggml_type) -> [n, N]                    Q8_0, Q2_K-Q6_K, IQ4_XS
     ffn_raw_int8(x, gate, up, down, types, experts, routing_weights=None) -> [G, n, D] (or [n, D])
                                                                  a layer's stacked raw experts, one call
 

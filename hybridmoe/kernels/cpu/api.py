@@ -59,7 +59,7 @@ def gemv(x: Array, w_raw: np.ndarray, ggml_type: T | int) -> Array:
 def gemv_int8(x: Array, w_raw: np.ndarray, ggml_type: T | int) -> Array:
     """Decode with 8-bit activations, W as raw GGUF rows (the mmap tier: nothing is copied): y[n, N] = rounded(x)
     @ W.T, x rounded per group of 32 as `gemv_packed` of an int8 repack rounds it (the two agree to float32
-    rounding). Q8_0, Q2_K, Q3_K, Q4_K, Q6_K, IQ4_XS (`raw_int8.py`)."""
+    rounding). Q8_0, Q2_K to Q6_K, IQ4_XS (`raw_int8.py`)."""
     xa = activations(x)
     qtype = kernel_type(ggml_type, RAW_INT8_TYPES)
     weights(w_raw, qtype, xa.shape[1])

@@ -17,6 +17,7 @@ Per type, what one vector covers and what the activations are prepared as (once 
           reordered to match (the second half of `xr`); scales and mins are the 16 nibble pairs, per group of 16.
     Q3_K  Q2_K's 2 low bits plus the third from the 32 hmask bytes (the same bytes serve both halves, at bits i and
           4 + i); quants are stored + 4, which comes off per group of 16; 16 signed 6-bit scales from 12 bytes.
+    Q5_K  as Q4_K, with the fifth bit of each quant from the 32 qh bytes (bit g of byte l: element 32 g + l).
     IQ4_XS  64 of the 128 index bytes (4 sub-blocks of 32: low nibbles elements 0-15, high 16-31, so x is reordered
           to match), each nibble turned into its level + 128 by a byte shuffle; the 128 comes off through the
           accumulators' start (`xneg`), the 8 signed 6-bit scales per block are one per group of 32.
@@ -29,12 +30,12 @@ from numba import njit, prange
 
 from .combine import weighted_sum
 from .int8 import quantize
-from .simd import (add, bits, bor, bxor, dpbusd, fma, fzero, halves, hsum, iq4_levels, iq4_xs_scales, izero,
+from .simd import (add, bit_to, bits, bor, bxor, dpbusd, fma, fzero, halves, hsum, iq4_levels, iq4_xs_scales, izero,
                    k4_scales, load_floats, load_half, load_halves, load_i8_floats, load_nibble_floats, load_words, mul,
-                   q3_high, q3_scales, q6_high, quarters, spread, spread4, store_floats, to_floats)
+                   q3_scales, q6_high, quarters, spread, spread4, store_floats, to_floats)
 
 f32 = np.float32
-KIND = {T.Q8_0: 1, T.Q4_K: 2, T.Q6_K: 4, T.Q2_K: 5, T.Q3_K: 6, T.IQ4_XS: 7}
+KIND = {T.Q8_0: 1, T.Q4_K: 2, T.Q5_K: 3, T.Q6_K: 4, T.Q2_K: 5, T.Q3_K: 6, T.IQ4_XS: 7}
 M4 = 0x0F0F0F0F
 M2 = 0x03030303
 PAD = 64  # bytes past K in each activation row: a two-block Q8_0 load may read one block beyond the last
@@ -136,6 +137,32 @@ def _dot_q4_k(w, o, nb, xr, xk):
 
 
 @njit(cache=True, inline="always")
+def _dot_q5_k(w, o, nb, xr, xk):
+    """Q4_K's layout (qs 32 bytes later) plus a fifth bit per quant: bit g of qh byte l is element 32 g + l's."""
+    a0 = fzero()
+    a1 = fzero()
+    a2 = fzero()
+    a3 = fzero()
+    for b in range(nb):
+        ob = o + b * 176
+        p = mul(k4_scales(w, ob + 4), load_floats(xk, b * 16))
+        a3 = fma(mul(p, load_floats(NEG_MIN_LANES, 0)), load_half(w, ob + 2), a3)
+        f = mul(p, load_half(w, ob))
+        qh = load_halves(w, ob + 16, ob + 16)
+        v = load_words(w, ob + 48)
+        a0 = fma(to_floats(dpbusd(izero(), bor(bits(v, 0, M4), bit_to(qh, 0, 2, 4)), load_words(xr, b * 256))),
+                 spread(f, 0, 2), a0)
+        a1 = fma(to_floats(dpbusd(izero(), bor(bits(v, 4, M4), bit_to(qh, 1, 3, 4)), load_words(xr, b * 256 + 64))),
+                 spread(f, 1, 3), a1)
+        v = load_words(w, ob + 112)
+        a2 = fma(to_floats(dpbusd(izero(), bor(bits(v, 0, M4), bit_to(qh, 4, 6, 4)), load_words(xr, b * 256 + 128))),
+                 spread(f, 8, 10), a2)
+        a3 = fma(to_floats(dpbusd(izero(), bor(bits(v, 4, M4), bit_to(qh, 5, 7, 4)), load_words(xr, b * 256 + 192))),
+                 spread(f, 9, 11), a3)
+    return hsum(add(add(a0, a1), add(a2, a3)))
+
+
+@njit(cache=True, inline="always")
 def _dot_q6_k(w, o, nb, xq, x16):
     """x16: per group of 16, xd, then -32 * the group's integer sum (`prepare`)."""
     a0 = fzero()
@@ -200,13 +227,13 @@ def _dot_q3_k(w, o, nb, xr2, x16):
         a0 = fma(f, mul(load_floats(x16, b * 32 + 16), f32(1 / 8)), a0)  # - 4 * the sum of the group's x
         v = load_words(w, ob + 32)
         hm = load_halves(w, ob, ob)
-        a0 = fma(to_floats(dpbusd(izero(), bor(bits(v, 0, M2), q3_high(hm, 0)), load_words(xr2, b * 256))),
+        a0 = fma(to_floats(dpbusd(izero(), bor(bits(v, 0, M2), bit_to(hm, 0, 4, 2)), load_words(xr2, b * 256))),
                  spread4(f, 0, 1, 8, 9), a0)
-        a1 = fma(to_floats(dpbusd(izero(), bor(bits(v, 2, M2), q3_high(hm, 1)), load_words(xr2, b * 256 + 64))),
+        a1 = fma(to_floats(dpbusd(izero(), bor(bits(v, 2, M2), bit_to(hm, 1, 5, 2)), load_words(xr2, b * 256 + 64))),
                  spread4(f, 2, 3, 10, 11), a1)
-        a2 = fma(to_floats(dpbusd(izero(), bor(bits(v, 4, M2), q3_high(hm, 2)), load_words(xr2, b * 256 + 128))),
+        a2 = fma(to_floats(dpbusd(izero(), bor(bits(v, 4, M2), bit_to(hm, 2, 6, 2)), load_words(xr2, b * 256 + 128))),
                  spread4(f, 4, 5, 12, 13), a2)
-        a3 = fma(to_floats(dpbusd(izero(), bor(bits(v, 6, M2), q3_high(hm, 3)), load_words(xr2, b * 256 + 192))),
+        a3 = fma(to_floats(dpbusd(izero(), bor(bits(v, 6, M2), bit_to(hm, 3, 7, 2)), load_words(xr2, b * 256 + 192))),
                  spread4(f, 6, 7, 14, 15), a3)
     return hsum(add(add(a0, a1), add(a2, a3)))
 
@@ -288,6 +315,8 @@ def _dot(kind, w, o, k_dim, xq, xr, xd, xk, xneg, x16):
         return _dot_q8_0(w, o, k_dim // 32, xq, xneg, xd)
     if kind == 2:
         return _dot_q4_k(w, o, k_dim // 256, xr, xk)
+    if kind == 3:
+        return _dot_q5_k(w, o, k_dim // 256, xr, xk)
     if kind == 4:
         return _dot_q6_k(w, o, k_dim // 256, xq, x16)
     if kind == 5:

@@ -343,21 +343,19 @@ def q3_scales(typingctx, array, index):
 
 
 @intrinsic
-def q3_high(typingctx, hmask, i):
-    """Q3_K's high bits as bit 2 of each byte, from hmask words (both halves of the vector the same 32 bytes): bit i
-    in lanes 0-7 (the block's first 128 elements), bit 4 + i in lanes 8-15 (i: a constant)."""
-    if not isinstance(i, types.IntegerLiteral):
+def bit_to(typingctx, v, first, second, to):
+    """Bit `first` of every byte in lanes 0-7 and bit `second` in lanes 8-15, moved to bit `to` of the same byte,
+    all other bits clear (constants). Q3_K's and Q5_K's high bits, whose 32 bytes fill both halves of v."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (first, second, to)):
         return None
-    k = i.literal_value
+    shifts = [to.literal_value - a.literal_value for a in (first, second)]
 
     def codegen(context, builder, sig, args):
-        v = args[0]
-        first = builder.shl(v, _splat(builder, ir.Constant(I32, 2 - k), I32x16)) if k < 2 else \
-            builder.lshr(v, _splat(builder, ir.Constant(I32, k - 2), I32x16))
-        second = builder.lshr(v, _splat(builder, ir.Constant(I32, 2 + k), I32x16))
-        both = builder.shuffle_vector(first, second, ir.Constant(I32x16, list(range(8)) + list(range(24, 32))))
-        return builder.and_(both, ir.Constant(I32x16, [0x04040404] * 16))
-    return ivec(hmask, i), codegen
+        moved = [builder.shl(args[0], _splat(builder, ir.Constant(I32, n), I32x16)) if n >= 0 else
+                 builder.lshr(args[0], _splat(builder, ir.Constant(I32, -n), I32x16)) for n in shifts]
+        both = builder.shuffle_vector(*moved, ir.Constant(I32x16, list(range(8)) + list(range(24, 32))))
+        return builder.and_(both, ir.Constant(I32x16, [0x01010101 << to.literal_value] * 16))
+    return ivec(v, first, second, to), codegen
 
 
 IQ4_LEVELS = (1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241)  # IQ4_NL's levels + 128
