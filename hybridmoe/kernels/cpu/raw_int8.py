@@ -10,7 +10,7 @@ Per type, what one vector covers and what the activations are prepared as (once 
     Q8_0  two blocks' 32 quant bytes (`load_halves`), flipped to unsigned (+ 128); the accumulator starts at
           -128 * the sum of each lane's 4 activations (`xneg`), so the sum is exact without a correction.
     Q4_K  64 of the 128 nibble bytes: low nibbles are groups 4h and 4h + 2, high ones 4h + 1 and 4h + 3, so the
-          activations are reordered per 128 positions to match (`xr`); mins come off per group (`xm`).
+          activations are reordered per 128 positions to match (`xr`); mins come off per group (`xk`).
     Q6_K  64 of the 128 low-bit bytes with their 2 high bits from qh (each half of qh serves 4 groups of 16), the
           offset 32 comes off per group of 16 (`x16`).
     Q2_K  all 64 quant bytes: shift 2 i gives elements 32 i.. of both halves of the block, so the activations are
