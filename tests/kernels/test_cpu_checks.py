@@ -35,8 +35,8 @@ def test_bad_weights(w, message: str) -> None:
 
 
 def test_type_without_kernel_is_named() -> None:
-    with pytest.raises(ValueError, match="IQ2_XXS"):
-        cpu.gemv(X, np.zeros((8, 66), dtype=np.uint8), T.IQ2_XXS)
+    with pytest.raises(ValueError, match="IQ3_XXS"):
+        cpu.gemv(X, np.zeros((8, 98), dtype=np.uint8), T.IQ3_XXS)
     with pytest.raises(ValueError, match="IQ4_XS"):
         cpu.repack(np.zeros((8, 136), dtype=np.uint8), T.IQ4_XS)
 

@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType as T
 from hybridmoe.kernels import cpu
 
 TYPES = [T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
-RAW_ONLY = [T.Q2_K, T.Q3_K, T.IQ4_XS]  # types of DeepSeek-R1's popular quants: decoded in place, not repacked
+RAW_ONLY = [T.Q2_K, T.Q3_K, T.IQ4_XS, T.IQ2_XXS, T.IQ1_S]  # in DeepSeek-R1's popular quants; never repacked
 TOL = 1e-5
 
 

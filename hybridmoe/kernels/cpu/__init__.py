@@ -4,7 +4,7 @@ Activations are float32 [n, K] (numpy or torch; a torch input gives a torch outp
 uint8 [N, row_bytes], e.g. one expert's slice of an mmap'd file.
 
 Decode (a few tokens per expert), weights as they are in the file (the "mmap" tier):
-    gemv(x, w_raw, ggml_type) -> [n, N]                         Q4_0, Q8_0, Q2_K-Q6_K, IQ4_XS
+    gemv(x, w_raw, ggml_type) -> [n, N]                         Q4_0, Q8_0, Q2_K-Q6_K, IQ4_XS, IQ2_XXS, IQ1_S
 
 Decode with 8-bit activations (x rounded per group of 32, as llama.cpp does), in the file's layout (`raw_int8.py`):
     gemv_int8(x, w_raw, ggml_type) -> [n, N]                    Q8_0, Q2_K-Q6_K, IQ4_XS

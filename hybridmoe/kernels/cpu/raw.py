@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
 from numba import njit, prange
 
 from hybridmoe.quant.simple import IQ4_KVALUES
@@ -19,12 +20,26 @@ from hybridmoe.quant.simple import IQ4_KVALUES
 f32 = np.float32
 
 # Kernel ids: one compiled kernel serves every type, switching per row.
-KIND = {T.Q4_0: 0, T.Q8_0: 1, T.Q4_K: 2, T.Q5_K: 3, T.Q6_K: 4, T.Q2_K: 5, T.Q3_K: 6, T.IQ4_XS: 7}
+KIND = {T.Q4_0: 0, T.Q8_0: 1, T.Q4_K: 2, T.Q5_K: 3, T.Q6_K: 4, T.Q2_K: 5, T.Q3_K: 6, T.IQ4_XS: 7, T.IQ2_XXS: 8,
+        T.IQ1_S: 9}
 
 # 2 ** (e - 25) for the f16 exponent field e: (1024 + mantissa) * _POW2[e] is the value of a normal f16.
 _POW2 = (2.0 ** (np.arange(32) - 25)).astype(np.float32)
 _ROWS_PER_TASK = 16
 _IQ4 = IQ4_KVALUES.astype(np.float32)  # IQ4_XS's 16 non-linear levels
+
+
+def _grid(cls) -> np.ndarray:
+    """A lattice format's codebook from the `gguf` package: float32 [entries, 8]."""
+    if cls.grid is None:
+        cls.init_grid()
+    return np.ascontiguousarray(cls.grid.reshape(-1, 8), dtype=np.float32)
+
+
+_IQ2_XXS_GRID = _grid(gguf_quants.IQ2_XXS)
+_IQ2_SIGNS = np.frombuffer(gguf_quants.IQ2_XXS.ksigns, dtype=np.uint8).copy()  # 7 stored sign bits -> 8 (even parity)
+_IQ1_S_GRID = _grid(gguf_quants.IQ1_S)
+_IQ1_DELTA = np.float32(gguf_quants.IQ1_S.delta)
 W32 = 32
 
 
@@ -174,6 +189,43 @@ def _row_iq4_xs(w: np.ndarray, out: np.ndarray, w32: int) -> None:
 
 
 @njit(cache=True)
+def _row_iq2_xxs(w: np.ndarray, out: np.ndarray, w32: int) -> None:
+    """66-byte blocks: d, then per 32 elements 4 codebook indices (8 elements each) and a word of 4 x 7 sign bits
+    and a 4-bit scale; the operations of gguf's reference, in its order."""
+    for b in range(out.size // 256):
+        o = b * 66
+        d = half_at(w, o)
+        for s in range(8):
+            at = o + 2 + 8 * s
+            aux = np.uint32(w[at + 4]) | (np.uint32(w[at + 5]) << 8) | (np.uint32(w[at + 6]) << 16) | \
+                (np.uint32(w[at + 7]) << 24)
+            db = d * (f32(0.5) + f32(aux >> 28)) * f32(0.25)
+            for lane in range(4):
+                signs = np.int32(_IQ2_SIGNS[(aux >> (7 * lane)) & 127])
+                grid = _IQ2_XXS_GRID[np.int32(w[at + lane])]
+                for j in range(8):
+                    v = db * grid[j]
+                    out[b * 256 + 32 * s + 8 * lane + j] = -v if (signs >> j) & 1 else v
+
+
+@njit(cache=True)
+def _row_iq1_s(w: np.ndarray, out: np.ndarray, w32: int) -> None:
+    """50-byte blocks: d, 32 bytes of low index bits, per 32 elements a 16-bit word of 4 x 3 high index bits, a
+    3-bit scale and the sign of the offset; the operations of gguf's reference, in its order."""
+    for b in range(out.size // 256):
+        o = b * 50
+        d = half_at(w, o)
+        for s in range(8):
+            h = np.int32(w[o + 34 + 2 * s]) | (np.int32(w[o + 35 + 2 * s]) << 8)
+            dl = d * f32(2 * ((h >> 12) & 7) + 1)
+            delta = -_IQ1_DELTA if h & 0x8000 else _IQ1_DELTA
+            for lane in range(4):
+                grid = _IQ1_S_GRID[np.int32(w[o + 2 + 4 * s + lane]) | (((h >> (3 * lane)) & 7) << 8)]
+                for j in range(8):
+                    out[b * 256 + 32 * s + 8 * lane + j] = dl * (grid[j] + delta)
+
+
+@njit(cache=True)
 def dequantize_row(kind: int, w: np.ndarray, out: np.ndarray, w32: int) -> None:
     """One row of raw blocks (uint8) -> float32 `out` (its length is the row's element count)."""
     if kind == 0:
@@ -190,8 +242,12 @@ def dequantize_row(kind: int, w: np.ndarray, out: np.ndarray, w32: int) -> None:
         _row_q2_k(w, out, w32)
     elif kind == 6:
         _row_q3_k(w, out, w32)
-    else:
+    elif kind == 7:
         _row_iq4_xs(w, out, w32)
+    elif kind == 8:
+        _row_iq2_xxs(w, out, w32)
+    else:
+        _row_iq1_s(w, out, w32)
 
 
 @njit(parallel=True, cache=True)
