@@ -16,7 +16,7 @@ TYPES = [T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.Q2_K, T.Q3_K, T.IQ4_XS]
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("n_tokens", [1, 3])
 def test_raw_int8_gemv_is_exact_on_8_bit_activations(case, qtype: T, n_tokens: int) -> None:
-    c = case(qtype, 40, 768, n_tokens)  # 768: an odd number of Q8_0 block pairs' worth (24 blocks) and 3 K blocks
+    c = case(qtype, 40, 768, n_tokens)  # 768: 24 Q8_0 blocks (12 pairs), 3 blocks of the 256-element types
     x = int8_exact(np.random.default_rng(1), n_tokens, 768)
     want = x.astype(np.float64) @ c.w.T
     got = cpu.gemv_int8(x, c.w_raw, qtype)
