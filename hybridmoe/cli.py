@@ -293,6 +293,8 @@ def cmd_inspect(args) -> int:
           f"{_fmt_bytes(s['bytes_read_per_token_total']):>14}")
     print(f"active parameters per token: {_fmt_count(s['params_active'])}; one routed expert: "
           f"{_fmt_bytes(s['bytes_per_expert'])} (KV-cache reads not included)")
+    for qtype, route in s.get("expert_cpu_decode", {}).items():
+        print(f"{qtype} experts on the CPU: {route}")
     return 0
 
 

@@ -98,8 +98,10 @@ def summarize_gguf(path) -> dict:
     emb = f.tensors.get("token_embd.weight")
     if emb is not None and "output.weight" in f.tensors:
         read["embeddings"] -= emb.nbytes - emb.nbytes // max(1, emb.shape[0])  # one embedding row per token
-    types = sorted({t.qtype.name for n, t in f.tensors.items() if "_exps." in n})
-    s.update(dtype=f"GGUF, experts {'/'.join(types)}", bytes=nbytes, bytes_total=sum(nbytes.values()),
+    types = sorted({t.qtype for n, t in f.tensors.items() if "_exps." in n})
+    from ..kernels.cpu import decode_route
+    s["expert_cpu_decode"] = {t.name: decode_route(t) for t in types}
+    s.update(dtype=f"GGUF, experts {'/'.join(t.name for t in types)}", bytes=nbytes, bytes_total=sum(nbytes.values()),
              bytes_per_expert=int(per_expert), bytes_read_per_token=read,
              bytes_read_per_token_total=sum(read.values()))
     return s

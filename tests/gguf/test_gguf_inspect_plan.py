@@ -17,6 +17,20 @@ def test_inspect_gguf_counts_the_file_bytes(gguf_models, capsys):
     # top-k of the experts per MoE layer are read per token
     per_token = s["bytes"]["routed_experts"] * s["experts_per_token"] // s["routed_experts"]
     assert abs(s["bytes_read_per_token"]["routed_experts"] - per_token) <= s["moe_layers"]
+    # and how the CPU decodes each expert type
+    types = {t.qtype.name for n, t in f.tensors.items() if "_exps." in n}
+    assert set(s["expert_cpu_decode"]) == types and "in place" in s["expert_cpu_decode"]["Q4_K"]
+    assert main(["inspect", str(path)]) == 0
+    assert "Q4_K experts on the CPU: exact row kernel; in place with --cpu-activations int8" in capsys.readouterr().out
+
+
+def test_decode_routes_name_the_slow_types():
+    from gguf import GGMLQuantizationType as T
+
+    from hybridmoe.kernels.cpu import decode_route
+    assert "repacked" in decode_route(T.Q4_0)
+    assert "no 8-bit kernel" in decode_route(T.IQ1_S)
+    assert "dequantized" in decode_route(T.IQ1_M)
 
 
 def test_plan_gguf_slots_hold_the_blocks(gguf_models, capsys):

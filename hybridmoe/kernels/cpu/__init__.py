@@ -38,6 +38,7 @@ Prefill (many tokens per expert): float32 tiles of W and torch.matmul; any type 
 Optional, when llama-cpp-python is installed: ggml's own dot products, which quantize the activations to 8 bits.
     ggml.available() -> bool;  ggml.gemv(x, w_raw, ggml_type) -> [n, N]
 
+    decode_route(ggml_type) -> str                               how experts of that type decode, in words
     set_threads(n)                                               threads for all of the above
 
 Importing this package lets numba use 512-bit vectors on AVX-512 CPUs (`target.py`); NUMBA_CPU_FEATURES overrides.
@@ -46,11 +47,12 @@ from .target import use_full_vector_width
 
 use_full_vector_width()
 
-from .api import (GEMV_TYPES, RAW_INT8_TYPES, dequantize, ffn_experts, ffn_experts_sum, ffn_packed,  # noqa: E402
-                  ffn_raw_int8, gemv, gemv_int8, gemv_packed, gqa_decode, matmul, repack, repack_experts, rms_norm,
-                  route_softmax, set_threads)
+from .api import (GEMV_TYPES, RAW_INT8_TYPES, decode_route, dequantize, ffn_experts, ffn_experts_sum,  # noqa: E402
+                  ffn_packed, ffn_raw_int8, gemv, gemv_int8, gemv_packed, gqa_decode, matmul, repack, repack_experts,
+                  rms_norm, route_softmax, set_threads)
 from .repack import ACTIVATIONS, PACKED_TYPES, PackedExperts, PackedWeight  # noqa: E402
 
-__all__ = ["ACTIVATIONS", "GEMV_TYPES", "PACKED_TYPES", "RAW_INT8_TYPES", "PackedExperts", "PackedWeight", "dequantize",
-           "ffn_experts", "ffn_experts_sum", "ffn_packed", "ffn_raw_int8", "gemv", "gemv_int8", "gemv_packed",
-           "gqa_decode", "matmul", "repack", "repack_experts", "rms_norm", "route_softmax", "set_threads"]
+__all__ = ["ACTIVATIONS", "GEMV_TYPES", "PACKED_TYPES", "RAW_INT8_TYPES", "PackedExperts", "PackedWeight",
+           "decode_route", "dequantize", "ffn_experts", "ffn_experts_sum", "ffn_packed", "ffn_raw_int8", "gemv",
+           "gemv_int8", "gemv_packed", "gqa_decode", "matmul", "repack", "repack_experts", "rms_norm",
+           "route_softmax", "set_threads"]

@@ -106,6 +106,18 @@ def ffn_raw_int8(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarr
     return out
 
 
+def decode_route(ggml_type: T | int) -> str:
+    """How the CPU decodes experts of this type, in words (for `hybridmoe inspect`)."""
+    qtype = as_qtype(ggml_type)
+    if qtype in RAW_INT8_TYPES:
+        return "exact row kernel; in place with --cpu-activations int8"
+    if qtype in PACKED_TYPES:
+        return "exact row kernel; repacked copy with --cpu-activations int8"
+    if qtype in KIND:
+        return "exact row kernel only (no 8-bit kernel: slower)"
+    return "no CPU kernel: dequantized for a matmul (much slower)"
+
+
 def _activation_mode(mode: str) -> str:
     if mode not in ACTIVATIONS:
         raise ValueError(f"activations {mode!r}: use one of {', '.join(ACTIVATIONS)}")
