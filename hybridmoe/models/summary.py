@@ -82,6 +82,7 @@ def summarize_gguf(path) -> dict:
     from ..formats.gguf import GGUFFile, hf_config
     from ..formats.gguf_names import GGUF_IGNORED, GGUF_TENSORS
     from ..formats.names import NameMap
+    from ..kernels.cpu import decode_route
     f = GGUFFile(path)
     s = summarize(hf_config(f))
     names = NameMap(GGUF_TENSORS[f.arch], ignored=GGUF_IGNORED)
@@ -99,7 +100,6 @@ def summarize_gguf(path) -> dict:
     if emb is not None and "output.weight" in f.tensors:
         read["embeddings"] -= emb.nbytes - emb.nbytes // max(1, emb.shape[0])  # one embedding row per token
     types = sorted({t.qtype for n, t in f.tensors.items() if "_exps." in n})
-    from ..kernels.cpu import decode_route
     s["expert_cpu_decode"] = {t.name: decode_route(t) for t in types}
     s.update(dtype=f"GGUF, experts {'/'.join(t.name for t in types)}", bytes=nbytes, bytes_total=sum(nbytes.values()),
              bytes_per_expert=int(per_expert), bytes_read_per_token=read,

@@ -44,51 +44,59 @@ NEG_MIN_LANES = np.array([0, 0, 0, 0, -1, -1, -1, -1] * 2, dtype=np.float32)  # 
 
 
 @njit(cache=True)
-def prepare(x, xq, xd, xqs, xr, xk, xneg, x16):
+def prepare(x, xq, xd, xqs, xr, xk, xneg, x16, need):
     """x f32 [n, K] -> xq int8 [n, K + PAD] (tail zero), xd f32 [n, K/32 + 16] (16 zero columns after the scales),
     xqs int32 [n, K/16] (as int8.quantize gives them); xr int8 [n, 3 K]: xq reordered for Q4_K, then for Q2_K /
     Q3_K, then for IQ4_XS; xk f32 [n, K/16]: per 256, xd of groups 0-3, xd * the group's integer sum (xm) of groups
     0-3, xd of groups 4-7, xm of groups 4-7; xneg int32 [n, K/2 + 16]: -128 * the sum of each 4 consecutive xq,
     then of each 4 of xr's IQ4_XS order; x16 f32 [n, K/8]: per 256, xd of its 16 groups of 16, then -32 * their
-    integer sums."""
+    integer sums. need (bit 1 << kind for each kind that will read them): only the sections those kinds read are
+    filled (a decode step prepares its activations once per layer and once per expert)."""
     n, k_dim = x.shape
     quantize(x, xq[:, :k_dim], xd, xqs)
+    k4, two_bit, iq4 = need & (1 << 2 | 1 << 3), need & (1 << 5 | 1 << 6), need & (1 << 7)
     for t in range(n):
         for i in range(k_dim, xq.shape[1]):
             xq[t, i] = 0
-        for c in range(k_dim // 128):
-            base = c * 128
-            for j in range(32):
-                xr[t, base + j] = xq[t, base + j]
-                xr[t, base + 32 + j] = xq[t, base + 64 + j]
-                xr[t, base + 64 + j] = xq[t, base + 32 + j]
-                xr[t, base + 96 + j] = xq[t, base + 96 + j]
-        for c in range(k_dim // 256):  # the 2-bit order: per 64, 32 of the first half, then 32 of the second
-            for i in range(4):
-                for j in range(32):
-                    xr[t, k_dim + c * 256 + i * 64 + j] = xq[t, c * 256 + i * 32 + j]
-                    xr[t, k_dim + c * 256 + i * 64 + 32 + j] = xq[t, c * 256 + 128 + i * 32 + j]
-        for c in range(k_dim // 128):  # IQ4_XS's order: per 128, the first 16 of each 32, then the last 16
-            for q in range(4):
-                for j in range(16):
-                    xr[t, 2 * k_dim + c * 128 + q * 16 + j] = xq[t, c * 128 + q * 32 + j]
-                    xr[t, 2 * k_dim + c * 128 + 64 + q * 16 + j] = xq[t, c * 128 + q * 32 + 16 + j]
         for g in range(k_dim // 32, xd.shape[1]):
             xd[t, g] = 0.0
-        for g in range(k_dim // 32):
-            at = (g // 8) * 16 + (g % 8 // 4) * 8 + g % 4
-            xk[t, at] = xd[t, g]
-            xk[t, at + 4] = xd[t, g] * f32(xqs[t, 2 * g] + xqs[t, 2 * g + 1])
-            for half in range(2):
-                j = (g // 8) * 32 + (g % 8) * 2 + half
-                x16[t, j] = xd[t, g]
-                x16[t, j + 16] = f32(-32 * xqs[t, 2 * g + half])
-        for i in range(xneg.shape[1]):  # the natural order, then IQ4_XS's, then zeros
-            s = 0
-            if 4 * i < 2 * k_dim:
-                for j in range(4):
-                    s += xq[t, 4 * i + j] if 4 * i < k_dim else xr[t, k_dim + 4 * i + j]
-            xneg[t, i] = -128 * s
+        if k4:
+            for c in range(k_dim // 128):
+                base = c * 128
+                for j in range(32):
+                    xr[t, base + j] = xq[t, base + j]
+                    xr[t, base + 32 + j] = xq[t, base + 64 + j]
+                    xr[t, base + 64 + j] = xq[t, base + 32 + j]
+                    xr[t, base + 96 + j] = xq[t, base + 96 + j]
+            for g in range(k_dim // 32):
+                at = (g // 8) * 16 + (g % 8 // 4) * 8 + g % 4
+                xk[t, at] = xd[t, g]
+                xk[t, at + 4] = xd[t, g] * f32(xqs[t, 2 * g] + xqs[t, 2 * g + 1])
+        if two_bit:  # per 64, 32 of the block's first half, then 32 of its second
+            for c in range(k_dim // 256):
+                for i in range(4):
+                    for j in range(32):
+                        xr[t, k_dim + c * 256 + i * 64 + j] = xq[t, c * 256 + i * 32 + j]
+                        xr[t, k_dim + c * 256 + i * 64 + 32 + j] = xq[t, c * 256 + 128 + i * 32 + j]
+        if iq4:  # per 128, the first 16 of each 32, then the last 16
+            for c in range(k_dim // 128):
+                for q in range(4):
+                    for j in range(16):
+                        xr[t, 2 * k_dim + c * 128 + q * 16 + j] = xq[t, c * 128 + q * 32 + j]
+                        xr[t, 2 * k_dim + c * 128 + 64 + q * 16 + j] = xq[t, c * 128 + q * 32 + 16 + j]
+        if need & (1 << 4) or two_bit:
+            for g in range(k_dim // 32):
+                for half in range(2):
+                    j = (g // 8) * 32 + (g % 8) * 2 + half
+                    x16[t, j] = xd[t, g]
+                    x16[t, j + 16] = f32(-32 * xqs[t, 2 * g + half])
+        if need & (1 << 1) or iq4:  # the natural order, then IQ4_XS's, then zeros
+            for i in range(xneg.shape[1]):
+                s = 0
+                if 4 * i < 2 * k_dim:
+                    for j in range(4):
+                        s += xq[t, 4 * i + j] if 4 * i < k_dim else xr[t, k_dim + 4 * i + j]
+                xneg[t, i] = -128 * s
 
 
 @njit(cache=True, inline="always")
@@ -336,16 +344,16 @@ def _buffers(n, k_dim):
 
 
 @njit(cache=True, inline="always")
-def _prepared(x):
+def _prepared(x, need):
     xq, xd, xqs, xr, xk, xneg, x16 = _buffers(x.shape[0], x.shape[1])
-    prepare(x, xq, xd, xqs, xr, xk, xneg, x16)
+    prepare(x, xq, xd, xqs, xr, xk, xneg, x16, need)
     return xq.view(np.uint8), xr.view(np.uint8), xd, xk, xneg, x16
 
 
 @njit(parallel=True, cache=True)
 def gemv(kind: int, x: np.ndarray, w: np.ndarray, experts: np.ndarray, y: np.ndarray) -> None:
     """y[g, n, N] = x[n, K] @ W_{experts[g]}.T for stacked raw weights w uint8 [E, N, row_bytes] of one kind."""
-    xq, xr, xd, xk, xneg, x16 = _prepared(x)
+    xq, xr, xd, xk, xneg, x16 = _prepared(x, 1 << kind)
     n, k_dim = x.shape
     n_rows = w.shape[1]
     flat = w.reshape(-1)
@@ -369,7 +377,7 @@ def ffn(kinds: np.ndarray, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down
     """y[g, n, D] = down(silu(gate(x)) * up(x)) of expert experts[g], for stacked raw weights gate, up uint8
     [E, I, row_bytes] and down [E, D, row_bytes] of the given kinds. x is rounded once, each expert's hidden state
     once (as `int8.ffn` rounds them). w f32 [n, G] (empty: skipped) -> out f32 [n, D] = sum_g w[:, g] * y[g]."""
-    xq, xr, xd, xk, xneg, x16 = _prepared(x)
+    xq, xr, xd, xk, xneg, x16 = _prepared(x, (1 << kinds[0]) | (1 << kinds[1]))
     n, k_dim = x.shape
     n_experts, n_inter, n_out = experts.size, gate.shape[1], down.shape[1]
     g_flat, u_flat, d_flat = gate.reshape(-1), up.reshape(-1), down.reshape(-1)
@@ -396,20 +404,22 @@ def ffn(kinds: np.ndarray, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down
     hq, hd, hqs, hr, hk, hneg, h16 = _buffers(n_experts * n, n_inter)
     for g in range(n_experts):  # a few KB each: not worth a parallel region
         rows = slice(g * n, (g + 1) * n)
-        prepare(h[g], hq[rows], hd[rows], hqs[rows], hr[rows], hk[rows], hneg[rows], h16[rows])
+        prepare(h[g], hq[rows], hd[rows], hqs[rows], hr[rows], hk[rows], hneg[rows], h16[rows], 1 << kinds[2])
     hq, hr = hq.view(np.uint8), hr.view(np.uint8)
     chunks = -(-n_out // ROWS_PER_TASK)
     for task in prange(n_experts * chunks):
         g, c = task // chunks, task % chunks
         base = experts[g] * n_out
-        rows = slice(g * n, (g + 1) * n)
         acc = np.empty(n * 64 if n > 1 else 0, dtype=np.float32)
+        if n > 1:  # this expert's rows of the prepared hidden state, as views made once per task
+            rows = slice(g * n, (g + 1) * n)
+            gq, gr, gd, gk, gneg, g16 = hq[rows], hr[rows], hd[rows], hk[rows], hneg[rows], h16[rows]
         for r in range(c * ROWS_PER_TASK, min(n_out, (c + 1) * ROWS_PER_TASK)):
             if n == 1:
                 y[g, 0, r] = _dot(kinds[2], d_flat, (base + r) * down.shape[2], n_inter, hq[g], hr[g], hd[g], hk[g],
                                   hneg[g], h16[g])
             else:
-                _dots(kinds[2], d_flat, (base + r) * down.shape[2], n_inter, hq[rows], hr[rows], hd[rows], hk[rows],
-                      hneg[rows], h16[rows], acc, y[g, :, r])
+                _dots(kinds[2], d_flat, (base + r) * down.shape[2], n_inter, gq, gr, gd, gk, gneg, g16, acc,
+                      y[g, :, r])
     if w.size:
         weighted_sum(y, w, out)
