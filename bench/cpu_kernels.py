@@ -70,22 +70,25 @@ def kernel_routes(qtype: T, experts: list[np.ndarray], x: np.ndarray,
     }
     if qtype in cpu.RAW_INT8_TYPES:
         routes["numba raw (int8 acts)"] = (lambda e: cpu.gemv_int8(x, experts[e], qtype), 0)
-    packed = [cpu.repack(w, qtype) for w in experts]
-    routes["numba packed"] = (lambda e: cpu.gemv_packed(x, packed[e]), packed[0].nbytes - experts[0].nbytes)
-    int8 = [cpu.repack(w, qtype, activations="int8") for w in experts]
-    routes["numba packed (int8 acts)"] = (lambda e: cpu.gemv_packed(x, int8[e]), int8[0].nbytes - experts[0].nbytes)
+    if qtype in cpu.PACKED_TYPES:
+        packed = [cpu.repack(w, qtype) for w in experts]
+        routes["numba packed"] = (lambda e: cpu.gemv_packed(x, packed[e]), packed[0].nbytes - experts[0].nbytes)
+        int8 = [cpu.repack(w, qtype, activations="int8") for w in experts]
+        routes["numba packed (int8 acts)"] = (lambda e: cpu.gemv_packed(x, int8[e]),
+                                              int8[0].nbytes - experts[0].nbytes)
     if with_ggml and ggml.available() and qtype in ggml.GGML_TYPES:
         routes["ggml raw (q8 acts)"] = (lambda e: ggml.gemv(x, experts[e], qtype), 0)
     return routes
 
 
 def measure_kernels(n_experts: int, reps: int, with_ggml: bool, rng: np.random.Generator,
-                    sum_seconds: Callable[[], float]) -> list[tuple[str, str, str, float, float, float, float]]:
+                    sum_seconds: Callable[[], float],
+                    types: list[T] = TYPES) -> list[tuple[str, str, str, float, float, float, float]]:
     """(kernel, type, shape, GB/s, extra bytes / GGUF bytes, microseconds per matrix, torch-sum GB/s) for every
     route. Each pass over the experts follows one pass of the torch sum, and a row's ratio is its best pass against
     the best sum of the same passes: on a shared machine the read rate drifts by up to 2x within a run."""
     rows = []
-    for qtype in TYPES:
+    for qtype in types:
         for n_out, n_in in SHAPES:
             fmt = get_format(qtype)
             base = random_blocks(qtype, n_out * n_in // fmt.block_size, rng).reshape(n_out, -1)
@@ -136,7 +139,17 @@ def main() -> None:
                         help="passes over all experts; the fastest is kept (default 10; more on a shared machine)")
     parser.add_argument("--no-ggml", action="store_true", help="skip the optional llama.cpp route")
     parser.add_argument("--quick", action="store_true", help="16 experts, 2 passes: a smoke run, not a measurement")
+    parser.add_argument("--types", default=",".join(t.name for t in TYPES),
+                        help="comma-separated GGML types to measure (default %(default)s; e.g. Q2_K,Q3_K,IQ4_XS)")
     args = parser.parse_args()
+    try:
+        types = [T[name.strip().upper()] for name in args.types.split(",")]
+    except KeyError as e:
+        parser.error(f"--types: unknown GGML type {e.args[0]}")
+    unknown = [t.name for t in types if t not in cpu.GEMV_TYPES]
+    if unknown:
+        have = ", ".join(t.name for t in cpu.GEMV_TYPES)
+        parser.error(f"--types: no CPU kernel for {', '.join(unknown)} (have: {have})")
     if args.quick:
         args.experts, args.reps = min(args.experts, 16), 2
 
@@ -154,7 +167,7 @@ def main() -> None:
         ones.sum()
         return time.perf_counter() - start
 
-    rows = measure_kernels(args.experts, args.reps, not args.no_ggml, rng, sum_seconds)
+    rows = measure_kernels(args.experts, args.reps, not args.no_ggml, rng, sum_seconds, types)
     print("| kernel | type | out x in | GB/s | torch sum GB/s, same passes | / torch sum | extra bytes | us / matrix |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for name, type_name, shape, gbs, extra, micros, summed in rows:
