@@ -142,10 +142,6 @@ def main() -> None:
     from hybridmoe.kernels.cpu import set_threads
     set_threads(a.threads)
     path = a.keep or Path(tempfile.mkdtemp()) / "synthetic.gguf"
-    if not path.exists():
-        t0 = time.perf_counter()
-        write_model(path, a.layers, a.experts)
-        print(f"wrote {path}: {path.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
     ids = np.random.default_rng(1).integers(8, VOCAB, a.prefill).tolist()
     # Rounds alternate the contenders and each keeps its best round, so that other load on the machine biases
     # no one in particular.
@@ -156,8 +152,19 @@ def main() -> None:
             "pinned int8-all": lambda: bench_ours(path, ids, a.decode, "pinned", "int8-all"),
             "llama.cpp": lambda: bench_llama(path, ids, a.decode, a.threads)}
     if a.only:
-        keep = set(a.only.split(",")) | {"llama.cpp"}
-        runs = {name: run for name, run in runs.items() if name in keep}
+        keep = {name.strip() for name in a.only.split(",")}
+        if keep - set(runs):
+            ap.error(f"--only: no contender {', '.join(sorted(keep - set(runs)))} (have: {', '.join(runs)})")
+        runs = {name: run for name, run in runs.items() if name in keep | {"llama.cpp"}}
+    if not path.exists():
+        t0 = time.perf_counter()
+        write_model(path, a.layers, a.experts)
+        print(f"wrote {path}: {path.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
+    else:  # a kept file must be what the flags describe
+        from hybridmoe.formats.gguf import GGUFFile
+        got = GGUFFile(path).tensors["blk.0.ffn_gate_exps.weight"].qtype
+        if got != EXPERT_TYPES[a.experts][0]:
+            ap.error(f"--keep {path}: its experts are {got.name}, not --experts {a.experts}; pass another file")
     best = {name: (0.0, 0.0) for name in runs}
     for _ in range(a.rounds):
         for name, run in runs.items():
