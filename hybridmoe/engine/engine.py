@@ -13,6 +13,7 @@ from ..layers.cache import Batch
 from ..models.graphs import DecodeGraphs
 from ..models.loader import LoadedModel, load_hf, read_config
 from ..formats.gguf import GGUFFile, hf_config
+from ..offload.chunking import PREFILL_CHUNK
 from ..offload.plan import footprint_from_config, split_stages
 from ..offload.runtime import OffloadOptions, OffloadRuntime, activation_modes, make_store, stage_devices
 from .config import GenerationConfig
@@ -61,7 +62,7 @@ class Engine:
     """A loaded model ready to generate. Build it with hybridmoe.load()."""
 
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer | None, path: Path, device: torch.device,
-                 dtype: torch.dtype, context: int | None = None):
+                 dtype: torch.dtype, context: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
         self.loaded, self.tokenizer, self.path = loaded, tokenizer, path
         self.model, self.args, self.config = loaded.model, loaded.args, loaded.config
         self.device, self.dtype = device, dtype
@@ -71,6 +72,7 @@ class Engine:
             limit = min(limit, int(sliding))  # past the window the reference attends differently
         self.max_context = min(context, limit) if context else min(limit, 4096)
         self.cancel = threading.Event()
+        self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass (on a GPU: sized from free VRAM)
 
     @property
     def model_type(self) -> str:
@@ -123,7 +125,7 @@ class Engine:
         self.cancel.clear()
         eos = self.tokenizer.eos_ids if self.tokenizer else set(_as_ids(self.config.get("eos_token_id")))
         return generate_loop(self.model, self.tokenizer, eos, ids, cfg, max_context=self.max_context, in_think=in_think,
-                             cancel=self.cancel)
+                             cancel=self.cancel, prefill_chunk=self.prefill_chunk)
 
     def stop(self) -> None:
         """Ask a running generation to end after the current step (thread-safe)."""
@@ -160,6 +162,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     gguf = path.suffix == ".gguf"
+    chunk = PREFILL_CHUNK
     activation_modes(cpu_activations)  # an unknown mode is an error whatever the model
     if accelerator is None and dev.type == "cuda":
         accelerator = "cuda"
@@ -187,7 +190,9 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         model = loaded.model
         ctx = context or 4096
         kv = [ctx * sum(b for b, st in zip(fp.kv_bytes_per_token, stages) if st == s) for s in range(devices)]
-        model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, cost_model)
+        model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, cost_model,
+                                       context=ctx)
+        chunk = model.experts.prefill_chunk
         dev = stage_devs[0]
     if dev.type == "cuda":
         stack_qkv_projections(loaded.model)  # fewer launches per decode step
@@ -196,7 +201,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     tokenizer = getattr(loaded, "tokenizer", None)
     if not gguf and (path / "tokenizer.json").exists():
         tokenizer = Tokenizer(path, loaded.config)
-    return Engine(loaded, tokenizer, path, dev, dt, context)
+    return Engine(loaded, tokenizer, path, dev, dt, context, chunk)
 
 
 # --- GGUF files (llama.cpp's format): non-expert weights dequantized, routed experts computed from their bytes ---

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -24,6 +24,7 @@ from ..kernels import cpu as ck
 from ..layers.moe import combine, expert_positions, positions_on, to_device
 from .cache import SlotCache
 from .scheduler import CostModel
+from .stream import AHEAD_USED, LayerStream
 
 
 REUSED = 2.0  # decayed use count: an expert used in most of the last few steps
@@ -113,6 +114,7 @@ class OffloadExperts:
         self.device_ids: dict[int, torch.Tensor] = {}  # layer -> the ids tensor its device-only work writes
         self.device_steps: list[int] = []  # device-only layers run since the last stats, read lazily
         self.generation = 0  # bumped when slot buffers are reallocated: captured graphs must be dropped
+        self.streams: dict[int, LayerStream] = {}  # stage -> its staging for streamed prefill (add_streams)
 
     # -- the Experts protocol ---------------------------------------------------------------------------------
     def __call__(self, layer, x, ids, weights):
@@ -126,6 +128,9 @@ class OffloadExperts:
         N, K = ids.shape
         if N > 1 and dev.grouped_prefill and self.graph_resident(layer):
             return self._start_resident_prefill(dev, layer, x, ids, weights)
+        stream = self.streams.get(self.layer_stage[layer])
+        if N > 1 and dev.grouped_prefill and stream is not None:
+            return self._start_streamed(dev, stream, layer, x, ids, weights)
         ids_host = ids.cpu()  # host sync: the one per MoE layer; placement is decided on the host
         if N == 1:  # decode: K distinct experts, kept in k order
             pos, routed = None, dict.fromkeys(ids_host[0].tolist(), 1)
@@ -289,6 +294,98 @@ class OffloadExperts:
         parts[order] = ys
         self.stats.gpu_s += time.perf_counter() - t0
         return lambda: combine(parts.view(N, K, -1), weights, x.dtype)
+
+    # -- streamed prefill (offload.stream) ---------------------------------------------------------------------
+    def add_streams(self, rows: list[int]) -> None:
+        """Give each stage with rows[stage] > 0 its double-buffered staging for streamed prefill (fewer rows where
+        the device cannot hold them; none if it cannot hold one)."""
+        for s, (dev, n) in enumerate(zip(self.stages, rows)):
+            while n > 0:
+                try:
+                    self.streams[s] = LayerStream(self.store, dev.device, n, dev.copy_stream)
+                    break
+                except torch.OutOfMemoryError:
+                    n //= 2
+
+    def _start_streamed(self, dev: DeviceSlots, stream: LayerStream, layer: int, x, ids, weights):
+        """Several tokens through a layer whose experts are not all in slots, streamed (offload.stream): the tokens
+        sorted by expert on the device and only the counts on the host (the layer's one host sync); cached experts
+        from their slots, experts copied ahead from staging, the rest split between the CPU (few-token experts,
+        computed in finish() while the GPU works) and large copies into staging; one grouped call per buffer.
+        Then, if the chunk used most of the uncached experts, the next layer of the stage is copied ahead."""
+        N, K = ids.shape
+        E = self.store.n_experts[layer]
+        counts = torch.bincount(ids.flatten(), minlength=E).tolist()  # host sync: the layer's one
+        used = [e for e, c in enumerate(counts) if c]
+        if self.on_routed is not None:
+            self.on_routed(layer, set(used))
+        counters = self._count_use(layer, [(e, counts[e]) for e in used])
+        cache = dev.cache
+        n_uncached = sum(cache.lookup((layer, e)) is None for e in range(E))
+        cached: dict[int, int] = {}
+        for e in used:
+            key = (layer, e)
+            cache.touch(key, 1)
+            slot = cache.lookup(key)
+            if slot is not None:
+                cache.pin(key)
+                cached[e] = slot
+        held = stream.held(layer)
+        staged = [e for e in used if e not in cached and e in held]
+        missing = [e for e in used if e not in cached and e not in held]
+        nbytes, flops = self.store.expert_nbytes(), self.store.flops_per_token()
+        cost = replace(self.cost, launch_s=0.0)  # the GPU's experts run grouped: no launch per expert
+        busy = sum(cost.gpu_s(counts[e], nbytes, flops) for e in list(cached) + staged)
+        to_cpu = cost.split([counts[e] for e in missing], nbytes, flops, busy)
+        on_cpu = [e for e, cpu in zip(missing, to_cpu) if cpu]
+        copy = [e for e, cpu in zip(missing, to_cpu) if not cpu]
+        counters.hits += len(cached)
+        counters.misses += len(used) - len(cached)
+        counters.cpu += len(on_cpu)
+        counters.copies += len(copy)
+        # the cache takes staged experts hotter than its coldest: copied from staging on the device, not again
+        admit = {}
+        for e in staged + copy:
+            got = cache.admit((layer, e)) if cache.n_slots else None
+            if got is not None:
+                admit[e] = got[0]
+        if dev.copy_stream is not None:  # slots filled ahead (prefetch, admissions) must have landed
+            torch.cuda.current_stream(dev.device).wait_stream(dev.copy_stream)
+        t0 = time.perf_counter()
+        work = stream.prefill(layer, x, ids, counts, cached, dev.buffers, copy, on_cpu, admit)
+        self.stats.bytes_copied += work.nbytes
+        # Copying ahead from the mmap tier keeps the host busy filling bounce pieces: after the CPU's experts then
+        ahead = n_uncached and len(used) - len(cached) >= AHEAD_USED * n_uncached
+        if ahead and self.store.tier != "mmap":
+            self._copy_ahead_layer(dev, stream, layer)
+        self.stats.gpu_s += time.perf_counter() - t0
+
+        def finish() -> torch.Tensor:
+            if on_cpu:
+                t0 = time.perf_counter()
+                xs = work.x_cpu.split([counts[e] for e in on_cpu])
+                work.put_cpu(torch.cat([self.store.compute_host(layer, e, xe) for e, xe in zip(on_cpu, xs)]))
+                self.stats.cpu_s += time.perf_counter() - t0
+            if ahead and self.store.tier == "mmap":
+                self._copy_ahead_layer(dev, stream, layer)
+            self._release(dev, layer, list(cached.items()), on_cpu)
+            return combine(work.parts.view(N, K, -1), weights, x.dtype)
+
+        return finish
+
+    def _copy_ahead_layer(self, dev: DeviceSlots, stream: LayerStream, layer: int) -> None:
+        """Copy the stage's next MoE layer's uncached experts into staging now, before its routing is known (the
+        chunk used most of this layer's uncached experts: offload.stream, 5.)."""
+        stage = self.layer_stage[layer]
+        later = [m for m in self.store.n_experts if self.layer_stage[m] == stage and m > layer]
+        if not later:
+            return
+        nxt = min(later)
+        experts = [e for e in range(self.store.n_experts[nxt]) if dev.cache.lookup((nxt, e)) is None]
+        copied, nbytes = stream.ahead(nxt, experts)
+        if copied:
+            self.stats.layers.setdefault(nxt, LayerCounters()).copies += len(copied)
+            self.stats.bytes_copied += nbytes
 
     def _resident_host(self, dev: DeviceSlots, layer: int) -> list[int]:
         """The slot of each expert of a resident layer, on the host (resident_slots: the same on the device)."""

@@ -221,6 +221,48 @@ class QuantStore:
             slots[slot, :lay.nbytes].copy_(row)
         return sum(lay.sizes)
 
+    # -- streamed prefill (offload.stream): a staging buffer holds a run of a layer's experts, rows packed ------
+    def new_staging(self, n: int, device: torch.device) -> torch.Tensor:
+        """A flat buffer for n expert rows of any layer; `staged` views it with the layer's own row width, so a
+        run of consecutive experts fills consecutive bytes and crosses in one copy."""
+        return self.new_slots(n, device).view(-1)
+
+    def staged(self, staging: torch.Tensor, layer: int) -> torch.Tensor:
+        """The staging buffer as slots of `layer`: uint8 [rows, the layer's row bytes]."""
+        nb = self.layouts[layer].nbytes
+        return staging[:staging.numel() // nb * nb].view(-1, nb)
+
+    def copy_experts(self, staging: torch.Tensor, row: int, layer: int, first: int, n: int, bounce=None) -> int:
+        """Experts first .. first + n - 1 of `layer` into staging rows row .. row + n - 1 -> bytes copied. The
+        pinned tier's rows are one copy; the mmap tier's are gathered from the file into `bounce` (pinned pieces,
+        offload.stream.Bounce) and sent from there, or written in place when the staging buffer is on the host."""
+        dst = self.staged(staging, layer)[row:row + n]
+        if layer in self.rows:
+            dst.copy_(self.rows[layer][first:first + n], non_blocking=True)
+        elif bounce is not None:
+            bounce.send(dst, lambda out, a: self._fill_rows(out, layer, first + a))
+        elif dst.device.type == "cpu":
+            self._fill_rows(dst, layer, first)
+        else:
+            rows = torch.empty(dst.shape, dtype=torch.uint8)
+            self._fill_rows(rows, layer, first)
+            dst.copy_(rows)
+        return n * sum(self.layouts[layer].sizes)
+
+    def _fill_rows(self, out: torch.Tensor, layer: int, first: int) -> None:
+        """out uint8 [m, the layer's row bytes] on the host <- experts first .. first + m - 1 from the file, each
+        projection of the run as one strided copy (the padding between parts is never read)."""
+        m, lay = out.shape[0], self.layouts[layer]
+        for t, off, size in zip(self.layers[layer], lay.offsets, lay.sizes):
+            src = torch.from_numpy(np.ascontiguousarray(t.raw[first:first + m]).reshape(m, size))
+            out[:, off:off + size].copy_(src)
+
+    def copy_staged_to_slots(self, slots: torch.Tensor, slot_ids: torch.Tensor, staging: torch.Tensor,
+                             rows: torch.Tensor, layer: int) -> None:
+        """Cache admissions at prefill: staged rows (already on the device) into cache slots, one gather-scatter."""
+        nb = self.layouts[layer].nbytes
+        slots[slot_ids, :nb] = self.staged(staging, layer)[rows]
+
     def compute_slot(self, slots: torch.Tensor, slot: int, layer: int, x: torch.Tensor) -> torch.Tensor:
         lay = self.layouts[layer]
         if slots.device.type == "cuda":
