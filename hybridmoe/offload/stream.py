@@ -122,6 +122,9 @@ class LayerStream:
         self.free: list = [None, None]  # CUDA event: the last compute that read each buffer is done
         self.next = 0
         self.bounce = Bounce(max(BOUNCE_BYTES, store.slot_nbytes()), pin=device.type == "cuda")
+        # Grouped calls (dequantization to bf16 and grouped matrix products, no launch per expert) on CUDA; the CPU
+        # standing in computes each expert with its kernels, unless a test sets this (Triton's interpreter).
+        self.grouped = device.type == "cuda"
 
     def held(self, layer: int) -> dict[int, int]:
         """Experts of `layer` already in a buffer (copied ahead, or still there from the last chunk) -> buffer."""
@@ -194,7 +197,7 @@ class LayerStream:
         n_gpu = N * K - sum(counts[e] for e in on_cpu)
         x_cpu = x[order[n_gpu:] // K].to("cpu") if on_cpu else None  # waits for the sort only: nothing else queued
         xs = x[order[:n_gpu] // K]  # [n_gpu, D]
-        grouped = {"grouped": True} if x.device.type == "cuda" else {}  # no per-expert launches (see module doc)
+        grouped = {"grouped": True} if self.grouped else {}
         ys, row, nbytes = [], 0, 0
         for g, (j, es) in enumerate(groups):
             n_tok = [counts[e] for e in es]
