@@ -54,12 +54,16 @@ def llama_bench(exe: str, gguf: Path, args: list[str], prompts: list[int], ubatc
             if row.get("n_prompt")}
 
 
-def ours(gguf: Path, slots: int | None, prompts: list[int], reps: int, cpu: bool = False, **load_kw) -> dict:
+def ours(gguf: Path, slots: int | None, prompts: list[int], reps: int, cpu: bool = False,
+         quant_gemm: tuple[str, ...] = (), **load_kw) -> dict:
     """hybridmoe with its default settings: ppN as `hybridmoe bench` measures it, then one more prompt of the
-    longest length for the copy rate. cpu: the CPU standing in for the GPU (a smoke test without one)."""
+    longest length for the copy rate. cpu: the CPU standing in for the GPU (a smoke test without one);
+    quant_gemm: block types whose prefill reads the blocks in the grouped product instead of dequantizing first."""
+    from gguf import GGMLQuantizationType
     where = dict(accelerator="cpu") if cpu else dict(device="cuda")
     eng = hybridmoe.load(gguf, context=max(prompts) + 64, expert_cache_slots=slots, **where, **load_kw)
     rt = eng.model.experts
+    rt.store.quant_gemm = {GGMLQuantizationType[name] for name in quant_gemm}
     results = run_bench(eng, BenchOptions(tuple(prompts), (0,), reps))
     res = {f"pp{r.n_prompt}": (r.mean, r.std) for r in results}
     res.update({f"pp{r.n_prompt}_reps": r.samples for r in results})
@@ -103,6 +107,8 @@ def main() -> int:
     ap.add_argument("--ubatch", default="512,2048,4096", help="llama.cpp micro-batch sizes (default: 512,2048,4096)")
     ap.add_argument("--only", default="off,half,vram", help="configurations to run")
     ap.add_argument("--skip-llama", action="store_true", help="measure hybridmoe only")
+    ap.add_argument("--quant-gemm", default="", help="block types (e.g. Q4_K) whose grouped prefill reads the "
+                                                     "blocks in the product instead of dequantizing to bf16 first")
     ap.add_argument("--file", type=Path, default=None, help="an existing GGUF of the shape instead of the synthetic one")
     ap.add_argument("--cpu", action="store_true", help="hybridmoe with the CPU standing in for the GPU (a smoke test "
                                                        "of this script on a machine without one)")
@@ -138,7 +144,7 @@ def main() -> int:
         if name not in only:
             continue
         lb = None if a.skip_llama else llama_bench(a.llama_bench, path, largs, prompts, ubatches, a.threads, a.reps)
-        us = ours(path, slots, prompts, a.reps, a.cpu, **load_kw)
+        us = ours(path, slots, prompts, a.reps, a.cpu, tuple(t for t in a.quant_gemm.split(",") if t), **load_kw)
         row = dict(config=name, ours=us, llama={f"{p}/{u}": v for (p, u), v in (lb or {}).items()},
                    copy_vs_h2d=us["copy_bytes_per_s"] / h2d)
         rows.append(row)

@@ -100,6 +100,9 @@ class QuantStore:
                 self.rows[layer] = self._pack_layer(layer, pin)
         self.packed: dict[int, tuple] = {}  # layer -> repacked gate, up, down (kernels.cpu.PackedExperts)
         self.grouped_mm_ok: dict[torch.device, bool] = {}  # whether torch._grouped_mm ran there (tried once)
+        # Block types whose grouped prefill reads the blocks in the matrix product (kernels.gpu.grouped_gemm, gate
+        # and up fused) instead of dequantizing into bf16 first; empty until measured faster on a GPU.
+        self.quant_gemm: set = set()
 
     def _pack_layer(self, layer: int, pin: bool) -> torch.Tensor:
         E = self.n_experts[layer]
@@ -296,7 +299,8 @@ class QuantStore:
 
         On CUDA, when some expert has more tokens than the GEMV kernels take (or with grouped=True: CPU tensors under
         TRITON_INTERPRET=1), the experts go in chunks whose bf16 weights fit in scratch_bytes: per chunk, one
-        dequantization launch and one grouped matrix product per projection. Otherwise each expert runs as
+        dequantization launch and one grouped matrix product per projection (or, for types in `quant_gemm`, one
+        product straight from the blocks, gate and up in one launch). Otherwise each expert runs as
         compute_slot runs it (at a few tokens, the GEMV kernels read the raw weights once and write no bf16 copy).
         """
         if not slot_ids or len(slot_ids) != len(counts) or sum(counts) != x.shape[0]:
@@ -309,14 +313,18 @@ class QuantStore:
         lay = self.layouts[layer].gpu
         if lay is None:
             raise ValueError(f"layer {layer}'s expert types have no GPU kernel")
+        blocks = self.quant_gemm & set(gk.QUANT_GEMM_TYPES)
+        fused = lay.gate_type == lay.up_type and lay.gate_type in blocks  # from the blocks, no scratch
+        down = lay.down_type in blocks
         per_expert = self.inter * self.dim  # values of one projection
-        chunk = max(1, min(MAX_GROUPS, scratch_bytes // (2 * per_expert)))
+        chunk = len(slot_ids) if fused and down else max(1, min(MAX_GROUPS, scratch_bytes // (2 * per_expert)))
         starts = list(range(0, len(slot_ids), chunk))
         # Group ends count from each chunk's first row. Slot ids and ends reach the device in one copy that does
         # not wait for the queue.
         ends = [n for a in starts for n in itertools.accumulate(counts[a:a + chunk])]
         meta = to_device(torch.tensor(slot_ids + ends, dtype=torch.int32), x.device)
-        scratch = torch.empty(min(chunk, len(slot_ids)) * per_expert, dtype=torch.bfloat16, device=x.device)
+        scratch = None if fused and down else torch.empty(min(chunk, len(slot_ids)) * per_expert,
+                                                          dtype=torch.bfloat16, device=x.device)
         xb = x.to(torch.bfloat16)
         ys, row = [], 0
         for a in starts:
@@ -324,8 +332,12 @@ class QuantStore:
             ids, offs, n = meta[a:b], meta[len(slot_ids) + a:len(slot_ids) + b], ends[b - 1]
             group = (slots, ids, lay, offs, counts[a:b], scratch)
             xs = xb[row:row + n]
-            h = F.silu(self._grouped_proj(xs, "gate", *group)) * self._grouped_proj(xs, "up", *group)
-            ys.append(self._grouped_proj(h, "down", *group))
+            if fused:
+                h = gk.grouped_gate_up(xs, slots, ids, counts[a:b], lay)
+            else:
+                h = F.silu(self._grouped_proj(xs, "gate", *group)) * self._grouped_proj(xs, "up", *group)
+            ys.append(gk.grouped_gemm(h, slots, ids, counts[a:b], lay, "down") if down
+                      else self._grouped_proj(h, "down", *group))
             row += n
         return (torch.cat(ys) if len(ys) > 1 else ys[0]).to(x.dtype)
 
