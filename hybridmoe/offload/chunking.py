@@ -49,16 +49,17 @@ def chunk_tokens(budget: int, per_token: int, context: int) -> int:
 
 
 def size_prefill(room: int, *, stage_experts: int, layer_experts: int, slot_bytes: int, per_token: int,
-                 context: int, max_slots: int | None = None) -> PrefillSizes:
+                 context: int, max_slots: int | None = None, stream: bool = False) -> PrefillSizes:
     """Sizes for one GPU. room: bytes free after its weights, KV cache and fixed reserve; stage_experts: experts of
-    its layers; layer_experts: the most experts one of its layers has; slot_bytes: one expert's slot row;
-    max_slots: the user's cap on cache slots."""
+    its layers; layer_experts: the most experts a layer of the model has; slot_bytes: one expert's slot row;
+    max_slots: the user's cap on cache slots; stream: keep staging even if this GPU caches all of its experts
+    (another GPU streams, and this one takes a share of its copies)."""
     room = max(0, room)
     chunk = chunk_tokens(int(ACTIVATION_SHARE * room), per_token, context)
     act = (chunk - MIN_CHUNK) * per_token
     want = stage_experts if max_slots is None else min(max_slots, stage_experts)
     left = max(0, room - act)
-    if want == stage_experts and want * slot_bytes <= left:  # every expert resident: nothing streams
+    if not stream and want == stage_experts and want * slot_bytes <= left:  # every expert resident: no streaming
         return PrefillSizes(chunk, 0, 0, act, want)
     rows = min(layer_experts, min(int(STAGING_SHARE * room), 2 * STAGING_BUFFER) // (2 * max(1, slot_bytes)))
     staging = 2 * rows * slot_bytes

@@ -138,7 +138,7 @@ def make_plan(fp: Footprint, hw: Hardware, opts: PlanOptions | None = None) -> P
 
     per_layer = [w + kv * tokens for w, kv in zip(fp.layer_bytes, fp.kv_bytes_per_token)]
     stages = split_stages(per_layer, len(hw.gpus))
-    devices = []
+    devices, rooms = [], []
     for s, gpu in enumerate(hw.gpus):
         layers = [i for i in range(n_layers) if stages[i] == s]
         weights = sum(fp.layer_bytes[i] for i in layers)
@@ -150,14 +150,20 @@ def make_plan(fp: Footprint, hw: Hardware, opts: PlanOptions | None = None) -> P
             problems.append(f"GPU {s} ({gpu.name}) needs {(weights + kv) / GiB:.1f} GiB for layers "
                             f"{layers[0]}-{layers[-1]} (weights {weights / GiB:.1f}, KV {kv / GiB:.1f} at context "
                             f"{opts.context}) but has {usable / GiB:.1f} GiB usable: {-room / GiB:.1f} GiB short")
-        stage_experts = sum(fp.experts_per_layer[i] for i in layers)
-        layer_experts = max([fp.experts_per_layer[i] for i in layers], default=0)
-        sizes = size_prefill(room, stage_experts=stage_experts, slot_bytes=fp.expert_slot_bytes,
-                             layer_experts=layer_experts, per_token=fp.act_bytes_per_token, context=opts.context,
-                             max_slots=opts.max_slots)
-        slots = sizes.slots
-        devices.append(DevicePlan(gpu.name, gpu.bytes_total, weights, kv, slots * fp.expert_slot_bytes, slots,
-                                  layers, sizes.chunk, sizes.staging_rows, sizes.staging_bytes + sizes.activation_bytes))
+        devices.append(DevicePlan(gpu.name, gpu.bytes_total, weights, kv, 0, 0, layers))
+        rooms.append(room)
+    # As the runtime sizes them: where one GPU streams experts at prefill, every GPU takes a share (expert parallel)
+    for stream in (False, True):
+        for d, room in zip(devices, rooms):
+            sizes = size_prefill(room, stage_experts=sum(fp.experts_per_layer[i] for i in d.layers),
+                                 layer_experts=max(fp.experts_per_layer), slot_bytes=fp.expert_slot_bytes,
+                                 per_token=fp.act_bytes_per_token, context=opts.context, max_slots=opts.max_slots,
+                                 stream=stream)
+            d.expert_slots, d.bytes_slots = sizes.slots, sizes.slots * fp.expert_slot_bytes
+            d.prefill_chunk, d.staging_rows = sizes.chunk, sizes.staging_rows
+            d.bytes_prefill = sizes.staging_bytes + sizes.activation_bytes
+        if len(devices) == 1 or not any(d.staging_rows for d in devices):
+            break
     if problems and any("short" in p for p in problems):
         short = [p for p in problems if "short" in p]
         fixes = []
@@ -174,12 +180,14 @@ def make_plan(fp: Footprint, hw: Hardware, opts: PlanOptions | None = None) -> P
     chunk = min(d.prefill_chunk for d in devices)
     # with the mmap tier, the share of the experts' bytes that RAM cannot hold is read from disk at every chunk
     disk = max(0.0, 1 - hw.ram_available / host_total) if tier == "mmap" and host_total else 0.0
+    links = max(1, sum(1 for d in devices if d.staging_rows))  # each streaming GPU copies over its own link
     rates = {n: predicted_prefill_tok_s(n, chunk, _expert_layers(fp, devices), fp.top_k, fp.expert_flops_per_token,
-                                        hw.h2d_bytes_per_s, hw.gpu_flops, disk, hw.disk_read_bytes_per_s)
+                                        links * hw.h2d_bytes_per_s, links * hw.gpu_flops, disk,
+                                        hw.disk_read_bytes_per_s)
              for n in PREFILL_PROMPTS} if fp.top_k and fp.expert_flops_per_token else {}
     if rates:
         notes.append(f"prefill: chunks of {chunk} tokens; predicted {rates[PREFILL_PROMPTS[-1]]:.0f} tok/s for a "
-                     f"{PREFILL_PROMPTS[-1]}-token prompt ({_prefill_bound(fp, devices, chunk, hw, disk)})")
+                     f"{PREFILL_PROMPTS[-1]}-token prompt ({_prefill_bound(fp, devices, chunk, hw, disk, links)})")
     return Plan(not problems, devices, {"tier": tier, "bytes": host_total, "cache_slots_total": total_slots},
                 threads, margin, opts.context, opts.batch, problems, notes, chunk, rates)
 
@@ -197,16 +205,19 @@ def _expert_layers(fp: Footprint, devices: list[DevicePlan]) -> list[ExpertLayer
     return out
 
 
-def _prefill_bound(fp: Footprint, devices: list[DevicePlan], chunk: int, hw: Hardware, disk: float) -> str:
+def _prefill_bound(fp: Footprint, devices: list[DevicePlan], chunk: int, hw: Hardware, disk: float,
+                   links: int) -> str:
     """Why the prediction is what it is: per chunk, the expert bytes that cross PCIe (and come from disk) and the
-    experts' compute."""
+    experts' compute, both shared by the streaming GPUs."""
     layers = _expert_layers(fp, devices)
     copy = sum((1 - lay.cached) * (1 - (1 - fp.top_k / lay.experts) ** chunk) * lay.nbytes for lay in layers)
     flops = chunk * fp.top_k * fp.expert_flops_per_token * len(layers)
+    over = f"{links} links of " if links > 1 else ""
     from_disk = (f", {100 * disk:.0f}% of it from disk at {hw.disk_read_bytes_per_s / 1e9:.1f} GB/s = "
                  f"{disk * copy / hw.disk_read_bytes_per_s:.2f} s" if disk else "")
-    return (f"per chunk {copy / GiB:.1f} GiB of experts over PCIe at {hw.h2d_bytes_per_s / 1e9:.0f} GB/s = "
-            f"{copy / hw.h2d_bytes_per_s:.2f} s{from_disk}, expert compute {flops / hw.gpu_flops:.2f} s")
+    return (f"per chunk {copy / GiB:.1f} GiB of experts over {over}PCIe at {hw.h2d_bytes_per_s / 1e9:.0f} GB/s = "
+            f"{copy / (links * hw.h2d_bytes_per_s):.2f} s{from_disk}, expert compute "
+            f"{flops / (links * hw.gpu_flops):.2f} s")
 
 
 def footprint_from_config(cfg: dict, weight_bytes: float = 2.0, expert_bytes: float | None = None,

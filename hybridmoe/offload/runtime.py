@@ -92,20 +92,23 @@ class OffloadRuntime:
         per_stage = [sum(n for layer, n in counts.items() if stages[layer] == s) for s in range(len(devices))]
         top_k = model.layers[model.moe_layers()[0]].ffn.spec.top_k
         per_token = activation_bytes_per_token(store.dim, store.inter, top_k)
-        slots, staging, chunks = [], [], []
-        for s, dev in enumerate(devices):
+        layer_experts = max(counts.values())
+        free = [torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 0 for dev in devices]
+
+        def sizes(s: int, stream: bool) -> tuple[int, int, int]:
+            """(slots, staging rows, chunk) of stage s; stream: keep staging, another GPU streams."""
             n = per_stage[s] if opts.expert_cache_slots is None else min(opts.expert_cache_slots, per_stage[s])
-            layer_experts = max(n for layer, n in counts.items() if stages[layer] == s) if per_stage[s] else 0
-            rows, chunk = (0 if n == per_stage[s] else layer_experts), PREFILL_CHUNK
-            if dev.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(dev)
-                sizes = size_prefill(free - vram_reserve - kv_bytes[s], stage_experts=per_stage[s],
-                                     layer_experts=layer_experts, slot_bytes=store.slot_nbytes(),
-                                     per_token=per_token, context=context, max_slots=n)
-                n, rows, chunk = sizes.slots, sizes.staging_rows, sizes.chunk
-            slots.append(n)
-            staging.append(rows if per_stage[s] else 0)
-            chunks.append(chunk)
+            if devices[s].type != "cuda":
+                return n, (layer_experts if stream or n < per_stage[s] else 0), PREFILL_CHUNK
+            got = size_prefill(free[s] - vram_reserve - kv_bytes[s], stage_experts=per_stage[s],
+                               layer_experts=layer_experts, slot_bytes=store.slot_nbytes(), per_token=per_token,
+                               context=context, max_slots=n, stream=stream)
+            return got.slots, got.staging_rows, got.chunk
+
+        plan = [sizes(s, False) for s in range(len(devices))]
+        if len(devices) > 1 and any(rows for _, rows, _ in plan):  # every GPU takes a share of the streaming
+            plan = [sizes(s, True) for s in range(len(devices))]
+        slots, staging, chunks = (list(v) for v in zip(*plan))
         self.prefill_chunk = min(chunks)  # tokens per prefill forward pass (the generate loop's chunk)
         # Prefetch pays only where a cache holds some but not all of its stage's experts; its ring then holds one
         # step's predictions (top k + margin). Not from the mmap tier to a real GPU: copies from pageable memory

@@ -17,15 +17,17 @@ Per MoE layer of a prefill chunk:
 4. Outputs land in their fixed [token, k] positions and are combined in a fixed order, as everywhere in the
    offload engine: results do not depend on what was cached, copied ahead, or computed by the CPU.
 5. When the chunk used most of the layer's uncached experts, the next MoE layer's uncached experts are copied into
-   the other buffer before its routing is known, so that copy runs while this layer computes. Such a chunk gives
-   each expert many tokens, which the CPU computes far slower than PCIe moves the expert (Qwen3-30B-A3B at 512
-   tokens: about 0.6 ms against 0.05 ms), so the cost model would leave it few experts anyway; and an expert already
-   on the GPU costs nothing more to compute there. So a layer copied ahead runs wholly on the GPU.
+   the other buffer before its routing is known, so that copy runs while this layer computes; all but the share the
+   cost model gave the CPU at this layer (the last experts), which the CPU may take at the next layer if they are
+   used. An expert copied ahead costs nothing more to compute on the GPU, so it is not given to the CPU.
+6. With several GPUs each streams a share of every streamed layer's copies over its own link (expert parallel) and
+   computes it on its own device; the rows of x go there and the outputs come back to the layer's device.
 
 Letters: N tokens, K experts per token, E experts of the layer, D hidden.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -164,61 +166,21 @@ class LayerStream:
             self.free[j] = torch.cuda.Event()
             self.free[j].record(torch.cuda.current_stream(self.device))
 
-    def prefill(self, layer: int, x: torch.Tensor, ids: torch.Tensor, counts: list[int], cached: dict[int, int],
-                slots, copy: list[int], on_cpu: list[int], admit: dict[int, int]) -> Streamed:
-        """Queue a layer's GPU work. counts: tokens per expert (all E); cached: expert -> cache slot (in `slots`);
-        copy: experts to copy now (ascending); on_cpu: experts the CPU computes (ascending; their rows of x come to
-        the host now); admit: staged experts the cache takes, expert -> its slot. The experts this layer uses and
-        that are neither cached, copied nor the CPU's are the ones `held` has (copied ahead)."""
-        N, K = ids.shape
-        E = len(counts)
-        store = self.store
-        held = self.held(layer)
-        # GPU groups in the order their rows are sorted: the cached experts' slots, then each buffer that holds
-        # experts copied ahead, then the batches copied now (each group's experts ascending).
-        groups: list[tuple[int | None, list[int]]] = []
-        if cached:
-            groups.append((None, sorted(cached)))
-        for j in (0, 1):
-            mine = [e for e in sorted(held) if held[e] == j and counts[e] and e not in cached]
-            if mine:
-                groups.append((j, mine))
-        first_batch = len(groups)
-        groups += [(-1, copy[a:a + self.rows]) for a in range(0, len(copy), self.rows)]
-        label = [len(groups) + 1] * E  # unused experts: no positions
-        for g, (_, es) in enumerate(groups):
-            for e in es:
-                label[e] = g
-        for e in on_cpu:
-            label[e] = len(groups)
-        # one stable sort: positions grouped by (group, expert), ascending within an expert
-        key = to_device(torch.tensor([label[e] * E + e for e in range(E)]), x.device)
-        order = torch.argsort(key[ids.flatten()], stable=True)
-        n_gpu = N * K - sum(counts[e] for e in on_cpu)
-        x_cpu = x[order[n_gpu:] // K].to("cpu") if on_cpu else None  # waits for the sort only: nothing else queued
-        xs = x[order[:n_gpu] // K]  # [n_gpu, D]
-        grouped = {"grouped": True} if self.grouped else {}
-        ys, row, nbytes = [], 0, 0
-        for g, (j, es) in enumerate(groups):
-            n_tok = [counts[e] for e in es]
-            xg = xs[row:row + sum(n_tok)]
-            row += sum(n_tok)
-            if j is None:
-                ys.append(store.compute_slots_prefill(slots, [cached[e] for e in es], layer, xg, n_tok, **grouped))
-                continue
-            if g >= first_batch:
-                j, n = self.load(layer, es)
-                nbytes += n
-            self.wait(j)
-            rows = self.loads[j].rows
-            self._admit(slots, j, layer, [e for e in es if e in admit], admit)
-            ys.append(store.compute_slots_prefill(store.staged(self.buffers[j], layer), [rows[e] for e in es], layer,
-                                                  xg, n_tok, **grouped))
-            self.release(j)
-        parts = x.new_empty(N * K, x.shape[-1])
-        if ys:
-            parts[order[:n_gpu]] = torch.cat(ys) if len(ys) > 1 else ys[0]
-        return Streamed(parts, order, n_gpu, x_cpu, copy, nbytes)
+    def run(self, layer: int, j: int, experts: list[int], x: torch.Tensor, counts: list[int],
+            admit: dict[int, int] | None = None, slots=None) -> tuple[torch.Tensor, int]:
+        """These experts of `layer` on their rows of x (counts[g] rows for experts[g], on this device): from buffer
+        j, or copied into the next buffer first (j = -1); the ones in `admit` also go to their cache slots in
+        `slots` -> (outputs, bytes copied)."""
+        nbytes = 0
+        if j < 0:
+            j, nbytes = self.load(layer, experts)
+        self.wait(j)
+        rows = self.loads[j].rows
+        self._admit(slots, j, layer, [e for e in experts if admit and e in admit], admit)
+        y = self.store.compute_slots_prefill(self.store.staged(self.buffers[j], layer), [rows[e] for e in experts],
+                                             layer, x, counts, **({"grouped": True} if self.grouped else {}))
+        self.release(j)
+        return y, nbytes
 
     def _admit(self, slots, j: int, layer: int, experts: list[int], admit: dict[int, int]) -> None:
         """Staged experts that the cache admits: from buffer j's rows into their slots, on the device."""
@@ -235,3 +197,86 @@ class LayerStream:
         if not experts or set(experts) <= set(self.held(layer)):
             return [], 0
         return experts, self.load(layer, experts)[1]
+
+
+def held_by(streams: list[LayerStream], layer: int) -> dict[int, tuple[int, int]]:
+    """Experts of `layer` already in a staging buffer of one of these streams -> (stream index, buffer); the first
+    stream holding one wins."""
+    out: dict[int, tuple[int, int]] = {}
+    for i, stream in enumerate(streams):
+        for e, j in stream.held(layer).items():
+            out.setdefault(e, (i, j))
+    return out
+
+
+def shares(experts: list[int], n: int) -> list[list[int]]:
+    """Ascending experts cut into n contiguous shares of nearly equal size (runs stay runs), the first ones larger."""
+    size, extra = divmod(len(experts), n)
+    out, a = [], 0
+    for i in range(n):
+        b = a + size + (i < extra)
+        out.append(experts[a:b])
+        a = b
+    return out
+
+
+def _on(device: torch.device):
+    """Make `device` current (Triton launches on the current device); a no-op on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def prefill_layer(streams: list[LayerStream], layer: int, x: torch.Tensor, ids: torch.Tensor, counts: list[int],
+                  cached: dict[int, int], slots, copy: list[list[int]], on_cpu: list[int],
+                  admit: dict[int, int]) -> Streamed:
+    """Queue a layer's GPU work. streams[0] is the layer's device's; the others (other GPUs) each compute a share
+    of the experts on their own device, their rows of x sent there and their outputs back (expert parallel).
+    counts: tokens per expert (all E); cached: expert -> cache slot in `slots` (the layer's device); copy[i]: the
+    experts stream i copies now (ascending); on_cpu: experts the CPU computes (ascending; their rows of x come to the
+    host now); admit: experts of streams[0] the cache takes, expert -> slot. The experts used that are neither
+    cached, copied nor the CPU's are held in a stream's staging (copied ahead)."""
+    N, K = ids.shape
+    E = len(counts)
+    held = held_by(streams, layer)
+    # GPU groups in the order their rows are sorted: the cached experts' slots; then per stream each buffer that
+    # holds experts copied ahead, and the batches copied now (each group's experts ascending).
+    groups: list[tuple[int, int | None, list[int]]] = []  # (stream, buffer: None for the cache, -1 to copy now)
+    if cached:
+        groups.append((0, None, sorted(cached)))
+    for i, stream in enumerate(streams):
+        for j in (0, 1):
+            mine = [e for e in sorted(held) if held[e] == (i, j) and counts[e] and e not in cached]
+            if mine:
+                groups.append((i, j, mine))
+        groups += [(i, -1, copy[i][a:a + stream.rows]) for a in range(0, len(copy[i]), stream.rows)]
+    label = [len(groups) + 1] * E  # unused experts: no positions
+    for g, (_, _, es) in enumerate(groups):
+        for e in es:
+            label[e] = g
+    for e in on_cpu:
+        label[e] = len(groups)
+    # one stable sort: positions grouped by (group, expert), ascending within an expert
+    key = to_device(torch.tensor([label[e] * E + e for e in range(E)]), x.device)
+    order = torch.argsort(key[ids.flatten()], stable=True)
+    n_gpu = N * K - sum(counts[e] for e in on_cpu)
+    x_cpu = x[order[n_gpu:] // K].to("cpu") if on_cpu else None  # waits for the sort only: nothing else queued
+    xs = x[order[:n_gpu] // K]  # [n_gpu, D]
+    store = streams[0].store
+    ys, row, nbytes = [], 0, 0
+    for i, j, es in groups:
+        n_tok = [counts[e] for e in es]
+        xg = xs[row:row + sum(n_tok)]
+        row += sum(n_tok)
+        if j is None:
+            grouped = {"grouped": True} if streams[0].grouped else {}
+            ys.append(store.compute_slots_prefill(slots, [cached[e] for e in es], layer, xg, n_tok, **grouped))
+            continue
+        stream = streams[i]
+        with _on(stream.device):  # another GPU's share: rows there, outputs back (ordered with both queues)
+            y, n = stream.run(layer, j, es, xg.to(stream.device, non_blocking=True), n_tok,
+                              admit if i == 0 else None, slots)
+        ys.append(y.to(x.device, non_blocking=True))
+        nbytes += n
+    parts = x.new_empty(N * K, x.shape[-1])
+    if ys:
+        parts[order[:n_gpu]] = torch.cat(ys) if len(ys) > 1 else ys[0]
+    return Streamed(parts, order, n_gpu, x_cpu, [e for share in copy for e in share], nbytes)

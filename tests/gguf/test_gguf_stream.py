@@ -57,6 +57,8 @@ def test_streamed_prefill_is_lossless(q4, monkeypatch, tier, slots, devices, cos
     assert [s[0] for s in seen] == eng.model.moe_layers()  # every MoE layer streamed
     assert stats["bytes_copied"] > 0
     assert any(c["cpu"] for c in stats["layers"].values()) == (cost == "split")
+    if cost == "split" and devices == 1:  # a layer copied ahead leaves the CPU its share of the next one
+        assert all(c["cpu"] for c in stats["layers"].values())
     assert torch.equal(eng.logits(IDS), logits)  # again, now with experts cached (slots) or held in staging
     again = eng.model.experts.take_stats()
     if slots:
@@ -101,3 +103,26 @@ def test_without_the_flag_the_cpu_stand_in_keeps_the_per_expert_path(q4, monkeyp
     seen = spy_layers(experts, monkeypatch)
     assert torch.equal(eng.logits(IDS), q4[1])
     assert seen == []
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_two_gpus_stream_disjoint_shares_of_each_layer(q4, monkeypatch, parallel):
+    """Two stages (the CPU standing in for two GPUs): with expert parallelism each stage's staging takes a share of
+    every streamed layer's copies, disjoint from the other's, and computes it; the layer's own stage keeps its cache
+    and sums nothing differently: the logits stay the plain engine's, bit for bit."""
+    path, logits, _ = q4
+    eng, experts = streamed(path, expert_cache_slots=0, devices=2, cost_model=COSTS["copy"])
+    experts.expert_parallel = parallel
+    loads = []
+    for s, stream in experts.streams.items():
+        load = stream.load
+        monkeypatch.setattr(stream, "load", lambda layer, es, s=s, load=load: loads.append((s, layer, es))
+                            or load(layer, es))
+    assert sorted(experts.streams) == [0, 1]
+    assert torch.equal(eng.logits(IDS), logits)
+    for layer in eng.model.moe_layers():
+        by_stage = {s: {e for t, lay, es in loads if t == s and lay == layer for e in es} for s in (0, 1)}
+        own = experts.layer_stage[layer]
+        assert by_stage[own], f"layer {layer}: its own GPU copied nothing"
+        assert bool(by_stage[1 - own]) == parallel
+        assert not by_stage[0] & by_stage[1]
