@@ -77,17 +77,19 @@ class ExpertLayer:
 
 def predicted_prefill_tok_s(n_tokens: int, chunk: int, layers: list[ExpertLayer], top_k: int,
                             flops_per_token: float, h2d_bytes_per_s: float, gpu_flops: float,
-                            disk_share: float = 0.0, disk_bytes_per_s: float = float("inf")) -> float:
-    """Tokens/s of a prompt of n_tokens read in chunks, from the experts' copy and compute alone: per chunk and
-    layer, the uncached experts the chunk uses (uniform routing: a share 1 - (1 - K/E)^T) cross PCIe while the
-    previous layer computes, so a layer costs the longest of its copy, its experts' compute and, for the share of
-    the experts' bytes that the page cache cannot hold (disk_share), their reads from disk. Attention and the other
-    dense work are left out: an upper bound, close where the copies dominate."""
+                            disk_share: float = 0.0, disk_bytes_per_s: float = float("inf"),
+                            dense_flops_per_token: float = 0.0) -> float:
+    """Tokens/s of a prompt of n_tokens read in chunks: per chunk and MoE layer, the uncached experts the chunk uses
+    (uniform routing: a share 1 - (1 - K/E)^T) cross PCIe while the previous layer computes, so a layer costs the
+    longest of its copy, its compute (its experts' and its share of the dense work: attention, shared experts, the
+    head) and, for the share of the experts' bytes that the page cache cannot hold (disk_share), their reads from
+    disk. Matrix products at gpu_flops and attention's cost in the context left out: an upper bound."""
     total = 0.0
+    dense = dense_flops_per_token / max(1, len(layers))
     for start in range(0, n_tokens, chunk):
         t = min(chunk, n_tokens - start)
         for lay in layers:
             moved = (1.0 - lay.cached) * (1.0 - (1.0 - top_k / lay.experts) ** t) * lay.nbytes
-            compute = t * top_k * flops_per_token / gpu_flops
+            compute = t * (top_k * flops_per_token + dense) / gpu_flops
             total += max(moved / h2d_bytes_per_s, disk_share * moved / disk_bytes_per_s, compute)
     return n_tokens / total if total > 0 else float("inf")

@@ -28,6 +28,7 @@ class Footprint:
     expert_bytes_by_layer: tuple[int, ...] | None = None  # all experts of each layer, when types differ by layer
     act_bytes_per_token: int = 0  # a prefill token's activations on its GPU (offload.chunking)
     expert_flops_per_token: float = 0.0  # one expert's gate, up and down for one token
+    dense_flops_per_token: float = 0.0  # everything else a token's forward pass multiplies (attention, shared, head)
 
     @property
     def expert_host_total(self) -> int:
@@ -183,7 +184,7 @@ def make_plan(fp: Footprint, hw: Hardware, opts: PlanOptions | None = None) -> P
     links = max(1, sum(1 for d in devices if d.staging_rows))  # each streaming GPU copies over its own link
     rates = {n: predicted_prefill_tok_s(n, chunk, _expert_layers(fp, devices), fp.top_k, fp.expert_flops_per_token,
                                         links * hw.h2d_bytes_per_s, links * hw.gpu_flops, disk,
-                                        hw.disk_read_bytes_per_s)
+                                        hw.disk_read_bytes_per_s, fp.dense_flops_per_token)
              for n in PREFILL_PROMPTS} if fp.top_k and fp.expert_flops_per_token else {}
     if rates:
         notes.append(f"prefill: chunks of {chunk} tokens; predicted {rates[PREFILL_PROMPTS[-1]]:.0f} tok/s for a "
@@ -208,16 +209,16 @@ def _expert_layers(fp: Footprint, devices: list[DevicePlan]) -> list[ExpertLayer
 def _prefill_bound(fp: Footprint, devices: list[DevicePlan], chunk: int, hw: Hardware, disk: float,
                    links: int) -> str:
     """Why the prediction is what it is: per chunk, the expert bytes that cross PCIe (and come from disk) and the
-    experts' compute, both shared by the streaming GPUs."""
+    compute, both shared by the streaming GPUs."""
     layers = _expert_layers(fp, devices)
     copy = sum((1 - lay.cached) * (1 - (1 - fp.top_k / lay.experts) ** chunk) * lay.nbytes for lay in layers)
-    flops = chunk * fp.top_k * fp.expert_flops_per_token * len(layers)
+    flops = chunk * (fp.top_k * fp.expert_flops_per_token * len(layers) + fp.dense_flops_per_token)
     over = f"{links} links of " if links > 1 else ""
     from_disk = (f", {100 * disk:.0f}% of it from disk at {hw.disk_read_bytes_per_s / 1e9:.1f} GB/s = "
                  f"{disk * copy / hw.disk_read_bytes_per_s:.2f} s" if disk else "")
     return (f"per chunk {copy / GiB:.1f} GiB of experts over {over}PCIe at {hw.h2d_bytes_per_s / 1e9:.0f} GB/s = "
-            f"{copy / (links * hw.h2d_bytes_per_s):.2f} s{from_disk}, expert compute "
-            f"{flops / (links * hw.gpu_flops):.2f} s")
+            f"{copy / (links * hw.h2d_bytes_per_s):.2f} s{from_disk}, compute {flops / (links * hw.gpu_flops):.2f} s "
+            f"at {hw.gpu_flops / 1e12:.0f} TFLOP/s per GPU")
 
 
 def footprint_from_config(cfg: dict, weight_bytes: float = 2.0, expert_bytes: float | None = None,
@@ -241,10 +242,11 @@ def footprint_from_config(cfg: dict, weight_bytes: float = 2.0, expert_bytes: fl
     embed = int(model.tok_embeddings.weight.numel() * weight_bytes)
     head = 0 if args.tie_embeddings else int(model.output.weight.numel() * weight_bytes)
     top_k = args.router.top_k if getattr(args, "router", None) else 0
+    dense = 2.0 * (sum(p.numel() for b in model.layers for p in b.parameters()) + model.output.weight.numel())
     return Footprint(cfg.get("model_type", "?"), layer_bytes, embed, head,
                      tuple(args.n_routed_experts if i in moe else 0 for i in range(args.n_layers)),
                      per_expert, per_expert, kv, top_k, None, activation_bytes_per_token(dim, inter, top_k),
-                     6.0 * dim * inter)
+                     6.0 * dim * inter, dense)
 
 
 def footprint_from_gguf(path, weight_bytes: float = 2.0, kv_bytes: int = 2) -> Footprint:
