@@ -109,7 +109,8 @@ def main() -> int:
     ap.add_argument("--skip-llama", action="store_true", help="measure hybridmoe only")
     ap.add_argument("--quant-gemm", default="", help="block types (e.g. Q4_K) whose grouped prefill reads the "
                                                      "blocks in the product instead of dequantizing to bf16 first")
-    ap.add_argument("--file", type=Path, default=None, help="an existing GGUF of the shape instead of the synthetic one")
+    ap.add_argument("--file", type=Path, default=None,
+                    help="an existing GGUF of the shape instead of the synthetic one")
     ap.add_argument("--cpu", action="store_true", help="hybridmoe with the CPU standing in for the GPU (a smoke test "
                                                        "of this script on a machine without one)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")

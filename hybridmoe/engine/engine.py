@@ -128,7 +128,7 @@ class Engine:
                              cancel=self.cancel, prefill_chunk=self.prefill_chunk)
 
     def stop(self) -> None:
-        """Ask a running generation to end after the current step (thread-safe)."""
+        """Ask a running generation to end after the current step: a token, or a chunk of the prompt (thread-safe)."""
         self.cancel.set()
 
 

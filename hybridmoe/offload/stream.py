@@ -12,8 +12,10 @@ Per MoE layer of a prefill chunk:
    pinned bounce pieces and sent from there. A copy into a buffer waits (on the copy stream) for the last compute
    that read it; the compute waits for the copy.
 3. One grouped call (QuantStore.compute_slots_prefill) over the cached experts' slots and one over each buffer's
-   rows; no launch and no Python per expert on the GPU side. Experts that the cache admits are copied from the
-   staging rows into their slots on the device (one gather-scatter), not again over PCIe.
+   rows: no launch and no Python per expert on the GPU side once experts have more than a few tokens each (with
+   fewer, the GEMV kernels run per expert: they read the raw weights once instead of writing a bf16 copy).
+   Experts that the cache admits are copied from the staging rows into their slots on the device (one
+   gather-scatter), not again over PCIe.
 4. Outputs land in their fixed [token, k] positions and are combined in a fixed order, as everywhere in the
    offload engine: results do not depend on what was cached, copied ahead, or computed by the CPU.
 5. When the chunk used most of the layer's uncached experts, the next MoE layer's uncached experts are copied into
@@ -100,7 +102,6 @@ class Streamed:
     order: torch.Tensor
     n_gpu: int  # the first n_gpu positions of `order` are the GPU's
     x_cpu: torch.Tensor | None
-    copied: list[int]  # experts copied for this layer now (not counting copies ahead)
     nbytes: int
 
     def put_cpu(self, ys: torch.Tensor) -> None:
@@ -124,9 +125,13 @@ class LayerStream:
         self.free: list = [None, None]  # CUDA event: the last compute that read each buffer is done
         self.next = 0
         self.bounce = Bounce(max(BOUNCE_BYTES, store.slot_nbytes()), pin=device.type == "cuda")
-        # Grouped calls (dequantization to bf16 and grouped matrix products, no launch per expert) on CUDA; the CPU
-        # standing in computes each expert with its kernels, unless a test sets this (Triton's interpreter).
-        self.grouped = device.type == "cuda"
+        # compute_slots_prefill's `grouped`: None lets it choose (on CUDA, grouped calls once an expert has more
+        # tokens than the GEMV kernels take, which read few tokens' weights once; on the CPU standing in, each
+        # expert with the CPU kernels); a test sets True to run the grouped calls under Triton's interpreter.
+        self.grouped: bool | None = None
+
+    def grouped_kw(self) -> dict:
+        return {} if self.grouped is None else {"grouped": self.grouped}
 
     def held(self, layer: int) -> dict[int, int]:
         """Experts of `layer` already in a buffer (copied ahead, or still there from the last chunk) -> buffer."""
@@ -178,7 +183,7 @@ class LayerStream:
         rows = self.loads[j].rows
         self._admit(slots, j, layer, [e for e in experts if admit and e in admit], admit)
         y = self.store.compute_slots_prefill(self.store.staged(self.buffers[j], layer), [rows[e] for e in experts],
-                                             layer, x, counts, **({"grouped": True} if self.grouped else {}))
+                                             layer, x, counts, **self.grouped_kw())
         self.release(j)
         return y, nbytes
 
@@ -267,8 +272,8 @@ def prefill_layer(streams: list[LayerStream], layer: int, x: torch.Tensor, ids: 
         xg = xs[row:row + sum(n_tok)]
         row += sum(n_tok)
         if j is None:
-            grouped = {"grouped": True} if streams[0].grouped else {}
-            ys.append(store.compute_slots_prefill(slots, [cached[e] for e in es], layer, xg, n_tok, **grouped))
+            ys.append(store.compute_slots_prefill(slots, [cached[e] for e in es], layer, xg, n_tok,
+                                                  **streams[0].grouped_kw()))
             continue
         stream = streams[i]
         with _on(stream.device):  # another GPU's share: rows there, outputs back (ordered with both queues)
@@ -279,4 +284,4 @@ def prefill_layer(streams: list[LayerStream], layer: int, x: torch.Tensor, ids: 
     parts = x.new_empty(N * K, x.shape[-1])
     if ys:
         parts[order[:n_gpu]] = torch.cat(ys) if len(ys) > 1 else ys[0]
-    return Streamed(parts, order, n_gpu, x_cpu, [e for share in copy for e in share], nbytes)
+    return Streamed(parts, order, n_gpu, x_cpu, nbytes)

@@ -126,3 +126,43 @@ def test_two_gpus_stream_disjoint_shares_of_each_layer(q4, monkeypatch, parallel
         assert by_stage[own], f"layer {layer}: its own GPU copied nothing"
         assert bool(by_stage[1 - own]) == parallel
         assert not by_stage[0] & by_stage[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tier,slots", [("pinned", 0), ("mmap", 0), ("pinned", 5)])
+def test_cuda_streamed_prefill_agrees_with_the_cpu_run(q4, monkeypatch, tier, slots):
+    """On a GPU, prefill streams every MoE layer (staging copies on the copy stream, bounce pieces for the mmap
+    tier, grouped bf16 calls): the CPU engine's logits within bf16 kernel tolerance; the prompt in chunks of 4
+    tokens gives the greedy tokens of one chunk."""
+    path, logits, tokens = q4
+    eng = hybridmoe.load(path, device="cuda", dtype="float32", expert_cache_slots=slots, experts_tier=tier)
+    experts = eng.model.experts.experts
+    assert experts.streams and all(dev.grouped_prefill for dev in experts.stages)
+    seen = spy_layers(experts, monkeypatch)
+    got = eng.logits(IDS).cpu()
+    assert ((got - logits).abs().max() / logits.abs().max()).item() < 2.0**-5
+    assert [s[0] for s in seen] == eng.model.moe_layers()
+    assert eng.model.experts.take_stats()["bytes_copied"] > 0
+    runs = []
+    for chunk in (4, 512):
+        eng.prefill_chunk = chunk
+        runs.append(list(eng.generate(IDS[:6], temperature=0, max_tokens=10, ignore_eos=True))[-1].token_ids)
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_cuda_gpus_stream_shares_of_each_layer(q4, monkeypatch):
+    """Two GPUs: both stream shares of the layers' experts (copies over two links, outputs back to the layer's
+    GPU), with the CPU engine's logits within bf16 kernel tolerance."""
+    path, logits, _ = q4
+    eng = hybridmoe.load(path, device="cuda", dtype="float32", devices=2, expert_cache_slots=0,
+                         experts_tier="pinned")
+    experts = eng.model.experts.experts
+    assert sorted(experts.streams) == [0, 1]
+    loads = []
+    for s, stream in experts.streams.items():
+        load = stream.load
+        monkeypatch.setattr(stream, "load", lambda layer, es, s=s, load=load: loads.append(s) or load(layer, es))
+    got = eng.logits(IDS).cpu()
+    assert ((got - logits).abs().max() / logits.abs().max()).item() < 2.0**-5
+    assert set(loads) == {0, 1}
