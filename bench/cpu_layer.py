@@ -5,6 +5,11 @@ Weights cycle through enough layers that the caches cannot hold them, and each c
 decode step does. GB/s counts the experts' bytes as stored.
 
     python bench/cpu_layer.py [--shape qwen3_moe|deepseek_v3] [--threads 4,8,16] [--gib 2]
+    python bench/cpu_layer.py --host-node --threads 15,16 --chunks 0,2,8     # on a GPU machine
+
+--host-node: the same layers as a decode step runs them, one host function per layer on a CUDA stream, 48 in a
+row while this thread waits on the stream (spinning, as a step's sampler does), per thread count and parallel chunk
+size (0: numba's static split).
 """
 from __future__ import annotations
 
@@ -48,6 +53,8 @@ def main() -> int:
     ap.add_argument("--gib", type=float, default=2.0, help="weights cycled through (more than the caches hold)")
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--type", default="Q4_K")
+    ap.add_argument("--host-node", action="store_true", help="run the layers as CUDA host functions")
+    ap.add_argument("--chunks", default="0", help="--host-node: comma-separated parallel chunk sizes")
     ap.add_argument("--rows-per-task", type=int, default=None,
                     help="rows of one parallel task in the kernels (set NUMBA_CACHE_DIR to a fresh folder: the "
                          "value is compiled in)")
@@ -73,6 +80,9 @@ def main() -> int:
     print(f"{'threads':>8}{'read torch':>12}{'read numba':>12}{'layer us':>10}{'GB/s':>8}{'of read':>9}"
           f"{'1 expert us':>13}{'1 cached us':>13}")
     types = (qtype,) * 3
+    if a.host_node:
+        return host_nodes(layers, x, w, types, counts, [int(c) for c in a.chunks.split(",")], rng, n_experts, top_k,
+                          top_k * per_layer)
     for n in counts:
         torch.set_num_threads(n)
         cpu.set_threads(n)
@@ -98,6 +108,35 @@ def main() -> int:
                                         for _ in range(200))
         print(f"{n:>8}{bw_torch:>12.1f}{bw_numba:>12.1f}{us:>10.0f}{gbs:>8.1f}{gbs / max(bw_torch, bw_numba):>9.2f}"
               f"{one:>13.0f}{empty:>13.0f}", flush=True)
+    return 0
+
+
+def host_nodes(layers, x, w, types, counts, chunks, rng, n_experts: int, top_k: int, nbytes: int) -> int:
+    from hybridmoe.kernels.cpu import host_task, raw_int8
+    from hybridmoe.offload import host_node
+    stream = torch.cuda.Stream()
+    driver = host_node._driver()
+    ids = np.zeros((1, top_k), dtype=np.int64)
+    out = np.empty((1, x.shape[1]), dtype=np.float32)
+    kinds = tuple(raw_int8.KIND[t] for t in types)
+    print(f"{'threads':>8}{'chunk':>7}{'layer us':>10}{'GB/s':>8}{'in node us':>12}")
+    rate = host_task.cycles_per_second()
+    for n in counts:
+        for chunk in chunks:
+            blocks = [host_task.fill_block(host_task.new_block(), x=x, ids=ids, weights=w, out=out, gate=g, up=u,
+                                           down=d, kinds=kinds, threads=n, chunk=chunk) for g, u, d in layers]
+            times = []
+            for rep in range(12):
+                ids[0] = np.sort(rng.choice(n_experts, top_k, replace=False))  # the same experts in each layer
+                t0 = time.perf_counter()
+                for i in range(48):
+                    host_node._check(driver.cuLaunchHostFunc(stream.cuda_stream, host_task.ADDRESS,
+                                                             blocks[(rep * 48 + i) % len(blocks)].ctypes.data), "launch")
+                stream.synchronize()
+                times.append((time.perf_counter() - t0) / 48)
+            us = 1e6 * statistics.median(times[2:])
+            cycles = sum(int(b[host_task.CYCLES]) for b in blocks) / sum(int(b[host_task.RUNS]) for b in blocks)
+            print(f"{n:>8}{chunk:>7}{us:>10.0f}{nbytes / us / 1e3:>8.1f}{cycles / rate * 1e6:>12.0f}", flush=True)
     return 0
 
 

@@ -65,7 +65,7 @@ class CpuExpertsNode:
     `QuantStore.compute_host_sum` gives (8-bit activations, the file's bytes read in place)."""
 
     def __init__(self, gate: np.ndarray, up: np.ndarray, down: np.ndarray, types: tuple, top_k: int,
-                 device: torch.device, threads: int = 0):
+                 device: torch.device, threads: int = 0, chunk: int | None = None):
         from ..kernels.cpu import host_task  # compiles or loads the C entry point on first use
         self.task = host_task
         dim = down.shape[1]
@@ -78,7 +78,7 @@ class CpuExpertsNode:
         self.block = host_task.fill_block(
             host_task.new_block(), x=self.x.numpy(), ids=self.ids.numpy(), weights=self.weights.numpy(),
             out=self.out.numpy(), gate=gate, up=up, down=down, kinds=tuple(raw_int8.KIND[t] for t in types),
-            threads=threads)
+            threads=threads, chunk=chunk)
         self.device = device
         self.stream = _side_stream(device) if device.type == "cuda" else None
 
