@@ -102,7 +102,14 @@ class OffloadRuntime:
         # Prefetch pays only where a cache holds some but not all of its stage's experts; its ring then holds one
         # step's predictions (top k + margin). Not from the mmap tier to a real GPU: copies from pageable memory
         # block the host, which would stall the step they are meant to overlap.
-        prefetching = opts.prefetch and any(0 < n < per_stage[s] for s, n in enumerate(slots))
+        # Where every MoE layer's decode misses run on the CPU through host nodes inside the step's graph, hot experts
+        # enter the cache between steps, and prefetching (which needs the host between layers) is off: at decode
+        # the CPU computes a missing expert sooner than PCIe copies it (cost model), so a copy pays only by reuse.
+        cost_model = cost or CostModel()
+        host_nodes = (all(store.host_task_weights(layer) is not None for layer in counts)
+                      and cost_model.place(1, store.expert_nbytes(), store.flops_per_token(), False) == "cpu")
+        prefetching = (opts.prefetch and not host_nodes
+                       and any(0 < n < per_stage[s] for s, n in enumerate(slots)))
         top_k = model.layers[model.moe_layers()[0]].ffn.spec.top_k
         ring = prefetching and (opts.accelerator == "cpu" or opts.experts_tier == "pinned")
         n_ahead = top_k + opts.prefetch_margin if ring else 0
@@ -147,8 +154,8 @@ class OffloadRuntime:
         return self.experts.generation
 
     def take_stats(self) -> dict:
+        stats = self.experts.take_stats()  # (records the step's uses in the caches of graph-run layers: before tick)
         self.experts.tick()
-        stats = self.experts.take_stats()
         for layer, counts in stats["expert_tokens"].items():
             for e, n in counts.items():
                 self.popularity[(layer, e)] = self.popularity.get((layer, e), 0) + n
