@@ -454,6 +454,7 @@ class OffloadExperts:
                 counters.hits += len(row)
                 continue
             on_cpu = row if node.slots is None else [e for e in row if node.slots[e] < 0]
+            self.stats.cpu_s += node.take_seconds()
             counters.hits += len(row) - len(on_cpu)
             counters.misses += len(on_cpu)
             counters.cpu += len(on_cpu)

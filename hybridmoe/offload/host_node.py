@@ -51,6 +51,7 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> No
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_TICKS_PER_S: float | None = None
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -88,6 +89,14 @@ class CpuExpertsNode:
     def runs(self) -> int:
         """How often the CPU has run this layer (a graph replay runs it without Python)."""
         return int(self.block[self.task.RUNS])
+
+    def take_seconds(self) -> float:
+        """Seconds the CPU spent inside this node since the last call."""
+        global _TICKS_PER_S
+        if _TICKS_PER_S is None:
+            _TICKS_PER_S = self.task.cycles_per_second(0.02)
+        ticks, self.block[self.task.CYCLES] = int(self.block[self.task.CYCLES]), 0
+        return ticks / _TICKS_PER_S
 
     def start(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Callable[[], torch.Tensor]:
         """x [1, D], ids [1, K], weights [1, K] on the layer's device -> finish() -> out ([1, D] or [K, D], see the

@@ -108,6 +108,7 @@ def test_cache_off_decode_queues_the_cpu_experts_as_device_work(q4):
     decode = [e.extra for e in events if isinstance(e, hybridmoe.Stats) and e.phase == "decode"][1:]
     assert decode and all(s["layers"][i]["cpu"] == s["layers"][i]["misses"] == k
                           for s in decode for i, k in top_k.items())
+    assert all(s["cpu_expert_s"] > 0 for s in decode)  # the nodes' own clocks
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
