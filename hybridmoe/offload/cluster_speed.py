@@ -1,8 +1,8 @@
 """An aggregate decode-throughput range for a cluster layout: a bandwidth model of one decode step, bounded by the
 assumptions in cluster_engines.toml. A step on each GPU reads its resident non-expert weights, the routed experts the
-step's tokens touch and its sequences' KV cache; it computes 2 FLOPs per active parameter and token; it waits for
-the tensor-parallel all-reduces, expert all-to-alls and pipeline hand-offs. An estimate to choose between layouts and
-to size a deployment, not a measurement."""
+step's tokens touch and its sequences' KV cache, and computes 2 FLOPs per active parameter and token; each layer adds
+a fixed kernel time; the tensor-parallel all-reduces, expert all-to-alls and pipeline hand-offs add their transfer
+and latency. An estimate to choose between layouts and to size a deployment, not a measurement."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -64,7 +64,7 @@ def _step(shape: ModelShape, lay: Layout, cluster: ClusterSpec, mem: GPUMemory, 
             t_comm += collective(lay.moe_group <= g, ring, moe_ls)
     if lay.pp > 1:  # hand the micro-batch's hidden states to the next node
         t_comm += collective(False, micro * act)
-    work = max(t_mem, t_comp)
+    work = max(t_mem, t_comp) + ls * a["layer_floor_us"][end] * 1e-6
     step = max(work, t_comm) if a["overlap"][end] else work + t_comm
     bound = max((t_mem, "memory"), (t_comp, "compute"), (t_comm, "communication"))[1]
     return step, bound
@@ -93,8 +93,9 @@ def assumptions_text(concurrency: int, context: int) -> list[str]:
         f"{a['link_efficiency'][0]:.0%}-{a['link_efficiency'][1]:.0%} with "
         f"{a['latency_us_node'][1]:g}-{a['latency_us_node'][0]:g} us per collective inside a node and "
         f"{a['latency_us_cluster'][1]:g}-{a['latency_us_cluster'][0]:g} us across nodes",
-        "routing spreads tokens uniformly over experts; the high end assumes communication overlaps compute "
-        "(two-batch overlap), the low end that it does not",
+        f"{a['layer_floor_us'][1]:g}-{a['layer_floor_us'][0]:g} us per layer of fixed kernel time; routing "
+        "spreads tokens uniformly over experts; the high end assumes communication overlaps compute (two-batch "
+        "overlap), the low end that it does not",
         "network between nodes as in the vendor's reference systems (one NIC per GPU); no speculative decoding, "
         "no prefill traffic",
     ]

@@ -114,6 +114,14 @@ def test_unsupported_layouts_say_why(plans):
     assert qw["tp"]["fits"] and not qw["dp+ep"]["fits"]  # 15 GiB of attention on every GPU tips it over
 
 
+def test_many_sequences_need_data_parallel_attention_for_deepseek(shapes):
+    """At 512 sequences MLA's latent cache, whole on every GPU of a tensor-parallel group, fits only when each GPU
+    holds its own sequences: vLLM's dp+ep and SGLang's data-parallel attention."""
+    p = plan_cluster(shapes["deepseek_r1"], parse_cluster("2x8:H100-80GB"), "/m", CTX, 512).to_json()
+    assert p["engines"]["vllm"]["layout"] == "dp+ep" and p["engines"]["sglang"]["layout"] == "dp-attention+ep"
+    assert [c["name"] for c in p["engines"]["sglang"]["candidates"] if c["fits"]] == ["dp-attention+ep"]
+
+
 def test_mla_cache_is_replicated_under_tensor_parallelism_not_under_data_parallel_attention(plans):
     c = {x["name"]: x for x in plans["deepseek_r1", "2x8:H100-80GB"]["engines"]["sglang"]["candidates"]}
     assert c["tp"]["memory_gib"]["kv_cache"] == pytest.approx(16 * c["dp-attention+ep"]["memory_gib"]["kv_cache"],
@@ -250,3 +258,20 @@ def test_a_model_that_fits_here_suggests_hybridmoe(capsys, tmp_path):
     local = json.loads(capsys.readouterr().out)["local"]
     assert local["verdict"] == "fits" and f"hybridmoe chat {tmp_path} --device cuda" in local["text"]
     assert "clusters_that_serve_it" not in local
+
+
+def test_throughput_grows_with_concurrency_and_respects_the_per_layer_floor(shapes):
+    a = engine_data()["assumptions"]
+    shape, layers = shapes["qwen3_235b"], CONFIGS["qwen3_235b"]["num_hidden_layers"]
+    rates = []
+    for seqs in (1, 8, 64):
+        p = plan_cluster(shape, parse_cluster("1x8:H100-80GB"), "/m", CTX, seqs).to_json()
+        r = next(c for c in p["engines"]["vllm"]["candidates"] if c["name"] == "tp")["throughput_tok_s"]
+        assert r["low"] <= r["high"] and r["per_sequence_high"] <= 1e6 / (layers * a["layer_floor_us"][1]) + 0.1
+        assert r["low"] == pytest.approx(seqs * r["per_sequence_low"], rel=0.01)
+        rates.append(r["low"])
+    assert rates[0] < rates[1] < rates[2]
+    # a GPU named by its size only has no bandwidth figure: memory is checked, no speed is guessed
+    p = plan_cluster(shape, parse_cluster("1x8:80GiB"), "/m", CTX, 8).to_json()
+    assert p["fits"] and all(c["throughput_tok_s"] is None for c in p["engines"]["vllm"]["candidates"])
+    assert any("no throughput estimate" in n for n in p["notes"])
