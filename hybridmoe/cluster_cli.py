@@ -9,6 +9,7 @@ from .offload.cluster import GiB, ClusterSpec, model_shape, parse_cluster
 from .offload.cluster_plan import ClusterPlan, plan_cluster, smallest_cluster
 
 GGUF_CHECKPOINT = "HF_CHECKPOINT"  # the engines load the HF release, not the GGUF
+Q4_K_BYTES = 4.5 / 8  # bytes per weight of Q4_K blocks
 
 
 def _gib(n: float) -> str:
@@ -34,6 +35,12 @@ def local_verdict(model: str, cfg: dict | None, hardware, ctx: int, batch: int, 
                                  f"hybridmoe chat {model}{device}")
     else:
         verdict, text = "no", f"this machine cannot run it, even with offload: {p.problems[0]}"
+    if verdict != "fits" and cfg is not None:  # hybridmoe widens HF experts to bf16; a 4-bit GGUF is what fits RAM
+        q4 = make_plan(footprint_from_config(cfg, weight_bytes=2, expert_bytes=Q4_K_BYTES), hardware,
+                       PlanOptions(context=ctx, batch=batch, experts_tier=experts_tier, max_slots=max_slots))
+        if q4.fits and q4.experts["bytes"] <= hardware.ram_available:
+            text += (f"; as a 4-bit GGUF (experts {_gib(q4.experts['bytes'])} GiB) it fits in RAM here: "
+                     f"hybridmoe convert {model} model.gguf --type q4_k_m")
     return {"verdict": verdict, "text": text, "problems": p.problems}
 
 
@@ -49,7 +56,7 @@ def run(args, hardware) -> int:
         cfg = read_config(args.model)
         shape = model_shape(cfg)
         path = Path(args.model)
-        served = str(path.parent if path.name == "config.json" else path)
+        served = str((path.parent if path.name == "config.json" else path).resolve())  # the same on every node
     plan = plan_cluster(shape, cluster, served, args.ctx, args.concurrency)
     if cfg is None:
         plan.notes.append(f"the engines load the HF checkpoint of this model, not the GGUF: replace {GGUF_CHECKPOINT} "

@@ -231,7 +231,7 @@ def test_json_schema_is_stable(capsys, tmp_path):
         rates = [c["throughput_tok_s"] for c in e["candidates"] if c["throughput_tok_s"]]
         assert set(rates[0]) == {"low", "high", "per_sequence_low", "per_sequence_high", "bound"}
     # served from the directory, not its config.json
-    assert p["engines"]["vllm"]["commands"][0]["argv"][2] == str(tmp_path)
+    assert p["engines"]["vllm"]["commands"][0]["argv"][2] == str(tmp_path.resolve())
     assert p["local"]["verdict"] == "no" and p["local"]["clusters_that_serve_it"]["vllm"] == "2x8 H100-80GB"
 
 
@@ -275,3 +275,14 @@ def test_throughput_grows_with_concurrency_and_respects_the_per_layer_floor(shap
     p = plan_cluster(shape, parse_cluster("1x8:80GiB"), "/m", CTX, 8).to_json()
     assert p["fits"] and all(c["throughput_tok_s"] is None for c in p["engines"]["vllm"]["candidates"])
     assert any("no throughput estimate" in n for n in p["notes"])
+
+
+def test_a_workstation_with_enough_ram_is_pointed_at_a_4bit_gguf(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["deepseek_r1"]))
+    assert main(["plan", str(tmp_path), "--cluster", "2x8:H100-80GB", "--json", "--gpus", "2x48GiB",
+                 "--ram", "512GiB"]) == 0
+    local = json.loads(capsys.readouterr().out)["local"]
+    # 654B expert weights: 1218 GiB widened to bf16 stream from disk; at 4.5 bits they are 343 GiB
+    assert local["verdict"] == "disk" and "streaming 1218.0 GiB" in local["text"]
+    assert "4-bit GGUF (experts 342.6 GiB) it fits in RAM" in local["text"]
+    assert local["clusters_that_serve_it"] == {"vllm": "2x8 H100-80GB", "sglang": "2x8 H100-80GB"}
