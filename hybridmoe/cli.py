@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--profile", default=None, help="plan for the machine a hardware profile describes: a shipped "
                    "name (rtx6000ada-x2, ...), a TOML file, or auto (this machine)")
+    p.add_argument("--cluster", default=None, metavar="NODESxGPUS[:GPU|:VRAM]",
+                   help="plan for vLLM and SGLang on a cluster instead, e.g. 2x8:H100-80GB: layouts, memory per GPU, "
+                        "launch commands per node, decode throughput range")
+    p.add_argument("--concurrency", type=int, default=64,
+                   help="with --cluster: sequences served at once by the whole cluster (default: 64)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="architecture, parameters by category, bytes read per token (config only)")
@@ -339,6 +344,9 @@ def cmd_plan(args) -> int:
     from .offload.plan import PlanOptions, footprint_from_config, footprint_from_gguf, make_plan
     if args.dtype not in DTYPES:
         raise HybridMoEError(f"--dtype {args.dtype!r}: use one of {', '.join(DTYPES)}")
+    if args.cluster:
+        from .cluster_cli import run
+        return run(args, _hardware(args))
     wbytes = 4 if DTYPES[args.dtype].itemsize == 4 else 2
     if str(args.model).endswith(".gguf"):  # experts as the file stores them
         cfg, fp = {}, footprint_from_gguf(args.model, weight_bytes=wbytes)
