@@ -4,7 +4,8 @@
 #
 #   bench/gpu_round.sh files            synthetic GGUF files into /tmp: Qwen3-30B-A3B shape (48 layers, 17 GB), the
 #                                       DeepSeek-V3 3-layer slice (13 GB) and its Zipf-skewed twin
-#   bench/gpu_round.sh kernels          one decode layer's CPU work alone and as host nodes (threads, chunk sizes)
+#   bench/gpu_round.sh kernels          one decode layer's CPU work alone and as host nodes (threads, chunk sizes);
+#                                       host node against doorbell hand-over inside a graph
 #   bench/gpu_round.sh timeline SHAPE   where a decode step's time goes per MoE layer, cache off (qwen3_moe|deepseek_v3)
 #   bench/gpu_round.sh decode SHAPE     against llama.cpp: cache off, equal VRAM budget, all in VRAM (+ skewed for
 #                                       deepseek_v3), decode and pp512, default settings
@@ -28,6 +29,7 @@ files)
 kernels)
     python3 bench/cpu_layer.py --shape qwen3_moe --threads 8,15,16 2>&1 | tail -4
     python3 bench/cpu_layer.py --shape qwen3_moe --host-node --threads 15,16 --chunks 0,2,8 --gib 1 2>&1 | tail -7
+    python3 bench/host_signal.py 2>&1 | tail -4
     ;;
 timeline)
     python3 bench/decode_timeline.py "$DIR/$2-uniform.gguf" --slots 0 --load "$LOAD" 2>&1 | tail -4
