@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "needed), or a GGUF file; `demo` or nothing: the built-in demo model")
     p.add_argument("--ctx", type=int, default=4096, help="context length to budget KV cache for (default: 4096)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: 1)")
-    p.add_argument("--gpus", default=None, help='describe GPUs instead of probing, e.g. "2x48GiB" or "80GiB,24GiB"')
+    p.add_argument("--gpus", default=None, help='describe GPUs instead of probing, e.g. "2x48GiB" or "80GiB,24GiB", or none')
     p.add_argument("--ram", default=None, help='describe host RAM instead of probing, e.g. "512GiB"')
     p.add_argument("--cores", type=int, default=None, help="CPU cores (default: probed)")
     p.add_argument("--experts-tier", choices=("auto", "pinned", "mmap"), default="auto",
@@ -338,7 +338,7 @@ def _hardware(args):
     gpus = hw.gpus
     if args.gpus:
         gpus = []
-        for part in args.gpus.split(","):
+        for part in ([] if args.gpus.strip().lower() in ("none", "0") else args.gpus.split(",")):
             count, _, size = part.partition("x") if "x" in part else ("1", "", part)
             try:
                 n = int(count)

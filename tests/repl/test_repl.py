@@ -165,3 +165,22 @@ def test_settings_parse_and_args():
         parse_setting("warmth", "1")
     args = build_parser().parse_args(["repl", "model", "--device", "cpu", "--ctx", "256", "--system", "S"])
     assert (args.model, args.ctx, args.system, args.profile) == ("model", 256, "S", None)
+
+
+class Noticing:
+    """An answer that carries an engine notice (the offload engine's "cache shrunk", "CUDA graphs off", ...)."""
+    path, device = Path("noticing"), "cpu"
+
+    def chat(self, messages, config=None):
+        from hybridmoe import Done, Notice
+        yield Notice("CUDA graphs off: capture failed")
+        yield Text("ok")
+        yield Done("length", 1, 1, "ok")
+
+    def stop(self):
+        pass
+
+
+def test_engine_notices_reach_the_user():
+    r, out, err = run_repl(Noticing(), "Hi\n")
+    assert "note: CUDA graphs off: capture failed" in err and out.strip() == "ok"
