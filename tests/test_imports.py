@@ -94,3 +94,14 @@ def test_import_hybridmoe_loads_neither_textual_nor_torch():
     code = "import sys, hybridmoe; print(sorted({m.split('.')[0] for m in sys.modules} & {'textual', 'torch'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_each_registered_family_has_its_module_and_one_registration():
+    from hybridmoe.formats.families import ARCH_OF_MODEL_TYPE, FAMILIES
+    from hybridmoe.models import MODULES
+    assert MODULES.keys() == FAMILIES.keys()
+    for name, module in MODULES.items():
+        assert module.NAMES is FAMILIES[name] and callable(module.build) and module.ModelArgs.from_config
+    types = [t for f in FAMILIES.values() for t in f.model_types]
+    assert len(types) == len(set(types))  # a model_type belongs to one family
+    assert set(ARCH_OF_MODEL_TYPE) <= set(types)

@@ -29,7 +29,7 @@ TWIN_HEADS = 4
 def tensor_list(cfg: dict, arch: str, expert_types: tuple[Q, Q, Q], other_type: Q) -> list[tuple[str, tuple, Q]]:
     """(GGUF name, torch-order shape, type) of every tensor, from our module tree built on the meta device.
     expert_types: of the gate, up and down experts."""
-    from ..formats.gguf_names import GGUF_TENSORS
+    from ..formats.families import GGUF_TENSORS
     from ..formats.names import NameMap
     from .loader import expected_expert_names, model_args
     family, args = model_args(cfg)
@@ -72,7 +72,8 @@ def write(cfg: dict, path: Path, tokenizer_dir: Path, name: str = "synthetic", z
     """A GGUF file for HF config `cfg` with random valid blocks; the tokenizer from `tokenizer_dir`.
     zipf S: a router correction bias (DeepSeek) that makes expert popularity roughly Zipf with exponent S.
     progress(done_bytes, total_bytes, tensor_name) is called after each tensor."""
-    from ..formats.convert import ARCH_OF_MODEL_TYPE, _metadata, _tokenizer
+    from ..formats.convert import _metadata, _tokenizer
+    from ..formats.families import ARCH_OF_MODEL_TYPE
     if not isinstance(expert_types, tuple):
         expert_types = (expert_types,) * 3
     arch = ARCH_OF_MODEL_TYPE[cfg["model_type"]]
