@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ConfigError
 from ..options import Accelerator, CpuActivations, RunOptions, Tier
+from .expert_store import ExpertStore
 from .experts import OffloadExperts
 from .prefetch import Prefetcher
 from .scheduler import CostModel
@@ -25,7 +26,7 @@ def activation_modes(cpu_activations: CpuActivations | str) -> tuple[str, str]:
     return ("f32" if mode == CpuActivations.F32 else "int8"), ("int8" if mode == CpuActivations.INT8_ALL else "f32")
 
 
-def make_store(experts, opts: RunOptions):
+def make_store(experts, opts: RunOptions) -> ExpertStore:
     """The host tier for a model's experts: float weights (HF) or raw GGUF blocks."""
     pin = opts.experts_tier == Tier.PINNED and torch.cuda.is_available()
     if hasattr(experts, "weights"):  # LocalExperts
