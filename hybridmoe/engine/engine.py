@@ -176,7 +176,9 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
 def _load(path: Path, opts: RunOptions) -> Engine:
     if not path.exists():
         raise ConfigError(f"{path}: no such file or directory")
-    dev = resolve_device(opts.device)
+    # --accelerator cpu: the CPU stands in for the GPUs, so "auto" does not go looking for one
+    dev = torch.device("cpu") if opts.device == "auto" and opts.accelerator == Accelerator.CPU \
+        else resolve_device(opts.device)
     dt = resolve_dtype(opts.dtype, dev)
     gguf = path.suffix == ".gguf"
     if opts.cpu_threads is not None:
