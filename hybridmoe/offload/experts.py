@@ -13,12 +13,14 @@ the cache size, prefetching, or timing.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from ..kernels import cpu as ck
 from ..layers.moe import combine, expert_positions, positions_on, to_device
 from .cache import SlotCache
 from .scheduler import CostModel
@@ -105,9 +107,11 @@ class OffloadExperts:
         # Layers whose every expert sits in a slot for good (their stage's cache holds all of its experts): at
         # decode they run without a host sync, inside the captured decode graphs. layer -> slot of each expert.
         self.resident_slots: dict[int, torch.Tensor] = {}
-        self.resident_ids: dict[int, torch.Tensor] = {}  # layer -> the ids tensor its graph writes
         self.resident_host: dict[int, list[int]] = {}  # layer -> slot of each expert, for resident prefill
-        self.resident_steps: list[int] = []  # resident layers run since the last stats, read lazily
+        # Layers whose stage has no slots, served by the CPU through a host node at decode (None: not possible)
+        self.cpu_nodes: dict[int, object] = {}
+        self.device_ids: dict[int, torch.Tensor] = {}  # layer -> the ids tensor its device-only work writes
+        self.device_steps: list[int] = []  # device-only layers run since the last stats, read lazily
         self.generation = 0  # bumped when slot buffers are reallocated: captured graphs must be dropped
 
     # -- the Experts protocol ---------------------------------------------------------------------------------
@@ -310,25 +314,54 @@ class OffloadExperts:
             cache.unpin(key)
         self._admit_hot(dev, layer, on_cpu)
 
-    def resident(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-        """The routed experts of one token as device work only, when every expert of the layer's stage is in a
-        slot (nothing is ever evicted there), so that it can be captured in a graph; else None. Call
-        `ran_resident(layer)` after each run so that the step's stats count it."""
-        dev = self.stages[self.layer_stage[layer]]
-        table = self.resident_slots.get(layer)
-        if table is None:
-            if x.shape[0] != 1 or not self.graph_resident(layer):
-                return None
-            table = torch.tensor(self._resident_host(dev, layer), device=x.device)
-            self.resident_slots[layer] = table
-        ys = self.store.compute_slots_graph(dev.buffers, table[ids[0]], layer, x)  # [K, 1, D]
-        if ys is None:
-            return None
-        self.resident_ids[layer] = ids
-        return combine(ys.transpose(0, 1), weights, x.dtype)
+    # -- one token as device work only (what the decode graphs capture) --------------------------------------
+    def device_only(self, layer: int) -> bool:
+        """Whether one token's experts of this layer run without a host sync: every expert of the stage sits in a
+        slot for good (computed there from ids looked up on the device), or the stage has no slots and the CPU
+        serves the layer through a host node (`host_node.CpuExpertsNode`)."""
+        return self.graph_resident(layer) or self._cpu_node(layer) is not None
 
-    def ran_resident(self, layer: int) -> None:
-        self.resident_steps.append(layer)
+    def start_device(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        dev = self.stages[self.layer_stage[layer]]
+        if self.graph_resident(layer):
+            table = self.resident_slots.get(layer)
+            if table is None:
+                table = torch.tensor(self._resident_host(dev, layer), device=x.device)
+                self.resident_slots[layer] = table
+            ys = self.store.compute_slots_graph(dev.buffers, table[ids[0]], layer, x)  # [K, 1, D]
+            if ys is None:
+                raise RuntimeError(f"layer {layer}'s slots cannot be computed from device-side ids")
+            self.device_ids[layer] = ids
+            return lambda: combine(ys.transpose(0, 1), weights, x.dtype)
+        node = self._cpu_node(layer)
+        if node is None:
+            raise RuntimeError(f"layer {layer}'s experts need a host sync")
+        self.device_ids[layer] = node.ids  # the host buffer the node's copy fills at every run
+        return node.start(x, ids, weights)
+
+    def ran_device(self, layer: int) -> None:
+        self.device_steps.append(layer)
+
+    def _cpu_node(self, layer: int):
+        """The layer's CPU experts as a host node, where every decode expert of the layer runs on the CPU (a stage
+        without slots, the cost model's choice) and the store has a C-callable kernel for them; else None."""
+        if layer in self.cpu_nodes:
+            return self.cpu_nodes[layer]
+        dev = self.stages[self.layer_stage[layer]]
+        node = None
+        nbytes, flops = self.store.expert_nbytes(), self.store.flops_per_token()
+        if not dev.cache.n_slots and dev.ahead is None and self.cost.place(1, nbytes, flops, False) == "cpu":
+            got = self.store.host_task_weights(layer)
+            if got is not None:
+                from .host_node import CpuExpertsNode
+                # The thread that drives the GPU spins while it waits for a step: leave it a core of its own, or
+                # the kernels' static work split waits for the thread sharing its core (2x slower on 16 cores)
+                threads = ck.get_threads()
+                if dev.device.type == "cuda" and threads >= (os.cpu_count() or 1) > 1:
+                    threads -= 1
+                node = CpuExpertsNode(*got[0], got[1], self.top_k, dev.device, threads=threads)
+        self.cpu_nodes[layer] = node
+        return node
 
     def graph_resident(self, layer: int) -> bool:
         """Whether `resident` serves this layer's decode steps: its stage's cache holds all of the stage's experts
@@ -341,20 +374,26 @@ class OffloadExperts:
         total = sum(n for layer, n in self.store.n_experts.items() if self.layer_stage[layer] == stage)
         return dev.cache.n_slots > 0 and len(dev.cache) == total
 
-    def _count_resident(self) -> None:
-        """Hits and expert use of resident layers' steps, read from their ids after the fact (one small copy for
-        all of them: a copy per layer would be a host sync per layer)."""
-        steps = self.resident_steps
+    def _count_device(self) -> None:
+        """Expert use of the device-only layers' steps, read from their ids after the fact (one small copy per
+        device for the resident ones: a copy per layer would be a host sync per layer; the CPU nodes' ids are in
+        host buffers already)."""
+        steps = self.device_steps
         rows: list[list[int]] = [[] for _ in steps]
-        for device in {self.resident_ids[layer].device for layer in steps}:  # one copy per device
-            mine = [i for i, layer in enumerate(steps) if self.resident_ids[layer].device == device]
-            flat = torch.cat([self.resident_ids[steps[i]][0] for i in mine]).tolist()
+        for device in {self.device_ids[layer].device for layer in steps}:
+            mine = [i for i, layer in enumerate(steps) if self.device_ids[layer].device == device]
+            flat = torch.cat([self.device_ids[steps[i]][0] for i in mine]).tolist()
             k = len(flat) // len(mine)
             for j, i in enumerate(mine):
                 rows[i] = flat[j * k:(j + 1) * k]
         for layer, row in zip(steps, rows):
-            self._count_use(layer, [(e, 1) for e in row]).hits += len(row)
-        self.resident_steps.clear()
+            counters = self._count_use(layer, [(e, 1) for e in row])
+            if self.cpu_nodes.get(layer) is not None:
+                counters.misses += len(row)
+                counters.cpu += len(row)
+            else:
+                counters.hits += len(row)
+        self.device_steps.clear()
 
     def _count_use(self, layer: int, tokens_of) -> LayerCounters:
         """Add (expert, tokens) pairs to the step's per-expert use; -> the layer's counters, to count hits etc."""
@@ -489,7 +528,7 @@ class OffloadExperts:
             dev.cache.tick()
 
     def take_stats(self) -> dict:
-        self._count_resident()
+        self._count_device()
         s, self.stats = self.stats, StepStats()
         hits = sum(c.hits for c in s.layers.values())
         misses = sum(c.misses for c in s.layers.values())

@@ -328,6 +328,17 @@ class QuantStore:
             return None
         return gk.experts_ffn(x, slots, slot_ids, self.layouts[layer].gpu).to(x.dtype)
 
+    def host_task_weights(self, layer: int) -> tuple | None:
+        """(gate, up, down raw stacked arrays, their types) where a decode step's CPU experts of this layer can run
+        as a C-callable task (`kernels.cpu.host_task`: the file's bytes with 8-bit activations, the kernels of
+        compute_host_sum here), else None."""
+        if not self.raw_int8[layer]:
+            return None
+        raws = tuple(t.raw for t in self.layers[layer])
+        if not all(isinstance(r, np.ndarray) and r.ndim == 3 and r.flags.c_contiguous for r in raws):
+            return None
+        return raws, self.types[layer]
+
     def will_need(self, layer: int, experts: list[int]) -> None:
         """mmap tier: read predicted experts ahead (madvise WILLNEED on their byte ranges)."""
         if self.tier != "mmap":

@@ -105,14 +105,14 @@ class OffloadRuntime:
     def start(self, layer, x, ids, weights):
         return self.experts.start(layer, x, ids, weights)
 
-    def resident(self, layer, x, ids, weights):
-        return self.experts.resident(layer, x, ids, weights)
+    def device_only(self, layer: int) -> bool:
+        return self.experts.device_only(layer)
 
-    def ran_resident(self, layer: int) -> None:
-        self.experts.ran_resident(layer)
+    def start_device(self, layer, x, ids, weights):
+        return self.experts.start_device(layer, x, ids, weights)
 
-    def graph_resident(self, layer: int) -> bool:
-        return self.experts.graph_resident(layer)
+    def ran_device(self, layer: int) -> None:
+        self.experts.ran_device(layer)
 
     @property
     def generation(self) -> int:

@@ -127,6 +127,11 @@ class DenseStore:
             return None
         return self.compute_slots(slots, slot_ids.tolist(), layer, x)
 
+    @staticmethod
+    def host_task_weights(layer: int) -> None:
+        """Float experts have no C-callable CPU kernel (see QuantStore.host_task_weights)."""
+        return None
+
     def will_need(self, layer: int, experts: list[int]) -> None:
         """mmap tier: read predicted experts ahead."""
         if self.tier != "mmap":

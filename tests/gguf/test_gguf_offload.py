@@ -86,3 +86,46 @@ def test_cuda_decode_with_every_expert_resident_is_one_graph(gguf_models, tmp_pa
     assert list(eng.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids == tokens
     graphs = eng.model.decode_graphs
     assert graphs.enabled and graphs.captured and graphs.spans() == [range(len(eng.model.layers))]
+
+
+def test_cache_off_decode_queues_the_cpu_experts_as_device_work(q4):
+    """With no expert cache and 8-bit activations the CPU's experts of a decode step are stream work (a host node
+    on CUDA), so the decode segments need no host sync and a step is one span of all layers. Run here with the CPU
+    standing in (segments eager): the plain engine's tokens, and every expert counted as served by the CPU."""
+    from hybridmoe.models.graphs import DecodeGraphs
+    path = q4[0]
+    plain = hybridmoe.load(path, cpu_activations="int8")
+    want = list(plain.generate(IDS[:6], temperature=0, max_tokens=8, ignore_eos=True))[-1].token_ids
+    eng = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=0, cpu_activations="int8", cost_model=CPU_ONLY)
+    model = eng.model
+    graphs = model.decode_graphs = DecodeGraphs(model, capture=False)
+    events = list(eng.generate(IDS[:6], temperature=0, max_tokens=8, ignore_eos=True))
+    assert events[-1].token_ids == want
+    assert graphs.spans() == [range(len(model.layers))] and graphs.embeds and graphs.runs_head
+    nodes = model.experts.experts.cpu_nodes
+    assert set(nodes) == set(model.moe_layers()) and all(n is not None and n.runs == 7 for n in nodes.values())
+    top_k = {i: model.layers[i].ffn.spec.top_k for i in model.moe_layers()}
+    decode = [e.extra for e in events if isinstance(e, hybridmoe.Stats) and e.phase == "decode"][1:]
+    assert decode and all(s["layers"][i]["cpu"] == s["layers"][i]["misses"] == k
+                          for s in decode for i, k in top_k.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_cuda_decode_with_no_expert_cache_is_one_graph(gguf_models, tmp_path, family):
+    """No expert in VRAM: each MoE layer's experts run on the CPU through a host node inside the step's graph (no
+    host sync per layer), so a decode step is one graph replay, with the greedy tokens the CPU gives with the same
+    8-bit activations."""
+    from hybridmoe.formats.convert import convert
+    hf, _ = gguf_models(family)
+    path = convert(hf, tmp_path / "q8_0.gguf", "q8_0", progress=False)
+    ref = hybridmoe.load(path, cpu_activations="int8")
+    tokens = list(ref.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids
+    eng = hybridmoe.load(path, device="cuda", dtype="float32", expert_cache_slots=0, cpu_activations="int8",
+                         cost_model=CPU_ONLY)
+    events = list(eng.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))
+    assert events[-1].token_ids == tokens
+    graphs = eng.model.decode_graphs
+    assert graphs.enabled and graphs.captured and graphs.spans() == [range(len(eng.model.layers))]
+    nodes = eng.model.experts.experts.cpu_nodes
+    assert all(n is not None and n.runs >= 11 for n in nodes.values())
