@@ -55,5 +55,9 @@ class ExpertStore(Protocol):
                             x: torch.Tensor) -> torch.Tensor | None:
         """Slot ids on the device, no host work; None where graph_slots is False."""
 
+    def host_task_weights(self, layer: int) -> tuple | None:
+        """(raw stacked gate, up, down arrays, their types) where a decode step's CPU experts of this layer can run
+        as a C-callable task (kernels.cpu.host_task), else None."""
+
     def will_need(self, layer: int, experts: list[int]) -> None:
         """Ask for predicted experts to be read ahead (mmap tier)."""
