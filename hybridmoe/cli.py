@@ -483,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n[interrupted]", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`| head`): nothing more to say, and nobody to say it to
-        sys.stdout = open(os.devnull, "w")
+        try:  # so that Python's own flush of stdout at exit does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
         return 141
 
 
