@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import HybridMoEError
-from .options import RunOptions, model_path
+from .options import Accelerator, CpuActivations, RunOptions, Tier, model_path
 
 EPILOG = """examples:
   hybridmoe chat                                   chat with the built-in demo model
@@ -34,9 +34,13 @@ def _model_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: min(4096, model's))")
 
 
+def _choices(mode) -> str:  # the values RunOptions checks, shown in --help
+    return "{" + ",".join(m.value for m in mode) + "}"
+
+
 def _offload_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("offload (routed experts in RAM, a GPU expert cache)")
-    g.add_argument("--accelerator", default=None,
+    g.add_argument("--accelerator", default=None, metavar=_choices(Accelerator),
                    help="cuda (default with a CUDA device), or cpu to run the offload engine with the CPU standing "
                         "in for the GPUs")
     g.add_argument("--devices", type=int, default=None, help="GPUs to split the layers over (default: 1)")
@@ -44,9 +48,9 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
                    help="GPU expert slots per device (default: as many as fit; 0 turns the cache off)")
     g.add_argument("--no-prefetch", dest="prefetch", action="store_const", const=False, default=None,
                    help="do not prefetch predicted experts")
-    g.add_argument("--experts-tier", default=None,
+    g.add_argument("--experts-tier", default=None, metavar=_choices(Tier),
                    help="host tier of the experts: mmap (page cache, default) or pinned (copied once to pinned RAM)")
-    g.add_argument("--cpu-activations", default=None,
+    g.add_argument("--cpu-activations", default=None, metavar=_choices(CpuActivations),
                    help="GGUF experts decoded on the CPU: f32 is exact (default); int8 rounds activations to 8 "
                         "bits per group of 32 as llama.cpp does, several times faster, logits no longer exact (on "
                         "the mmap tier all but Q4_0 experts (Q2_K-Q6_K, Q8_0, IQ4_XS) are read in place, Q4_0 "

@@ -158,7 +158,8 @@ def list_files(repo: str, revision: str | None = None) -> list[RemoteFile]:
                              "unset it, or pass a local model path to the other commands")
     hub = _hub()
     if not (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")):  # a proxy makes its own connections
-        check_reachable(repo, hub.constants.ENDPOINT)
+        from huggingface_hub import constants  # a submodule: the package's lazy attributes do not include it
+        check_reachable(repo, constants.ENDPOINT)
     try:
         items = hub.HfApi().list_repo_tree(repo, recursive=True, revision=revision)
         return [RemoteFile(i.path, getattr(i, "size", None)) for i in items if type(i).__name__ == "RepoFile"]
