@@ -88,7 +88,7 @@ def write_model(path: Path, layers: int, experts: str = "q4_k") -> Path:
 def bench_ours(path: Path, ids: list[int], n_decode: int, tier: str, activations: str = "f32") -> tuple[float, float]:
     import hybridmoe
     from hybridmoe.layers.cache import Batch
-    model = hybridmoe.load(path, experts_tier=tier, cpu_activations=activations).model
+    model = hybridmoe.load(path, device="cpu", experts_tier=tier, cpu_activations=activations).model
     cache = model.new_cache(1, len(ids) + n_decode + 1)
     with torch.inference_mode():
         model(torch.tensor([ids]), Batch.make([0], [len(ids)], [0], "cpu"), cache)  # warm-up: compile, page in, pack

@@ -9,8 +9,9 @@ class ModelFileError(HybridMoEError):
     """A model file is missing, truncated, corrupt or holds unexpected tensors."""
 
 
-class ConfigError(HybridMoEError):
-    """A config.json, profile or option is invalid or names something unsupported."""
+class ConfigError(HybridMoEError, ValueError):
+    """A config.json, profile or option is invalid or names something unsupported (a ValueError too, as invalid
+    settings are in Python)."""
 
 
 class ContextOverflowError(HybridMoEError):

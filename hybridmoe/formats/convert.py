@@ -28,14 +28,12 @@ from gguf.vocab import LlamaHfVocab
 
 from ..errors import ConfigError, ModelFileError
 from .fp8 import dequant_fp8_blocks
-from .gguf_names import ARCH_OF_MODEL_TYPE, GGUF_ROPE_PERMUTED, GGUF_TENSORS
-from .names import HF_TABLES, NameMap
+from .families import ARCH_OF_MODEL_TYPE, BY_MODEL_TYPE, GGUF_ROPE_PERMUTED, GGUF_TENSORS
+from .names import NameMap
 from .safetensors import SafetensorsFiles
 
 TARGETS = {"f32": LlamaFileType.ALL_F32, "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
            "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M}
-HF_TABLE_OF = {"deepseek_v3": "deepseek_v3", "deepseek_v2": "deepseek_v3", "qwen3_moe": "qwen3_moe",
-               "mixtral": "mixtral"}
 # llama.cpp's pre-tokenizer names, for BPE tokenizers whose splitting is more than plain GPT-2 byte-level.
 PRE_TOKENIZERS = {"deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-llm", "qwen3_moe": "qwen2"}
 EXPERT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.(gate|up|down)$")
@@ -180,7 +178,7 @@ def _choose(name: str, shape: tuple[int, ...], target: str) -> Q:
 
 
 def _jobs(files: SafetensorsFiles, cfg: dict, arch: str, target: str) -> list[Job]:
-    hf = NameMap(HF_TABLES[HF_TABLE_OF[cfg["model_type"]]])
+    hf = NameMap(BY_MODEL_TYPE[cfg["model_type"]].hf_tensors)
     to_gguf = NameMap({ours: g for g, ours in GGUF_TENSORS[arch].items() if ":" not in ours})
     n_layers, tied = cfg["num_hidden_layers"], bool(cfg.get("tie_word_embeddings", False))
     block = tuple((cfg.get("quantization_config") or {}).get("weight_block_size") or (128, 128))

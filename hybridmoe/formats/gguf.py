@@ -17,7 +17,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from ..errors import ConfigError, ModelFileError
-from .gguf_names import GATING_FUNCS, GGUF_KEYS, GGUF_MODEL_TYPES, GGUF_REQUIRED
+from .families import GGUF_KEYS, GGUF_MODEL_TYPES, GGUF_REQUIRED
+from .gguf_names import GATING_FUNCS
 
 SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MAX_DIMS = 4  # GGML_MAX_DIMS

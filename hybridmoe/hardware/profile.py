@@ -151,6 +151,22 @@ class Profile:
                            prefetch_margin=p.prefetch_margin)
 
 
+    def run_options(self) -> dict:
+        """What this profile sets for a run (RunOptions fields): its [plan] as `hybridmoe tune` chose it, and its
+        cost constants. The plan's batch is not among them: generation runs one sequence."""
+        p = self.plan
+        out = {"cost_model": self.cost, "context": p.context, "prefetch_margin": p.prefetch_margin}
+        if p.experts_tier != "auto":
+            out["experts_tier"] = p.experts_tier
+        if p.cpu_threads:
+            out["cpu_threads"] = p.cpu_threads
+        if p.devices:
+            out["devices"] = p.devices
+        if p.expert_cache_slots:
+            out["expert_cache_slots"] = min(p.expert_cache_slots)
+        return out
+
+
 SECTIONS = {f.name: f for f in fields(Profile)}
 
 

@@ -13,7 +13,8 @@ import torch
 
 from ..errors import ModelFileError
 from ..formats.gguf import GGUFFile, GGUFTensor, hf_config
-from ..formats.gguf_names import GGUF_IGNORED, GGUF_ROPE_PERMUTED, GGUF_TENSORS
+from ..formats.families import GGUF_ROPE_PERMUTED, GGUF_TENSORS
+from ..formats.gguf_names import GGUF_IGNORED
 from ..formats.names import NameMap
 from ..quant import dequantize, get_format
 from .loader import F32_PARAMS, LoadedModel, model_args, param_device

@@ -11,10 +11,10 @@ import torch
 
 from ..errors import ConfigError, ModelFileError
 from ..formats.fp8 import dequant_fp8_blocks
-from ..formats.names import HF_TABLES, NameMap
+from ..formats.names import NameMap
 from ..formats.safetensors import SafetensorsFiles, TensorInfo
 from ..layers.moe import LocalExperts
-from . import family_for, table_name
+from . import family_for
 from .common import Transformer
 
 F32_PARAMS = ("ffn.router", "ffn.router_bias")  # routing is computed in f32 whatever the model dtype
@@ -76,7 +76,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     with torch.device("meta"):
         model = family.build(args)
     files = SafetensorsFiles(path)
-    names = NameMap(HF_TABLES[table_name(family)])
+    names = NameMap(family.NAMES.hf_tensors)
 
     params = dict(model.state_dict())
     if args.tie_embeddings:
