@@ -10,6 +10,11 @@ the shared expert; then the CPU experts run in the calling thread (numba's kerne
 while the GPU works through its queue, and their outputs reach the device in one copy. Every expert's output lands
 in a fixed [token, k] position and is combined in a fixed order, so results do not depend on where an expert ran,
 the cache size, prefetching, or timing.
+
+One-token steps inside the decode graphs (`start_device`) take no host sync: where the CPU computes a layer's
+missing experts (8-bit activations, the file's bytes) they run in a host node on the GPU stream, and where a cache
+holds part of the layer's experts a slot table on the device says which ones the GPU computes; the cache then
+changes only between steps (`_finish_step`), from the ids the step leaves in host buffers.
 """
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ from .scheduler import CostModel
 
 
 REUSED = 2.0  # decayed use count: an expert used in most of the last few steps
-# Copies into the cache that a stage starts per decode step of graph-run layers (`_admit_landing`): the CPU computes a
-# missing expert sooner than PCIe copies it, so a copy pays only by reuse, and from the mmap tier it holds the host
+# Copies into the cache that a stage starts per decode step (`_admit_hot`, `_admit_landing`): the CPU computes a missing
+# expert sooner than PCIe copies it, so a copy pays only by reuse, and from the mmap tier it holds the host meanwhile
 ADMIT_PER_STEP = 4
 
 
