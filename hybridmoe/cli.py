@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import HybridMoEError
-from .options import Accelerator, CpuActivations, RunOptions, Tier, model_path
+from .options import Accelerator, CpuActivations, GpuWeights, RunOptions, Tier, model_path
 
 EPILOG = """examples:
   hybridmoe chat                                   chat with the built-in demo model
@@ -58,6 +58,9 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
                         "int8-all also rounds the inputs of attention and the output head on the CPU, faster still "
                         "but far less accurate (logits off by up to ~20%% on small random test models, as "
                         "llama.cpp's own)")
+    g.add_argument("--gpu-weights", default=None, metavar=_choices(GpuWeights),
+                   help="a GGUF's non-expert weights on the GPU: dequantized to --dtype (default), or quantized (the "
+                        "file's blocks: about half the VRAM at Q8_0, read by hybridmoe's own kernels)")
     g.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto; "
                    "its [plan] (as `hybridmoe tune` wrote it) sets what the flags above leave unset")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
@@ -66,7 +69,8 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
 
 RUN_FLAGS = {"device": "device", "dtype": "dtype", "ctx": "context", "accelerator": "accelerator",
              "devices": "devices", "expert_cache_slots": "expert_cache_slots", "prefetch": "prefetch",
-             "experts_tier": "experts_tier", "cpu_activations": "cpu_activations", "cuda_graphs": "cuda_graphs"}
+             "experts_tier": "experts_tier", "cpu_activations": "cpu_activations", "cuda_graphs": "cuda_graphs",
+             "gpu_weights": "gpu_weights"}
 
 
 def run_options(args) -> RunOptions:
@@ -148,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-cache-slots", type=int, default=None, help="cap on GPU expert slots per device")
     p.add_argument("--dtype", default=None, help="dtype of the weights at run time (default: bfloat16 with a GPU, "
                    "float32 without, as the engine loads)")
+    p.add_argument("--gpu-weights", default="dequantized", metavar=_choices(GpuWeights),
+                   help="a GGUF's non-expert weights on the GPU: dequantized to --dtype (default) or quantized "
+                        "(as the file stores them)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--profile", default=None, help="plan for the machine a hardware profile describes: a shipped "
                    "name (rtx6000ada-x2, ...), a TOML file, or auto (this machine)")
@@ -376,7 +383,10 @@ def cmd_plan(args) -> int:
     wbytes = 4 if DTYPES[dtype].itemsize == 4 else 2
     model = model_path(args.model)
     if model.suffix == ".gguf":  # experts as the file stores them; without a GPU the other layers too
-        cfg, fp = {}, footprint_from_gguf(model, weight_bytes=wbytes, layers_as_stored=not hw.gpus)
+        if args.gpu_weights not in {m.value for m in GpuWeights}:
+            raise HybridMoEError(f"--gpu-weights {args.gpu_weights!r}: use one of {_choices(GpuWeights)}")
+        as_stored = not hw.gpus or args.gpu_weights == GpuWeights.QUANTIZED
+        cfg, fp = {}, footprint_from_gguf(model, weight_bytes=wbytes, layers_as_stored=as_stored)
     else:
         cfg = read_config(model)
         fp = footprint_from_config(cfg, weight_bytes=wbytes, expert_bytes=wbytes)

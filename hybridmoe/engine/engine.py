@@ -15,7 +15,7 @@ from ..models.loader import LoadedModel, load_hf, read_config
 from ..formats.gguf import GGUFFile, hf_config
 from ..offload.plan import footprint_from_config, split_stages
 from ..offload.runtime import OffloadRuntime, activation_modes, make_store, stage_devices
-from ..options import DEMO_MODEL, Accelerator, RunOptions, Tier, model_path
+from ..options import DEMO_MODEL, Accelerator, GpuWeights, RunOptions, Tier, model_path
 from .config import GenerationConfig
 from .events import Event
 from .generate import generate_loop
@@ -162,7 +162,9 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     never the default.
     `cuda_graphs` replays each layer's non-expert work at decode as a captured CUDA graph (much less host time per
     token; attention then spans a masked window of keys, so results match eager decode within bf16 rounding).
-    `cpu_threads` sets the threads of the CPU kernels and of torch (for the whole process)."""
+    `cpu_threads` sets the threads of the CPU kernels and of torch (for the whole process).
+    `gpu_weights` (GGUF on CUDA): "dequantized" copies of the non-expert weights in `dtype`, or "quantized": the
+    file's blocks, read by hybridmoe's GEMV kernels at decode (about half the bytes and VRAM at Q8_0)."""
     given = {k: v for k, v in (("device", device), ("dtype", dtype), ("context", context)) if v is not None}
     if isinstance(given.get("device"), torch.device):
         given["device"] = str(given["device"])
@@ -232,7 +234,8 @@ def _load_gguf(path, dev: torch.device, dt: torch.dtype, opts: RunOptions,
     from .gguf_tokenizer import GGUFTokenizer, llama_cpp_available
 
     experts_acts, linear_acts = activation_modes(opts.cpu_activations)
-    loaded, experts = load_gguf(path, dev, dt, layer_devices, linear_acts)
+    loaded, experts = load_gguf(path, dev, dt, layer_devices, linear_acts,
+                                gpu_blocks=opts.gpu_weights == GpuWeights.QUANTIZED)
     # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout
     packed = not offloaded and opts.experts_tier == Tier.PINNED
     loaded.model.experts = QuantExperts(experts, tier="packed" if packed else "mmap",
