@@ -9,8 +9,8 @@
 from .engine.config import GenerationConfig
 from .engine.engine import Engine, load
 from .engine.events import Done, Error, Event, Notice, Stats, Text
-from .errors import ConfigError, ContextOverflowError, HybridMoEError, ModelFileError
+from .errors import ConfigError, ContextOverflowError, EngineBusyError, HybridMoEError, ModelFileError
 
 __version__ = "0.1.0"
 __all__ = ["load", "Engine", "GenerationConfig", "Event", "Text", "Stats", "Notice", "Error", "Done", "HybridMoEError",
-           "ConfigError", "ModelFileError", "ContextOverflowError", "__version__"]
+           "ConfigError", "ModelFileError", "ContextOverflowError", "EngineBusyError", "__version__"]

@@ -11,7 +11,7 @@ FAMILIES: dict[str, ModuleType] = {t: m for m in (deepseek_v3, qwen3_moe, mixtra
 
 def family_for(cfg: dict, where: str = "config.json") -> ModuleType:
     mt = cfg.get("model_type")
-    if mt not in FAMILIES:
+    if not isinstance(mt, str) or mt not in FAMILIES:
         raise ConfigError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[mt]
 

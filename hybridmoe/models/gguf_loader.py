@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFileError
-from ..formats.gguf import GGUFFile, GGUFTensor, hf_config
+from ..formats.gguf import GGUFFile, GGUFTensor, hf_config, metadata_names
 from ..formats.gguf_names import GGUF_IGNORED, GGUF_ROPE_PERMUTED, GGUF_TENSORS
 from ..formats.names import NameMap
 from ..quant import dequantize, get_format
-from .loader import F32_PARAMS, LoadedModel, model_args, param_device
+from .loader import F32_PARAMS, LoadedModel, model_args, param_device, tie_output
 
 LAYER = re.compile(r"blk\.(\d+)\.")
 PROJ_SHAPES = {"gate": lambda inter, dim: (inter, dim), "up": lambda inter, dim: (inter, dim),
@@ -86,7 +86,7 @@ def load_gguf(path: str | Path | GGUFFile, device: str | torch.device = "cpu", d
     decode (layers.quant_linear)."""
     gf = path if isinstance(path, GGUFFile) else GGUFFile(path)
     cfg = hf_config(gf)
-    family, args = model_args(cfg, f"{gf.path} (GGUF metadata)")
+    family, args = model_args(cfg, f"{gf.path} (GGUF metadata)", metadata_names(gf.arch))
     with torch.device("meta"):
         model = family.build(args)
     names = NameMap(GGUF_TENSORS[gf.arch], ignored=GGUF_IGNORED)
@@ -145,10 +145,8 @@ def load_gguf(path: str | Path | GGUFFile, device: str | torch.device = "cpu", d
                 w = unpermute_rope_rows(w, heads)
         return w.to(device=param_device(ours, devices), dtype=want)
 
-    model.load_state_dict({k: fetch(k) for k in params}, assign=True, strict=True)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    elif all(d.type == "cpu" for d in devices):
+    tie_output(model, {k: fetch(k) for k in params}, args, devices)
+    if not args.tie_embeddings and all(d.type == "cpu" for d in devices):
         keep_quantized(model, found, permuted, linear_activations)
     model.layer_devices = list(devices) if layer_devices else None
     experts = {i: tuple(found[f"layers.{i}.experts.{p}"] for p in PROJ_SHAPES) for i in model.moe_layers()}
