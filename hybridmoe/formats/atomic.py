@@ -42,6 +42,17 @@ def temporary_name(out: Path, tag: str = "tmp") -> Path:
     return Path(name)
 
 
+def _mode(out: Path) -> int:
+    """The permissions the file would have had if written in place: those of the file it replaces, else the
+    default for new files (temporary files are created private)."""
+    try:
+        return out.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextmanager
 def staged(out: Path):
     """Yields a temporary path next to `out`; when the block ends without an exception the file is flushed to disk
@@ -50,6 +61,7 @@ def staged(out: Path):
     try:
         yield tmp
         _fsync(tmp)
+        os.chmod(tmp, _mode(out))
         os.replace(tmp, out)
         _fsync(out.parent, directory=True)
     except OSError as e:

@@ -143,6 +143,8 @@ def _write(src: Path, cfg: dict, out: Path, target: str, progress: bool, pre: st
         for f in w.fout or []:  # the caller deletes the file; its buffered tail need not reach the disk
             with contextlib.suppress(OSError):
                 f.close()
+        if progress:
+            print(file=sys.stderr)  # the error goes on a line of its own, not after the progress bar
         raise
 
 
@@ -164,7 +166,7 @@ def _write_file(w: GGUFWriter, src: Path, cfg: dict, arch: str, jobs: list[Job],
         n = 0
         for piece in job.pieces():
             data = _encode(piece, job.qtype)
-            data.tofile(fout)
+            fout.write(data.data)  # not tofile(): its errors carry no errno (a full disk would not be named)
             n += data.nbytes
         if n != job.nbytes:
             raise ModelFileError(f"{src}: tensor {job.name} produced {n} bytes, expected {job.nbytes}")
