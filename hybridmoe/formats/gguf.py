@@ -108,6 +108,7 @@ def _check_buffer(buf: memoryview, path: Path) -> None:
         qtype, offset = h.take("I", f"the type of {name!r}"), h.take("Q", f"the offset of {name!r}")
         infos.append((name, dims, qtype, offset))
     base = -(-h.pos // alignment) * alignment
+    spans = []
     for name, dims, qtype, offset in infos:
         try:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
@@ -120,6 +121,11 @@ def _check_buffer(buf: memoryview, path: Path) -> None:
         if end > len(buf):
             raise ModelFileError(f"{path}: truncated file: tensor {name!r} ends at byte {end} but the file has "
                                  f"{len(buf)} bytes; re-download it")
+        spans.append((base + offset, end, name))
+    spans.sort()
+    for (_, end, before), (start, _, name) in zip(spans, spans[1:]):
+        if start < end:  # two tensors sharing bytes: an edit of one would silently change the other
+            raise ModelFileError(f"{path}: corrupt tensor table: tensor {name!r} overlaps {before!r}")
 
 
 @dataclass(frozen=True, slots=True)

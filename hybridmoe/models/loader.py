@@ -89,7 +89,7 @@ def check_counts(files: SafetensorsFiles, names: NameMap, args, cfg: dict, where
     if missing:
         raise ModelFileError(f"{where}: num_hidden_layers is {args.n_layers} but the safetensors files have no "
                              f"tensors for layer {missing[0]}; config.json does not match the weights")
-    if args.n_routed_experts > len(experts):
+    if args.n_routed_experts > len(experts) and any(args.is_moe(i) for i in range(args.n_layers)):
         key = next((k for k in EXPERT_COUNTS if cfg.get(k)), "n_routed_experts")
         raise ModelFileError(f"{where}: {key} is {args.n_routed_experts} but the safetensors files hold "
                              f"{len(experts)} experts per layer; config.json does not match the weights")

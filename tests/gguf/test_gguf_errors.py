@@ -212,3 +212,19 @@ def test_nan_weights_end_in_an_error_event_naming_the_tensor(tmp_path, small):
     assert len(errors) == 1 and "NaN or infinite" in errors[0].message
     assert "layers.1.attn_norm.weight" in errors[0].message
     assert events[-1].reason == "error" and events[-1].completion_tokens == 0
+
+
+def test_overlapping_tensors_are_refused(tmp_path, small):
+    """A tensor table whose offsets make two tensors share bytes used to load, the one tensor read as the other."""
+    data = bytearray(small.read_bytes())
+
+    def offset_field(name: bytes) -> int:
+        at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+        return at + 4 + 8 * struct.unpack_from("<I", data, at)[0] + 4  # past the rank, the shape and the type
+    gate = struct.unpack_from("<Q", data, offset_field(b"blk.1.ffn_gate_exps.weight"))[0]
+    struct.pack_into("<Q", data, offset_field(b"blk.1.ffn_up_exps.weight"), gate)
+    bad = tmp_path / "o.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=r"o.gguf: corrupt tensor table: tensor 'blk.1.ffn_(up|gate)_exps.weight' "
+                                             r"overlaps"):
+        hybridmoe.load(bad)
