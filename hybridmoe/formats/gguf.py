@@ -233,7 +233,11 @@ def _value(f: GGUFFile, key: str, ours: str, value) -> int | float | bool:
 
 def metadata_names(arch: str) -> dict[str, str]:
     """config.json key -> the metadata key it comes from, for error messages about a GGUF file's values."""
-    return {ours: f"{arch}.{key}" for key, ours in GGUF_KEYS.get(arch, {}).items()}
+    rope = {"factor": "rope.scaling.factor", "original_max_position_embeddings": "rope.scaling.original_context_length",
+            "beta_fast": "rope.scaling.yarn_beta_fast", "beta_slow": "rope.scaling.yarn_beta_slow",
+            "mscale": "rope.scaling.yarn_log_multiplier", "mscale_all_dim": "rope.scaling.yarn_log_multiplier"}
+    return ({ours: f"{arch}.{key}" for key, ours in GGUF_KEYS.get(arch, {}).items()}
+            | {f"rope_scaling.{ours}": f"{arch}.{key}" for ours, key in rope.items()})
 
 
 def hf_config(f: GGUFFile) -> dict:

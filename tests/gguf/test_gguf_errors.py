@@ -187,6 +187,7 @@ def test_block_count_must_match_the_layers_present(tmp_path, small, count):
     ("deepseek2.rope.freq_base", -1.0, "deepseek2.rope.freq_base is -1.0"),
     ("deepseek2.attention.layer_norm_rms_epsilon", -1.0, "deepseek2.attention.layer_norm_rms_epsilon is -1.0"),
     ("deepseek2.expert_weights_scale", -2.5, "deepseek2.expert_weights_scale is -2.5"),
+    ("deepseek2.rope.scaling.factor", float("nan"), "deepseek2.rope.scaling.factor is nan"),
 ])
 def test_metadata_values_out_of_range_name_the_key(tmp_path, small, key, value, want):
     """These ended in NaN logits and empty text with exit 0, or in a foreign exception at the first forward."""
