@@ -260,7 +260,7 @@ def hf_config(f: GGUFFile) -> dict:
     # module tree, and a smaller one from silently dropping layers).
     blocks = {int(m[1]) for m in map(re.compile(r"blk\.(\d+)\.").match, f.tensors) if m}
     count = cfg["num_hidden_layers"]
-    if blocks != set(range(count)):
+    if len(blocks) != count or blocks and max(blocks) != count - 1:  # distinct numbers >= 0: they are 0..count-1
         have = f"layers {min(blocks)} to {max(blocks)} ({len(blocks)} in all)" if blocks else "no layers"
         raise ModelFileError(f"{f.path}: metadata {arch}.block_count is {count} but the file has tensors for "
                              f"{have}; the file is damaged or was written wrongly")
