@@ -172,7 +172,7 @@ def test_a_vocabulary_llama_cpp_still_aborts_on_is_caught_in_the_child(small, tm
         gguf_tokenizer.GGUFTokenizer(path)
 
 
-@pytest.mark.parametrize("count", [1, 2, 4])
+@pytest.mark.parametrize("count", [1, 2, 4, 2 ** 31 - 1])
 def test_block_count_must_match_the_layers_present(tmp_path, small, count):
     """block_count 2 used to drop a layer silently, 1 to end in StopIteration, 4 in a missing-tensor error."""
     f = rewrite(small, tmp_path / "b.gguf", kv={"deepseek2.block_count": count})
