@@ -204,8 +204,9 @@ def run_case(mode: str, seeds: dict, seed: int, i: int, work: Path) -> dict:
         return {"outcome": "ours", "error": type(e).__name__, "detail": msg[:200]}
     except Exception as e:  # noqa: BLE001 (what this script counts)
         import traceback
-        return {"outcome": "foreign", "error": type(e).__name__, "detail": f"{str(e)[:200]} @ "
-                f"{traceback.extract_tb(e.__traceback__)[-1].filename}:{traceback.extract_tb(e.__traceback__)[-1].lineno}"}
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        return {"outcome": "foreign", "error": type(e).__name__,
+                "detail": f"{str(e)[:200]} @ {where.filename}:{where.lineno}"}
     finally:
         import shutil
         if case.is_dir():

@@ -150,8 +150,8 @@ def test_damaged_vocabulary_is_one_line_not_an_abort(small, tmp_path, kind, want
     """llama.cpp's vocabulary loader aborts the whole process on these (exit 134), for `generate` and for
     hybridmoe.load() in a user's program."""
     path = damaged_vocab(small, tmp_path, kind)
-    r = run_python("import sys, hybridmoe\ntry:\n    hybridmoe.load(sys.argv[1])\nexcept hybridmoe.ModelFileError as e:\n"
-                   "    print(e)\n    sys.exit(7)", str(path))
+    r = run_python("import sys, hybridmoe\ntry:\n    hybridmoe.load(sys.argv[1])\n"
+                   "except hybridmoe.ModelFileError as e:\n    print(e)\n    sys.exit(7)", str(path))
     assert r.returncode == 7, r.stderr[-2000:]
     assert re.search(want, r.stdout) and str(path) in r.stdout
     r = run_python("import sys; from hybridmoe.cli import main; sys.exit(main(sys.argv[1:]))", "generate", str(path),
