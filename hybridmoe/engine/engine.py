@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ..errors import ConfigError, ContextOverflowError
+from ..errors import ConfigError, ContextOverflowError, EngineBusyError
 from ..layers.attention import stack_qkv_projections
 from ..layers.cache import Batch
 from ..models.graphs import DecodeGraphs
@@ -74,6 +75,9 @@ class Engine:
             limit = min(limit, int(sliding))  # past the window the reference attends differently
         self.max_context = min(context, limit) if context else min(limit, 4096)
         self.cancel = threading.Event()
+        # One model, one KV cache: generations and logits() from several threads take turns (see generate()).
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread holding _lock
 
     @property
     def model_type(self) -> str:
@@ -95,9 +99,24 @@ class Engine:
             raise ContextOverflowError(f"{len(token_ids)} tokens exceed the context of {self.max_context}; "
                                        "raise --ctx or pass fewer tokens")
         self._check_ids(token_ids)
-        with torch.inference_mode():
+        with self._turn(), torch.inference_mode():
             batch = Batch.make([0], [len(token_ids)], None, self.device)
             return self.model(torch.tensor([token_ids], device=self.device), batch)[0]
+
+    @contextmanager
+    def _turn(self):
+        """Hold the engine for one generation or logits() call. Another thread waits its turn; the same thread,
+        with an earlier generation still open, gets an error instead of waiting for itself forever."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise EngineBusyError("this engine is already generating in this thread: finish the earlier generate() "
+                                  "or chat() iterator, or close() it, before starting another")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def _check_ids(self, token_ids: list[int]) -> None:
         vocab = self.args.vocab_size
@@ -108,7 +127,12 @@ class Engine:
     def generate(self, prompt_or_messages: str | list[dict] | list[int], config: GenerationConfig | None = None,
                  **overrides) -> Iterator[Event]:
         """Events for a completion of a plain prompt (str), of token ids (list of int), or of a conversation
-        (list of role/content dicts)."""
+        (list of role/content dicts).
+
+        One engine serves one generation at a time: iterators consumed in several threads take turns (each waits,
+        at its first event, until the one before has ended), so every answer is the one it would be alone. In one
+        thread, starting a second iteration while the first is still open raises EngineBusyError. To serve
+        concurrent requests, use a batch scheduler."""
         cfg = (config or GenerationConfig()).updated(**overrides)
         if isinstance(prompt_or_messages, str):
             return self._run(self._tok().encode(prompt_or_messages), cfg, prompt_opens_think(prompt_or_messages))
@@ -126,10 +150,11 @@ class Engine:
         return self._run(ids, cfg, prompt_opens_think(text))
 
     def _run(self, ids: list[int], cfg: GenerationConfig, in_think: bool) -> Iterator[Event]:
-        self.cancel.clear()
         eos = self.tokenizer.eos_ids if self.tokenizer else set(_as_ids(self.config.get("eos_token_id")))
-        return generate_loop(self.model, self.tokenizer, eos, ids, cfg, max_context=self.max_context, in_think=in_think,
-                             cancel=self.cancel)
+        with self._turn():
+            self.cancel.clear()  # a stop() meant for the generation before this one
+            yield from generate_loop(self.model, self.tokenizer, eos, ids, cfg, max_context=self.max_context,
+                                     in_think=in_think, cancel=self.cancel)
 
     def stop(self) -> None:
         """Ask a running generation to end after the current step (thread-safe)."""
@@ -234,14 +259,16 @@ def _load_gguf(path, dev: torch.device, dt: torch.dtype, opts: RunOptions,
     from .gguf_tokenizer import GGUFTokenizer, llama_cpp_available
 
     experts_acts, linear_acts = activation_modes(opts.cpu_activations)
-    loaded, experts = load_gguf(path, dev, dt, layer_devices, linear_acts,
+    source = path if isinstance(path, GGUFFile) else GGUFFile(path)
+    loaded, experts = load_gguf(source, dev, dt, layer_devices, linear_acts,
                                 gpu_blocks=opts.gpu_weights == GpuWeights.QUANTIZED)
     # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout
     packed = not offloaded and opts.experts_tier == Tier.PINNED
     loaded.model.experts = QuantExperts(experts, tier="packed" if packed else "mmap",
                                         activations="f32" if offloaded else experts_acts)
     # Without llama-cpp-python the model still scores token ids; text needs its tokenizer.
-    file = path.path if isinstance(path, GGUFFile) else path
-    loaded.tokenizer = GGUFTokenizer(file, loaded.config.get("chat_template")) if llama_cpp_available() else None
+    file = source.path
+    loaded.tokenizer = GGUFTokenizer(file, loaded.config.get("chat_template"), source) \
+        if llama_cpp_available() else None
     return loaded
 # --- end GGUF ---

@@ -287,7 +287,9 @@ def save(profile: Profile, path: str | Path, header: list[str] = (), comments: d
     text = dumps(profile, header, comments)
     loads(text, path)  # never write a file that would not load back
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    from ..formats.atomic import staged
+    with staged(path) as tmp:  # a failed write leaves an existing profile as it was
+        tmp.write_text(text)
     return path
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFileError
-from ..formats.gguf import GGUFFile, GGUFTensor, hf_config
 from ..formats.families import GGUF_ROPE_PERMUTED, GGUF_TENSORS
+from ..formats.gguf import GGUFFile, GGUFTensor, hf_config, metadata_names
 from ..formats.gguf_names import GGUF_IGNORED
 from ..formats.names import NameMap
 from ..quant import dequantize, get_format
-from .loader import F32_PARAMS, LoadedModel, model_args, param_device
+from .loader import F32_PARAMS, LoadedModel, model_args, param_device, tie_output
 
 LAYER = re.compile(r"blk\.(\d+)\.")
 PROJ_SHAPES = {"gate": lambda inter, dim: (inter, dim), "up": lambda inter, dim: (inter, dim),
@@ -106,7 +106,7 @@ def load_gguf(path: str | Path | GGUFFile, device: str | torch.device = "cpu", d
     decode (layers.quant_linear). gpu_blocks: linear layers on CUDA keep their GGUF blocks (GpuQuantLinear)."""
     gf = path if isinstance(path, GGUFFile) else GGUFFile(path)
     cfg = hf_config(gf)
-    family, args = model_args(cfg, f"{gf.path} (GGUF metadata)")
+    family, args = model_args(cfg, f"{gf.path} (GGUF metadata)", metadata_names(gf.arch))
     with torch.device("meta"):
         model = family.build(args)
     names = NameMap(GGUF_TENSORS[gf.arch], ignored=GGUF_IGNORED)
@@ -165,10 +165,8 @@ def load_gguf(path: str | Path | GGUFFile, device: str | torch.device = "cpu", d
                 w = unpermute_rope_rows(w, heads)
         return w.to(device=param_device(ours, devices), dtype=want)
 
-    model.load_state_dict({k: fetch(k) for k in params}, assign=True, strict=True)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    elif all(d.type == "cpu" for d in devices):
+    tie_output(model, {k: fetch(k) for k in params}, args, devices)
+    if not args.tie_embeddings and all(d.type == "cpu" for d in devices):
         keep_quantized(model, found, permuted, linear_activations)
     elif gpu_blocks:
         keep_quantized_on_gpu(model, found, permuted)
