@@ -37,7 +37,7 @@ def build_seeds(work: Path) -> dict[str, Path]:
     sys.path.insert(0, str(ROOT / "tests"))
     import tiny
 
-    from hybridmoe.formats.convert import convert
+    from hybridmoe.models.convert import convert
     hf = tiny.deepseek_v3(work / "hf", num_hidden_layers=2)
     qwen = tiny.qwen3_moe(work / "qwen", num_hidden_layers=2)
     return {"hf": hf, "qwen": qwen, "gguf": convert(hf, work / "seed.gguf", "q8_0", progress=False),

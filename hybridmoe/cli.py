@@ -300,7 +300,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_convert(args) -> int:
-    from .formats.convert import convert
+    from .models.convert import convert
     out = convert(model_path(args.model), args.out, args.type, progress=True, tokenizer_pre=args.tokenizer_pre)
     print(f"wrote {out} ({Path(out).stat().st_size / 2 ** 30:.2f} GiB)")
     return 0

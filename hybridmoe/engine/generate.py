@@ -18,19 +18,18 @@ from .tokenizer import StreamDecoder, Tokenizer
 
 
 def expert_stats(model: Transformer) -> dict:
-    take = getattr(model.experts, "take_stats", None)
-    return take() if take else {}
+    return model.experts.take_stats()
 
 
 def with_memory_retry(fn, model: Transformer, notices: list[str]):
     """Run fn(); on GPU out-of-memory, let the offload engine give memory back (shrinking its expert cache) and
     retry, so an answer never dies mid-way for want of cache space."""
-    release = getattr(model.experts, "release_memory", None)
+    release = model.experts.release_memory
     while True:
         try:
             return fn()
         except torch.OutOfMemoryError:
-            msg = release() if release is not None else None
+            msg = release()
             if msg is None:
                 raise
             notices.append(msg)

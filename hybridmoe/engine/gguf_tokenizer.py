@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, ModelFileError
 from ..formats import llama_child
-from ..formats.convert import quiet_llama_cpp
+from ..models.convert import quiet_llama_cpp
 from ..formats.gguf import GGUFFile, split_parts
 from ..formats.gguf_vocab import check_vocab
 from .tokenizer import ChatTemplate, check_text

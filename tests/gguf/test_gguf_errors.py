@@ -24,7 +24,7 @@ from hybridmoe.models.gguf_loader import load_gguf
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, tiny_models):
     """A tiny DeepSeek-V3 (64 wide) at q8_0: small enough to rewrite many times."""
-    from hybridmoe.formats.convert import convert
+    from hybridmoe.models.convert import convert
     return convert(tiny_models("deepseek_v3"), tmp_path_factory.mktemp("small") / "m.gguf", "q8_0", progress=False)
 
 

@@ -28,12 +28,12 @@ from gguf.quants import quantize
 from gguf.vocab import LlamaHfVocab
 
 from ..errors import ConfigError, ModelFileError
-from . import llama_child
-from .atomic import check_destination, staged, temporary_name
-from .fp8 import dequant_fp8_blocks
-from .families import ARCH_OF_MODEL_TYPE, BY_MODEL_TYPE, GGUF_ROPE_PERMUTED, GGUF_TENSORS
-from .names import NameMap
-from .safetensors import SafetensorsFiles
+from ..formats import llama_child
+from ..formats.atomic import check_destination, staged, temporary_name
+from ..formats.fp8 import dequant_fp8_blocks
+from ..formats.families import ARCH_OF_MODEL_TYPE, BY_MODEL_TYPE, GGUF_ROPE_PERMUTED, GGUF_TENSORS
+from ..formats.names import NameMap
+from ..formats.safetensors import SafetensorsFiles
 
 TARGETS = {"f32": LlamaFileType.ALL_F32, "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
            "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M}
@@ -125,7 +125,7 @@ def _read_config(src: Path) -> dict:
     if not isinstance(mt, str) or mt not in ARCH_OF_MODEL_TYPE:
         raise ConfigError(f"{path}: model_type {mt!r} cannot be converted to GGUF; supported: "
                           f"{', '.join(ARCH_OF_MODEL_TYPE)}")
-    from ..models.loader import model_args  # the same checks of every value as when loading the directory
+    from .loader import model_args  # the same checks of every value as when loading the directory
     model_args(cfg, str(path))
     return cfg
 
