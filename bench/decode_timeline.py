@@ -1,6 +1,7 @@
 """Where one decode step's time goes, per MoE layer: the step's wall time, the GPU's kernel and copy time (from
-torch.profiler), and the CPU expert kernels' own time (each layer's CPU work run alone on the host, from the same
-buffers); what is left is the fixed cost per layer (launches, host syncs, Python, waits).
+torch.profiler), the CPU experts' time inside the host nodes (their time-stamp counters), the gap between one
+layer's node ending and the next one's starting (the GPU's work for a layer, the copies, waking the driver's thread),
+and the same CPU work run alone from Python after a pause; what is left is the fixed cost per layer.
 
     python bench/decode_timeline.py MODEL.gguf [--slots 0] [--tokens 64] [--load '{"cpu_activations": "int8"}']
 
@@ -26,11 +27,11 @@ from hybridmoe.engine.bench import _Counters, run_stream  # noqa: E402
 def cpu_kernel_ms(experts, layers: list[int], reps: int) -> float | None:
     """Median ms of one decode step's CPU experts per layer, run alone on the host (the host nodes' task blocks,
     with the inputs of the last step), or None where the layers have no host node."""
-    nodes = getattr(experts, "cpu_nodes", {})
-    blocks = [nodes[layer] for layer in layers if nodes.get(layer) is not None]
+    blocks = nodes_of(experts, layers)
     if not blocks:
         return None
     from hybridmoe.kernels.cpu import host_task
+    time.sleep(0.5)  # the driver thread's OpenMP team stops spinning
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -38,6 +39,31 @@ def cpu_kernel_ms(experts, layers: list[int], reps: int) -> float | None:
             host_task.run(node.block)
         times.append((time.perf_counter() - t0) / len(blocks))
     return 1e3 * statistics.median(times)
+
+
+def nodes_of(experts, layers: list[int]) -> list:
+    nodes = getattr(experts, "cpu_nodes", {})
+    return [nodes[layer] for layer in layers if nodes.get(layer) is not None]
+
+
+class Seen(_Counters):
+    """The bench's counters plus the CPU experts' time the steps' stats report (the host nodes' own clocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpu_s, self.steps = 0.0, 0
+
+    def add(self, extra: dict) -> None:
+        super().add(extra)
+        self.cpu_s += extra.get("cpu_expert_s", 0.0)
+        self.steps += 1
+
+
+def gap_us(nodes: list, rate: float) -> float:
+    """The median gap in us from one layer's node ending to the next one's starting, in the last step."""
+    from hybridmoe.kernels.cpu import host_task as ht
+    gaps = [(int(b.block[ht.STARTED]) - int(a.block[ht.ENDED])) / rate * 1e6 for a, b in zip(nodes, nodes[1:])]
+    return statistics.median(gaps) if gaps else float("nan")
 
 
 def main() -> int:
@@ -57,8 +83,13 @@ def main() -> int:
     vocab = model.tok_embeddings.weight.shape[0]
     stream = torch.randint(8, vocab, (a.tokens + 1,), generator=torch.Generator().manual_seed(1)).tolist()
     run_stream(eng, stream, _Counters())  # warm-up: graphs captured, pages read
-    counters = _Counters()
+    counters = Seen()
+    experts = getattr(model.experts, "experts", model.experts)
+    nodes = nodes_of(experts, model.moe_layers())
     rates = [run_stream(eng, stream, counters) for _ in range(3)]
+    from hybridmoe.kernels.cpu import host_task as ht
+    in_node = (counters.cpu_s / max(1, counters.steps) / len(model.moe_layers()) * 1e6,
+               gap_us(nodes, ht.cycles_per_second())) if nodes else None
     step_ms = 1e3 / max(rates)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -77,7 +108,6 @@ def main() -> int:
     steps = len(stream)
     moe = model.moe_layers()
     layers = len(model.layers)
-    experts = getattr(model.experts, "experts", model.experts)
     cpu_ms = cpu_kernel_ms(experts, moe, 20)
     gpu_ms, copy_ms = kernels / 1e3 / steps, copies / 1e3 / steps
     graphs = model.decode_graphs
@@ -86,11 +116,14 @@ def main() -> int:
           f"{'off' if graphs is None else f'{len(graphs.spans())} spans, enabled {graphs.enabled}'}")
     print(f"decode {1e3 / step_ms:.1f} tok/s (best of {len(rates)}): {step_ms:.2f} ms per step; "
           f"{n_kernels / steps:.0f} kernels per step")
-    print(f"{'per MoE layer (us)':<28}{'step':>8}{'GPU kernels':>13}{'copies':>8}{'CPU experts':>13}{'rest':>8}")
+    print(f"{'per MoE layer (us)':<20}{'step':>8}{'GPU kernels':>13}{'copies':>8}{'CPU in node':>13}"
+          f"{'gap':>8}{'CPU alone':>11}{'rest':>8}")
     per = 1e3 / len(moe)
-    cpu = cpu_ms * 1e3 if cpu_ms is not None else float("nan")
-    rest = step_ms * per - gpu_ms * per - (cpu if cpu_ms is not None else 0.0)
-    print(f"{'':<28}{step_ms * per:>8.0f}{gpu_ms * per:>13.0f}{copy_ms * per:>8.0f}{cpu:>13.0f}{rest:>8.0f}")
+    inside, gap = in_node if in_node else (float("nan"), float("nan"))
+    alone = cpu_ms * 1e3 if cpu_ms is not None else float("nan")
+    rest = step_ms * per - gpu_ms * per - (inside if in_node else 0.0)
+    print(f"{'':<20}{step_ms * per:>8.0f}{gpu_ms * per:>13.0f}{copy_ms * per:>8.0f}{inside:>13.0f}{gap:>8.0f}"
+          f"{alone:>11.0f}{rest:>8.0f}")
     return 0
 
 

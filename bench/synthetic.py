@@ -39,7 +39,7 @@ SHAPES = {
 def write(shape: str, path: Path, layers: int | None = None, zipf: float = 0.0,
           expert_type: Q = Q.Q4_K, other_type: Q = Q.Q8_0, progress: bool = True) -> Path:
     import tiny
-    from hybridmoe.formats import synthetic
+    from hybridmoe.models import synthetic
     cfg = dict(SHAPES[shape])
     if layers:
         cfg["num_hidden_layers"] = layers

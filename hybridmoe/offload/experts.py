@@ -10,6 +10,11 @@ the shared expert; then the CPU experts run in the calling thread (numba's kerne
 while the GPU works through its queue, and their outputs reach the device in one copy. Every expert's output lands
 in a fixed [token, k] position and is combined in a fixed order, so results do not depend on where an expert ran,
 the cache size, prefetching, or timing.
+
+One-token steps inside the decode graphs (`start_device`) take no host sync: where the CPU computes a layer's
+missing experts (8-bit activations, the file's bytes) they run in a host node on the GPU stream, and where a cache
+holds part of the layer's experts a slot table on the device says which ones the GPU computes; the cache then
+changes only between steps (`_finish_step`), from the ids the step leaves in host buffers.
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ from .stream import AHEAD_USED, LayerStream, held_by, prefill_layer, shares
 
 
 REUSED = 2.0  # decayed use count: an expert used in most of the last few steps
+# Copies into the cache that a stage starts per decode step (`_admit_hot`, `_admit_landing`): the CPU computes a missing
+# expert sooner than PCIe copies it, so a copy pays only by reuse, and from the mmap tier it holds the host meanwhile
+ADMIT_PER_STEP = 4
 
 
 @dataclass
@@ -112,6 +120,10 @@ class OffloadExperts:
         # Layers whose stage has no slots, served by the CPU through a host node at decode (None: not possible)
         self.cpu_nodes: dict[int, object] = {}
         self.device_ids: dict[int, torch.Tensor] = {}  # layer -> the ids tensor its device-only work writes
+        self.slot_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # partly cached layers (_slot_table)
+        self.tables_changed: set[int] = set()
+        self.landing: list[tuple] = []  # (stage, key, slot, CUDA event or None): admitted, copy not yet known done
+        self.admitted: dict[DeviceSlots, int] = {}  # copies started per stage at this step boundary
         self.device_steps: list[int] = []  # device-only layers run since the last stats, read lazily
         self.generation = 0  # bumped when slot buffers are reallocated: captured graphs must be dropped
         self.streams: dict[int, LayerStream] = {}  # stage -> its staging for streamed prefill (add_streams)
@@ -254,7 +266,7 @@ class OffloadExperts:
             if order != sorted(order):  # back into k order
                 inverse = sorted(range(len(order)), key=order.__getitem__)
                 parts = parts[to_device(torch.tensor(inverse), x.device)]
-            self._release(dev, layer, on_gpu, on_cpu)
+            self._release(dev, layer, on_gpu, on_cpu, decode=True)
             return combine(parts.transpose(0, 1), weights, x.dtype)  # [1, K, D] -> [1, D]
 
         return finish
@@ -358,6 +370,11 @@ class OffloadExperts:
             got = cache.admit((layer, e)) if cache.n_slots else None
             if got is not None:
                 admit[e] = got[0]
+                # the decode graphs' slot tables (partly cached layers): their device copies are refreshed at the
+                # step's end (take_stats), after the copy from staging queued below
+                if got[1] is not None:
+                    self._set_slot(got[1], -1)
+                self._set_slot((layer, e), got[0])
         if dev.copy_stream is not None:  # slots filled ahead (prefetch, admissions) must have landed
             torch.cuda.current_stream(dev.device).wait_stream(dev.copy_stream)
         t0 = time.perf_counter()
@@ -420,19 +437,20 @@ class OffloadExperts:
             for _, j in on_ring:
                 dev.ahead_free[j] = done
 
-    def _release(self, dev: DeviceSlots, layer: int, on_gpu, on_cpu) -> None:
+    def _release(self, dev: DeviceSlots, layer: int, on_gpu, on_cpu, decode: bool = False) -> None:
         cache = dev.cache
         for e, _ in on_gpu:
             cache.unpin((layer, e))
         for key in self.prefetched.pop(layer, []):
             cache.unpin(key)
-        self._admit_hot(dev, layer, on_cpu)
+        self._admit_hot(dev, layer, on_cpu, decode)
 
     # -- one token as device work only (what the decode graphs capture) --------------------------------------
     def device_only(self, layer: int) -> bool:
         """Whether one token's experts of this layer run without a host sync: every expert of the stage sits in a
-        slot for good (computed there from ids looked up on the device), or the stage has no slots and the CPU
-        serves the layer through a host node (`host_node.CpuExpertsNode`)."""
+        slot for good (computed there from ids looked up on the device), or the CPU serves the experts that are
+        not in a slot through a host node (`host_node.CpuExpertsNode`), the whole layer where the stage has no
+        slots."""
         return self.graph_resident(layer) or self._cpu_node(layer) is not None
 
     def start_device(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
@@ -451,31 +469,84 @@ class OffloadExperts:
         if node is None:
             raise RuntimeError(f"layer {layer}'s experts need a host sync")
         self.device_ids[layer] = node.ids  # the host buffer the node's copy fills at every run
-        return node.start(x, ids, weights)
+        if node.slots is None:
+            return node.start(x, ids, weights)
+        # Part of the layer's experts sit in slots: the slot table (on the device, and its host copy that the node
+        # reads) says which; the GPU computes those while the CPU computes the others, each expert's output lands
+        # in its own row k, and they are combined in k order (as the host-placed path does)
+        slot_ids = self.slot_tables[layer][0][ids[0]]  # [K]: a slot, or -1 for the CPU
+        cpu_parts = node.start(x, ids, weights)
+        ys = self.store.compute_slots_graph(dev.buffers, slot_ids, layer, x)  # [K, 1, D], misses' rows unwritten
+
+        def finish() -> torch.Tensor:
+            parts = torch.where((slot_ids >= 0)[:, None], ys[:, 0], cpu_parts())  # [K, D]
+            return combine(parts[None], weights, x.dtype)
+
+        return finish
 
     def ran_device(self, layer: int) -> None:
         self.device_steps.append(layer)
 
     def _cpu_node(self, layer: int):
-        """The layer's CPU experts as a host node, where every decode expert of the layer runs on the CPU (a stage
-        without slots, the cost model's choice) and the store has a C-callable kernel for them; else None."""
+        """The layer's CPU experts as a host node where the cost model sends decode misses to the CPU and the store
+        has a C-callable kernel for them: for the whole layer on a stage without slots, for the experts outside the
+        slots where the stage caches part of its experts (not all: those layers are resident). Else None."""
         if layer in self.cpu_nodes:
             return self.cpu_nodes[layer]
         dev = self.stages[self.layer_stage[layer]]
         node = None
         nbytes, flops = self.store.expert_nbytes(), self.store.flops_per_token()
-        if not dev.cache.n_slots and dev.ahead is None and self.cost.place(1, nbytes, flops, False) == "cpu":
-            got = self.store.host_task_weights(layer)
-            if got is not None:
-                from .host_node import CpuExpertsNode
-                # The thread that drives the GPU spins while it waits for a step: leave it a core of its own, or
-                # the kernels' static work split waits for the thread sharing its core (2x slower on 16 cores)
-                threads = ck.get_threads()
-                if dev.device.type == "cuda" and threads >= (os.cpu_count() or 1) > 1:
-                    threads -= 1
-                node = CpuExpertsNode(*got[0], got[1], self.top_k, dev.device, threads=threads)
+        got = self.store.host_task_weights(layer)
+        partial = dev.cache.n_slots > 0 and not self._stage_full(dev) and self.store.graph_slots(dev.buffers, layer)
+        if (got is not None and dev.ahead is None and self.cost.place(1, nbytes, flops, False) == "cpu"
+                and (not dev.cache.n_slots or partial)):
+            from .host_node import CpuExpertsNode
+            # The thread that drives the GPU spins while it waits for a step: leave it a core of its own, or the
+            # kernels' static work split waits for the thread sharing its core (2x slower on 16 cores)
+            threads = ck.get_threads()
+            if dev.device.type == "cuda" and threads >= (os.cpu_count() or 1) > 1:
+                threads -= 1
+            slots = self._slot_table(layer)[1].numpy() if partial else None
+            node = CpuExpertsNode(*got[0], got[1], self.top_k, dev.device, threads=threads, slots=slots)
         self.cpu_nodes[layer] = node
         return node
+
+    def _slot_table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(device int32 [E], its host copy): each expert's slot in its stage's buffers, or -1 where it has none or
+        its copy into one has not landed yet. Changed only between decode steps (`_finish_step`)."""
+        got = self.slot_tables.get(layer)
+        if got is None:
+            dev = self.stages[self.layer_stage[layer]]
+            landing = {key for _, key, _, _ in self.landing}
+            slots = [-1 if (layer, e) in landing else dev.cache.lookup((layer, e))
+                     for e in range(self.store.n_experts[layer])]
+            host = torch.tensor([-1 if s is None else s for s in slots], dtype=torch.int32,
+                                pin_memory=dev.device.type == "cuda")
+            got = self.slot_tables[layer] = (host.to(dev.device), host)
+        return got
+
+    def _set_slot(self, key: tuple[int, int], slot: int) -> None:
+        table = self.slot_tables.get(key[0])
+        if table is not None:
+            table[1][key[1]] = slot
+            self.tables_changed.add(key[0])
+
+    def _finish_step(self) -> None:
+        """After a decode step (nothing queued reads the tables now): count the device-only layers' expert use
+        from their ids; in partly cached layers, record the uses in the cache and admit CPU-served experts that
+        have become hot (the host-placed path's rule, `_admit_hot`), each copy landing in the background: its
+        victim leaves the tables now, the new expert joins them at the first step boundary after its copy is done.
+        """
+        self.admitted.clear()
+        self._count_device()
+        for dev, key, slot, done in list(self.landing):
+            if done is None or done.query():
+                self._set_slot(key, slot)
+                self.landing.remove((dev, key, slot, done))
+        for layer in self.tables_changed:
+            device, host = self.slot_tables[layer]
+            device.copy_(host, non_blocking=True)  # queued before the next step reads it
+        self.tables_changed.clear()
 
     def graph_resident(self, layer: int) -> bool:
         """Whether `resident` serves this layer's decode steps: its stage's cache holds all of the stage's experts
@@ -491,7 +562,7 @@ class OffloadExperts:
     def _count_device(self) -> None:
         """Expert use of the device-only layers' steps, read from their ids after the fact (one small copy per
         device for the resident ones: a copy per layer would be a host sync per layer; the CPU nodes' ids are in
-        host buffers already)."""
+        host buffers already). Partly cached layers also update their cache (see `_finish_step`)."""
         steps = self.device_steps
         rows: list[list[int]] = [[] for _ in steps]
         for device in {self.device_ids[layer].device for layer in steps}:
@@ -502,12 +573,42 @@ class OffloadExperts:
                 rows[i] = flat[j * k:(j + 1) * k]
         for layer, row in zip(steps, rows):
             counters = self._count_use(layer, [(e, 1) for e in row])
-            if self.cpu_nodes.get(layer) is not None:
-                counters.misses += len(row)
-                counters.cpu += len(row)
-            else:
+            node = self.cpu_nodes.get(layer)
+            if node is None:
                 counters.hits += len(row)
+                continue
+            on_cpu = row if node.slots is None else [e for e in row if node.slots[e] < 0]
+            self.stats.cpu_s += node.take_seconds()
+            counters.hits += len(row) - len(on_cpu)
+            counters.misses += len(on_cpu)
+            counters.cpu += len(on_cpu)
+            if node.slots is not None:
+                dev = self.stages[self.layer_stage[layer]]
+                for e in row:
+                    dev.cache.touch((layer, e), 1)
+                self._admit_landing(dev, layer, on_cpu)
         self.device_steps.clear()
+
+    def _admit_landing(self, dev: DeviceSlots, layer: int, served_by_cpu: list[int]) -> None:
+        for e in served_by_cpu:
+            key = (layer, e)
+            if self.admitted.get(dev, 0) >= ADMIT_PER_STEP or not dev.cache.would_admit(key, min_score=REUSED):
+                continue
+            self.admitted[dev] = self.admitted.get(dev, 0) + 1
+            got = dev.cache.admit(key)
+            if got is None:
+                continue
+            slot, evicted = got
+            if evicted is not None:
+                self._set_slot(evicted, -1)
+            # the copy waits for everything queued so far, so nothing still reads the victim's slot
+            self.stats.bytes_copied += self._copy(dev, slot, layer, e, wait=False)
+            self.stats.layers[layer].copies += 1
+            done = None
+            if dev.copy_stream is not None:
+                done = torch.cuda.Event()
+                done.record(dev.copy_stream)
+            self.landing.append((dev, key, slot, done))
 
     def _count_use(self, layer: int, tokens_of) -> LayerCounters:
         """Add (expert, tokens) pairs to the step's per-expert use; -> the layer's counters, to count hits etc."""
@@ -549,13 +650,18 @@ class OffloadExperts:
         dev.staging_free[j].record(compute)
         return y
 
-    def _admit_hot(self, dev: DeviceSlots, layer: int, served_by_cpu: list[int]) -> None:
+    def _admit_hot(self, dev: DeviceSlots, layer: int, served_by_cpu: list[int], decode: bool = False) -> None:
         """Experts served by the CPU that have become hotter than the coldest cached one take its slot, if they
         were used more than once lately: under routing without locality, admitting every expert used once would
-        spend PCIe on experts that are not used again before they are evicted."""
+        spend PCIe on experts that are not used again before they are evicted. At decode, at most ADMIT_PER_STEP
+        copies per stage and step (as `_admit_landing`)."""
         for e in served_by_cpu:
             key = (layer, e)
+            if decode and self.admitted.get(dev, 0) >= ADMIT_PER_STEP:
+                return
             if dev.cache.would_admit(key, min_score=REUSED):
+                if decode:
+                    self.admitted[dev] = self.admitted.get(dev, 0) + 1
                 got = dev.cache.admit(key)
                 if got is not None:
                     self.stats.bytes_copied += self._copy(dev, got[0], layer, e, wait=False)
@@ -634,6 +740,9 @@ class OffloadExperts:
         self.prefetched.clear()
         self.resident_slots.clear()
         self.resident_host.clear()
+        self.slot_tables.clear()  # the new cache starts empty; the host nodes read the tables: rebuild them too
+        self.landing.clear()
+        self.cpu_nodes.clear()
         self.generation += 1
         return before - dev.cache.n_slots
 
@@ -642,7 +751,7 @@ class OffloadExperts:
             dev.cache.tick()
 
     def take_stats(self) -> dict:
-        self._count_device()
+        self._finish_step()
         s, self.stats = self.stats, StepStats()
         hits = sum(c.hits for c in s.layers.values())
         misses = sum(c.misses for c in s.layers.values())

@@ -51,6 +51,7 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> No
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_TICKS_PER_S: float | None = None
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -61,11 +62,13 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class CpuExpertsNode:
-    """One MoE layer's routed experts, all on the CPU, for one token: out = sum_k w[k] * expert_{ids[k]}(x), the bits
-    `QuantStore.compute_host_sum` gives (8-bit activations, the file's bytes read in place)."""
+    """One MoE layer's routed experts on the CPU, for one token (8-bit activations, the file's bytes read in place).
+    Without `slots`: all of them, out = sum_k w[k] * expert_{ids[k]}(x) [1, D], the bits `QuantStore.compute_host_sum`
+    gives. With `slots` (int32 [E], a host table the caller keeps equal to the GPU's: the expert's slot, or -1): only
+    the experts without one, each in its row k of out [K, D]; the other rows are left for the GPU's results."""
 
     def __init__(self, gate: np.ndarray, up: np.ndarray, down: np.ndarray, types: tuple, top_k: int,
-                 device: torch.device, threads: int = 0):
+                 device: torch.device, threads: int = 0, chunk: int | None = None, slots: np.ndarray | None = None):
         from ..kernels.cpu import host_task  # compiles or loads the C entry point on first use
         self.task = host_task
         dim = down.shape[1]
@@ -73,12 +76,12 @@ class CpuExpertsNode:
         self.x = torch.empty(1, dim, dtype=torch.float32, pin_memory=pin)
         self.ids = torch.empty(1, top_k, dtype=torch.int64, pin_memory=pin)
         self.weights = torch.empty(1, top_k, dtype=torch.float32, pin_memory=pin)
-        self.out = torch.empty(1, dim, dtype=torch.float32, pin_memory=pin)
-        self.weights_raw = (gate, up, down)  # the block points into them
+        self.out = torch.zeros(1 if slots is None else top_k, dim, dtype=torch.float32, pin_memory=pin)
+        self.weights_raw, self.slots = (gate, up, down), slots  # the block points into them
         self.block = host_task.fill_block(
             host_task.new_block(), x=self.x.numpy(), ids=self.ids.numpy(), weights=self.weights.numpy(),
             out=self.out.numpy(), gate=gate, up=up, down=down, kinds=tuple(raw_int8.KIND[t] for t in types),
-            threads=threads)
+            mode=host_task.SUM if slots is None else host_task.PARTS, slots=slots, threads=threads, chunk=chunk)
         self.device = device
         self.stream = _side_stream(device) if device.type == "cuda" else None
 
@@ -87,10 +90,18 @@ class CpuExpertsNode:
         """How often the CPU has run this layer (a graph replay runs it without Python)."""
         return int(self.block[self.task.RUNS])
 
+    def take_seconds(self) -> float:
+        """Seconds the CPU spent inside this node since the last call."""
+        global _TICKS_PER_S
+        if _TICKS_PER_S is None:
+            _TICKS_PER_S = self.task.cycles_per_second(0.02)
+        ticks, self.block[self.task.CYCLES] = int(self.block[self.task.CYCLES]), 0
+        return ticks / _TICKS_PER_S
+
     def start(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """x [1, D], ids [1, K], weights [1, K] on the layer's device -> finish() -> [1, D] in x's dtype. On CUDA
-        everything is queued (graph-capturable); work queued on the current stream before finish() overlaps the
-        CPU's."""
+        """x [1, D], ids [1, K], weights [1, K] on the layer's device -> finish() -> out ([1, D] or [K, D], see the
+        class) in x's dtype. On CUDA everything is queued (graph-capturable); work queued on the current stream
+        before finish() overlaps the CPU's."""
         if self.stream is None:  # the CPU standing in for the GPU: run it now
             self.x.copy_(x)
             self.ids.copy_(ids)
@@ -100,7 +111,7 @@ class CpuExpertsNode:
         main = torch.cuda.current_stream(self.device)
         xf, ids, weights = x.float().contiguous(), ids.long().contiguous(), weights.float().contiguous()
         self.stream.wait_stream(main)
-        y = torch.empty(1, x.shape[-1], dtype=torch.float32, device=self.device)
+        y = torch.empty(self.out.shape, dtype=torch.float32, device=self.device)
         for dst, src in ((self.x, xf), (self.ids, ids), (self.weights, weights)):
             _copy(dst, src, self.stream)
         _check(_driver().cuLaunchHostFunc(self.stream.cuda_stream, self.task.ADDRESS, self.block.ctypes.data),

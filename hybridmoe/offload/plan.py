@@ -133,7 +133,18 @@ def make_plan(fp: Footprint, hw: Hardware, opts: PlanOptions | None = None) -> P
         notes.append(f"experts ({host_total / GiB:.0f} GiB) exceed RAM ({hw.ram_available / GiB:.0f} GiB): cold "
                      f"experts stream from disk at ~{hw.disk_read_bytes_per_s / 1e9:.1f} GB/s")
     threads = max(1, hw.cpu_cores)
-    if not hw.gpus:
+    if not hw.gpus:  # the other weights and the KV cache live in RAM too, beside pinned experts or the page cache
+        rest = fp.embed_bytes + fp.head_bytes + sum(fp.layer_bytes)
+        kv = sum(fp.kv_bytes_per_token) * tokens
+        need = rest + kv + (host_total if tier == "pinned" else 0)
+        if need > hw.ram_available:
+            fixes = [f"a smaller --ctx (KV takes {kv / GiB:.1f} GiB at {opts.context})"] if kv > rest / 4 else []
+            fixes += ["a GGUF file with smaller types", "a machine with more RAM or a GPU"]
+            problems.append(f"RAM: the weights other than routed experts ({rest / GiB:.1f} GiB) and the KV cache "
+                            f"({kv / GiB:.1f} GiB at context {opts.context})"
+                            + (f" and pinned experts ({host_total / GiB:.1f} GiB)" if tier == "pinned" else "")
+                            + f" need {need / GiB:.1f} GiB but {hw.ram_available / GiB:.1f} GiB is available: "
+                            f"{(need - hw.ram_available) / GiB:.1f} GiB short; to fit: " + ", or ".join(fixes))
         return Plan(not problems, [], {"tier": tier, "bytes": host_total, "cache_slots_total": 0}, threads,
                     0, opts.context, opts.batch, problems, notes + ["no GPU: everything runs on the CPU"])
 
@@ -249,11 +260,16 @@ def footprint_from_config(cfg: dict, weight_bytes: float = 2.0, expert_bytes: fl
                      6.0 * dim * inter, dense)
 
 
-def footprint_from_gguf(path, weight_bytes: float = 2.0, kv_bytes: int = 2) -> Footprint:
+def footprint_from_gguf(path, weight_bytes: float = 2.0, kv_bytes: int = 2,
+                        layers_as_stored: bool = False) -> Footprint:
     """Sizes from a GGUF file's header: experts as stored (host and slots hold the blocks), the other weights at
-    `weight_bytes` per parameter (they are widened to bf16 on the GPU)."""
+    `weight_bytes` per parameter (they are widened to bf16 on the GPU), or as stored (layers_as_stored: the CPU
+    runs them quantized)."""
     from ..formats.gguf import GGUFFile, hf_config
     f = GGUFFile(path)
+    if layers_as_stored:
+        rest = [t for name, t in f.tensors.items() if "_exps." not in name and len(t.shape) > 1]
+        weight_bytes = sum(t.nbytes for t in rest) / max(1, sum(math.prod(t.shape) for t in rest))
     base = footprint_from_config(hf_config(f), weight_bytes=weight_bytes, kv_bytes=kv_bytes)
     per_layer: dict[int, int] = {}
     for name, t in f.tensors.items():

@@ -375,9 +375,15 @@ class QuantStore:
     def compute_slots_graph(self, slots: torch.Tensor, slot_ids: torch.Tensor, layer: int,
                             x: torch.Tensor) -> torch.Tensor | None:
         """As compute_slots with the slot ids already on the device (no host work, so it can be graph-captured);
-        None where that path does not apply."""
+        None where that path does not apply. A negative id is an expert computed elsewhere: its rows are not
+        computed (zeros on the CPU stand-in, unwritten on a GPU)."""
         if slots.device.type == "cpu":  # the CPU standing in for a GPU: nothing to capture, same results
-            return self.compute_slots(slots, slot_ids.tolist(), layer, x)
+            ids = slot_ids.tolist()
+            ys = x.new_zeros(len(ids), x.shape[0], x.shape[1])  # negative ids: computed elsewhere
+            valid = [g for g, s in enumerate(ids) if s >= 0]
+            if valid:
+                ys[valid] = self.compute_slots(slots, [ids[g] for g in valid], layer, x)
+            return ys
         if x.shape[0] > gk.MAX_TOKENS or not self.graph_slots(slots, layer):
             return None
         return gk.experts_ffn(x, slots, slot_ids, self.layouts[layer].gpu).to(x.dtype)

@@ -5,34 +5,31 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
+from ..options import Accelerator, CpuActivations, RunOptions, Tier
 from .chunking import PREFILL_CHUNK, activation_bytes_per_token, size_prefill
+from .expert_store import ExpertStore
 from .experts import OffloadExperts
 from .prefetch import Prefetcher
 from .scheduler import CostModel
 from .store import DenseStore
 
 
-CPU_ACTIVATIONS = ("f32", "int8", "int8-all")
-
-
-def activation_modes(cpu_activations: str) -> tuple[str, str]:
+def activation_modes(cpu_activations: CpuActivations | str) -> tuple[str, str]:
     """--cpu-activations -> the activations of (the repacked routed experts' kernels, the other quantized linear
     layers' on the CPU). "int8" rounds only the experts' inputs to 8 bits; "int8-all" also those of attention and
     the output head, which costs far more accuracy (bench/RESULTS.md)."""
-    if cpu_activations not in CPU_ACTIVATIONS:
-        raise ConfigError(f"--cpu-activations {cpu_activations!r}: use one of {', '.join(CPU_ACTIVATIONS)}")
-    return ("f32" if cpu_activations == "f32" else "int8"), ("int8" if cpu_activations == "int8-all" else "f32")
+    mode = CpuActivations(cpu_activations)  # RunOptions has checked it
+    return ("f32" if mode == CpuActivations.F32 else "int8"), ("int8" if mode == CpuActivations.INT8_ALL else "f32")
 
 
-def make_store(experts, opts: "OffloadOptions"):
+def make_store(experts, opts: RunOptions) -> ExpertStore:
     """The host tier for a model's experts: float weights (HF) or raw GGUF blocks."""
-    pin = opts.experts_tier == "pinned" and torch.cuda.is_available()
+    pin = opts.experts_tier == Tier.PINNED and torch.cuda.is_available()
     if hasattr(experts, "weights"):  # LocalExperts
         return DenseStore(experts.weights, opts.experts_tier, pin=pin)
     from .quant_store import QuantStore
@@ -41,35 +38,8 @@ def make_store(experts, opts: "OffloadOptions"):
                       activations=activation_modes(opts.cpu_activations)[0])
 
 
-@dataclass(slots=True)
-class OffloadOptions:
-    accelerator: str = "cuda"  # "cuda", or "cpu" to simulate the GPUs on the CPU
-    devices: int = 1  # pipeline stages (GPUs, or simulated ones)
-    expert_cache_slots: int | None = None  # per device; None: from the plan; 0: no cache
-    prefetch: bool = True
-    prefetch_margin: int = 2
-    experts_tier: str = "mmap"  # "pinned" (copied once into pinned RAM) or "mmap" (page cache)
-    decay: float = 0.95
-    cpu_repack: bool = False  # GGUF experts: lane-interleaved copies for faster CPU decode (not bit-identical)
-    cpu_activations: str = "f32"  # GGUF on the CPU: "int8" rounds the repacked experts' x to 8 bits (faster),
-    # "int8-all" also the other quantized linear layers' (faster still, less accurate)
-
-    def __post_init__(self):
-        if self.accelerator not in ("cpu", "cuda"):
-            raise ValueError(f"--accelerator {self.accelerator!r}: use cpu or cuda")
-        if not 1 <= self.devices <= 16:
-            raise ValueError("--devices must be between 1 and 16")
-        if self.expert_cache_slots is not None and self.expert_cache_slots < 0:
-            raise ValueError("--expert-cache-slots must be >= 0")
-        if self.experts_tier not in ("pinned", "mmap"):
-            raise ValueError(f"--experts-tier {self.experts_tier!r}: use pinned or mmap")
-        activation_modes(self.cpu_activations)  # raises on an unknown mode
-        if self.prefetch_margin < 0:
-            raise ValueError("prefetch margin must be >= 0")
-
-
-def stage_devices(opts: OffloadOptions) -> list[torch.device]:
-    if opts.accelerator == "cpu":
+def stage_devices(opts: RunOptions) -> list[torch.device]:
+    if opts.accelerator == Accelerator.CPU:
         return [torch.device("cpu")] * opts.devices
     return [torch.device("cuda", i) for i in range(opts.devices)]
 
@@ -77,7 +47,9 @@ def stage_devices(opts: OffloadOptions) -> list[torch.device]:
 class OffloadRuntime:
     """Owns the offload machinery attached to one model; the generate loop takes its stats once per step."""
 
-    def __init__(self, model, store, opts: OffloadOptions, stages: list[int],
+    DECAY = 0.95  # of the expert cache's use counts per step
+
+    def __init__(self, model, store, opts: RunOptions, stages: list[int],
                  kv_bytes: list[int] | None = None, cost: CostModel | None = None, vram_reserve: int = 3 << 29,
                  context: int = 4096):
         """store: a DenseStore or QuantStore holding every MoE layer's experts. stages: the stage of every layer.
@@ -113,10 +85,17 @@ class OffloadRuntime:
         # Prefetch pays only where a cache holds some but not all of its stage's experts; its ring then holds one
         # step's predictions (top k + margin). Not from the mmap tier to a real GPU: copies from pageable memory
         # block the host, which would stall the step they are meant to overlap.
-        prefetching = opts.prefetch and any(0 < n < per_stage[s] for s, n in enumerate(slots))
+        # Where every MoE layer's decode misses run on the CPU through host nodes inside the step's graph, hot experts
+        # enter the cache between steps, and prefetching (which needs the host between layers) is off: at decode
+        # the CPU computes a missing expert sooner than PCIe copies it (cost model), so a copy pays only by reuse.
+        cost_model = cost or CostModel()
+        host_nodes = (all(store.host_task_weights(layer) is not None for layer in counts)
+                      and cost_model.place(1, store.expert_nbytes(), store.flops_per_token(), False) == "cpu")
+        prefetching = (opts.prefetch and not host_nodes
+                       and any(0 < n < per_stage[s] for s, n in enumerate(slots)))
         ring = prefetching and (opts.accelerator == "cpu" or opts.experts_tier == "pinned")
         n_ahead = top_k + opts.prefetch_margin if ring else 0
-        self.experts = OffloadExperts(self.store, {i: stages[i] for i in counts}, devices, slots, cost, opts.decay,
+        self.experts = OffloadExperts(self.store, {i: stages[i] for i in counts}, devices, slots, cost, self.DECAY,
                                       n_ahead, top_k)
         for s, st in enumerate(self.experts.stages):
             if st.shrunk_from is not None:
@@ -158,8 +137,8 @@ class OffloadRuntime:
         return self.experts.generation
 
     def take_stats(self) -> dict:
+        stats = self.experts.take_stats()  # (records the step's uses in the caches of graph-run layers: before tick)
         self.experts.tick()
-        stats = self.experts.take_stats()
         for layer, counts in stats["expert_tokens"].items():
             for e, n in counts.items():
                 self.popularity[(layer, e)] = self.popularity.get((layer, e), 0) + n

@@ -31,6 +31,7 @@ def test_sum_task_gives_the_bits_of_ffn_raw_int8_from_another_thread(types):
     runner.start()
     runner.join()
     assert block[host_task.RUNS] == 1
+    assert 0 < block[host_task.ENDED] - block[host_task.STARTED] == block[host_task.CYCLES]
     assert np.array_equal(out, cpu.ffn_raw_int8(x, *raws, types, [4, 0, 5], w))
     # and near the float64 reference of the same experts on the rounded activations
     want = sum(w[0, g] * ffn_reference(x, *(f[e] for f in floats), rounding=rounded)
@@ -41,6 +42,16 @@ def test_sum_task_gives_the_bits_of_ffn_raw_int8_from_another_thread(types):
     host_task.run(block)
     assert block[host_task.RUNS] == 2
     assert np.array_equal(out, cpu.ffn_raw_int8(x, *raws, types, [1, 2, 3], w))
+    host_task.fill_block(block, x=x, ids=ids, weights=w, out=out, gate=raws[0], up=raws[1], down=raws[2],
+                         kinds=tuple(raw_int8.KIND[t] for t in types), threads=1, chunk=2)  # dynamic split
+    out[:] = np.nan
+    host_task.run(block)
+    assert np.array_equal(out, cpu.ffn_raw_int8(x, *raws, types, [1, 2, 3], w))
+
+
+def test_cycle_counter_runs_at_a_plausible_rate():
+    rate = host_task.cycles_per_second()
+    assert 1e8 < rate < 1e10
 
 
 def test_parts_task_computes_only_the_uncached_experts():

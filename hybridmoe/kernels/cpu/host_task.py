@@ -6,6 +6,9 @@ block, int64 fields that point at the layer's stacked raw expert weights (the fi
 fixed host buffers for the token's hidden state, its K expert ids and routing weights, and the output. It runs
 `raw_int8.ffn` on them, so its results are the bits `ffn_raw_int8` gives for the same inputs.
 
+Each run adds 1 to RUNS and the time-stamp counter ticks it took to CYCLES, and leaves its start and end ticks in
+STARTED and ENDED (`cycles_per_second` converts), so the time inside the node can be told from the waits around it.
+
 Two modes (field MODE):
     SUM    every routed expert on the CPU: out [1, D] = sum_k w[k] * expert_{ids[k]}(x), in k order
     PARTS  only the experts whose entry in a slot table (int32 [E], field SLOTS) is negative: out [K, D] gets
@@ -14,10 +17,12 @@ Two modes (field MODE):
 from __future__ import annotations
 
 import ctypes
+import time
 
 import numpy as np
 from llvmlite import ir
 from numba import carray, cfunc, njit, types
+from numba.core import cgutils
 from numba.np.ufunc import parallel
 from numba.extending import intrinsic
 
@@ -25,8 +30,8 @@ from . import raw_int8
 
 # Task block fields (int64 each)
 (MODE, X, IDS, WEIGHTS, OUT, SLOTS, GATE, UP, DOWN, DIM, INTER, N_EXPERTS, TOP_K, GATE_KIND, UP_KIND, DOWN_KIND,
- GATE_ROW, UP_ROW, DOWN_ROW, THREADS, SET_THREADS, RUNS) = range(22)
-N_FIELDS = 22
+ GATE_ROW, UP_ROW, DOWN_ROW, THREADS, SET_THREADS, CHUNK, SET_CHUNK, RUNS, CYCLES, STARTED, ENDED) = range(27)
+N_FIELDS = 27
 SUM, PARTS = 0, 1
 
 
@@ -39,6 +44,32 @@ def _pointer(typingctx, address, kind):
         return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
 
     return sig, codegen
+
+
+@intrinsic
+def _ticks(typingctx):
+    """The CPU's time-stamp counter (llvm.readcyclecounter: rdtsc on x86-64)."""
+    sig = types.int64()
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(64), [])
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.readcyclecounter"), [])
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def ticks() -> int:
+    return _ticks()
+
+
+def cycles_per_second(seconds: float = 0.05) -> float:
+    """Time-stamp counter ticks per second, measured against time.perf_counter."""
+    ticks()  # compiled or loaded before the clock starts
+    t0, c0 = time.perf_counter(), ticks()
+    while time.perf_counter() - t0 < seconds:
+        pass
+    return (ticks() - c0) / (time.perf_counter() - t0)
 
 
 @njit(cache=True)
@@ -74,7 +105,6 @@ def _run(f):
             raw_int8.ffn(kinds, x, gate, up, down, experts, y, no_rows, no_rows)
             for g in range(n):
                 parts[at[g]] = y[g, 0]
-    f[RUNS] += 1
 
 
 @intrinsic
@@ -97,17 +127,24 @@ parallel._launch_threads()  # the cached cfunc calls the parallel kernels: their
 def run_task(block):
     """The host function: block is the address of a task block (a void* in C, the same register)."""
     f = carray(_pointer(block, np.int64), (N_FIELDS,))
+    start = _ticks()
     if f[THREADS] > 0:  # numba's thread count is per calling thread; the driver's thread starts with all cores
         _call_with_int(f[SET_THREADS], f[THREADS])
+    if f[SET_CHUNK]:  # so is the parallel chunk size (0: static split; n: chunks of n iterations, taken in turn)
+        _call_with_int(f[SET_CHUNK], f[CHUNK])
     _run(f)
+    end = _ticks()
+    f[RUNS] += 1
+    f[CYCLES] += end - start
+    f[STARTED], f[ENDED] = start, end
 
 
 ADDRESS = run_task.address  # for cuLaunchHostFunc
 _CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(ADDRESS)
 
 
-def _set_threads_address() -> int:
-    return ctypes.cast(parallel._set_num_threads, ctypes.c_void_p).value
+def _address_of(fn) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
 
 
 def new_block() -> np.ndarray:
@@ -131,10 +168,12 @@ def _address(name: str, a: np.ndarray, dtype, shape: tuple[int, ...]) -> int:
 
 def fill_block(block: np.ndarray, *, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, out: np.ndarray,
                gate: np.ndarray, up: np.ndarray, down: np.ndarray, kinds: tuple[int, int, int], mode: int = SUM,
-               slots: np.ndarray | None = None, threads: int = 0) -> np.ndarray:
+               slots: np.ndarray | None = None, threads: int = 0, chunk: int | None = None) -> np.ndarray:
     """Point a task block at its buffers (which the caller keeps alive as long as the block is used): x f32 [1, D],
     ids int64 [1, K], weights f32 [1, K], out f32 [1, D] (SUM) or [K, D] (PARTS); gate, up uint8 [E, I, row_bytes],
-    down [E, D, row_bytes] as `ffn_raw_int8` takes them; kinds: raw_int8.KIND of each; slots int32 [E] (PARTS)."""
+    down [E, D, row_bytes] as `ffn_raw_int8` takes them; kinds: raw_int8.KIND of each; slots int32 [E] (PARTS).
+    threads: the kernels' threads (0: numba's default); chunk: numba's parallel chunk size for the run (None: left
+    as the calling thread has it)."""
     n_experts, inter = gate.shape[:2]
     dim, top_k = x.shape[1], ids.shape[1]
     block[:] = 0
@@ -156,5 +195,7 @@ def fill_block(block: np.ndarray, *, x: np.ndarray, ids: np.ndarray, weights: np
     block[GATE_KIND], block[UP_KIND], block[DOWN_KIND] = kinds
     block[DIM], block[INTER], block[N_EXPERTS], block[TOP_K] = dim, inter, n_experts, top_k
     if threads > 0:
-        block[THREADS], block[SET_THREADS] = threads, _set_threads_address()
+        block[THREADS], block[SET_THREADS] = threads, _address_of(parallel._set_num_threads)
+    if chunk is not None:
+        block[CHUNK], block[SET_CHUNK] = chunk, _address_of(parallel._set_parallel_chunksize)
     return block
