@@ -394,7 +394,9 @@ class OffloadExperts:
                 self.stats.cpu_s += time.perf_counter() - t0
             if ahead and self.store.tier == "mmap":
                 self._copy_ahead_layer(dev, streams, layer, cpu_share)
-            self._release(dev, layer, list(cached.items()), on_cpu)
+            # No admission of CPU-served experts here (`_admit_hot`): the staged ones were admitted above, from
+            # the device, with the slot tables kept in step; a CPU-served one would cross PCIe again
+            self._release(dev, layer, list(cached.items()), [])
             return combine(work.parts.view(N, K, -1), weights, x.dtype)
 
         return finish

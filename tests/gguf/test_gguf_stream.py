@@ -166,3 +166,22 @@ def test_two_cuda_gpus_stream_shares_of_each_layer(q4, monkeypatch):
     got = eng.logits(IDS).cpu()
     assert ((got - logits).abs().max() / logits.abs().max()).item() < 2.0**-5
     assert set(loads) == {0, 1}
+
+
+def test_streamed_prefill_keeps_the_decode_slot_tables_in_step(q4):
+    """Partly cached layers decode through slot tables (expert -> slot, read by the graph and its host node). A
+    prompt streamed after such decode steps admits experts into the cache, evicting others: the tables follow, so
+    the next decode computes each expert from its own slot. Same tokens as the host-placed decode (graphs off)."""
+    from hybridmoe.models.graphs import DecodeGraphs
+    kw = dict(expert_cache_slots=6, cpu_activations="int8")  # the default costs: copies at prefill, CPU at decode
+    runs = []
+    for graphs in (False, True):
+        eng, experts = streamed(q4[0], **kw)
+        if graphs:
+            eng.model.decode_graphs = DecodeGraphs(eng.model, capture=False)
+        runs.append([list(eng.generate(ids, temperature=0, max_tokens=8, ignore_eos=True))[-1].token_ids
+                     for ids in (IDS[:12], IDS[12:30], IDS[3:25])])
+        if graphs:
+            assert experts.slot_tables and all(n is not None and n.slots is not None
+                                               for n in experts.cpu_nodes.values())
+    assert runs[0] == runs[1]
