@@ -10,8 +10,9 @@ Configurations (t/s, mean ± std over --reps):
   half   llama.cpp keeps the experts of the first half of the MoE layers on the GPU; hybridmoe gets as many slots
   vram   llama.cpp `-ngl 99`; hybridmoe with every expert in a slot
 hybridmoe runs with its default settings (prefill chunk sized from free VRAM, streamed prefill; --load adds
-options) and is timed as `hybridmoe bench` times ppN: random token ids through the generate loop. The files are
-written with 8192 positions so that a 4096-token prompt fits both engines' context.
+options) and is timed as `hybridmoe bench` times ppN: random token ids through the generate loop. The file is the
+one bench/offload_vs_llamacpp.py uses ({shape}-uniform.gguf in --dir, written if missing), with 8192 positions so
+that a 4096-token prompt fits the engine's context.
 
 Copy rate: the bytes the prefill copied to the GPU (the engine's bytes_copied) over the prefill's wall time, from
 one more prompt after the timed ones. Where prefill is bound by PCIe this approaches the pinned H2D rate; its ratio
@@ -39,7 +40,6 @@ from offload_vs_llamacpp import h2d_bandwidth, read_bandwidth  # noqa: E402
 import hybridmoe  # noqa: E402
 from hybridmoe.engine.bench import BenchOptions, run_bench  # noqa: E402
 
-POSITIONS = 8192
 
 
 def llama_bench(exe: str, gguf: Path, args: list[str], prompts: list[int], ubatches: list[int], threads: int,
@@ -83,18 +83,6 @@ def ours(gguf: Path, slots: int | None, prompts: list[int], reps: int, cpu: bool
     return res
 
 
-def write_file(shape: str, path: Path, layers: int | None) -> None:
-    shapes = dict(synthetic.SHAPES)
-    synthetic.SHAPES[shape] = dict(shapes[shape], max_position_embeddings=POSITIONS)
-    try:
-        t0 = time.perf_counter()
-        synthetic.write(shape, path, layers, 0.0, progress=False)
-        print(f"wrote {path.name}: {path.stat().st_size / 2**30:.1f} GiB in {time.perf_counter() - t0:.0f} s",
-              flush=True)
-    finally:
-        synthetic.SHAPES.update(shapes)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-bench", default=None, help="path to llama.cpp's llama-bench built with CUDA")
@@ -104,7 +92,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompts", default="512,4096", help="prompt lengths (default: 512,4096)")
-    ap.add_argument("--ubatch", default="512,2048,4096", help="llama.cpp micro-batch sizes (default: 512,2048,4096)")
+    ap.add_argument("--ubatches", default="512,2048,4096",
+                    help="llama.cpp micro-batch sizes (default: 512,2048,4096)")
     ap.add_argument("--only", default="off,half,vram", help="configurations to run")
     ap.add_argument("--skip-llama", action="store_true", help="measure hybridmoe only")
     ap.add_argument("--quant-gemm", default="", help="block types (e.g. Q4_K) whose grouped prefill reads the "
@@ -118,20 +107,24 @@ def main() -> int:
     a = ap.parse_args()
     if not a.skip_llama and not a.llama_bench:
         ap.error("--llama-bench is required (or --skip-llama)")
-    prompts, ubatches = [int(p) for p in a.prompts.split(",")], [int(u) for u in a.ubatch.split(",")]
-    if max(prompts) + 64 > POSITIONS:
-        ap.error(f"prompts up to {POSITIONS - 64} tokens")
+    prompts, ubatches = [int(p) for p in a.prompts.split(",")], [int(u) for u in a.ubatches.split(",")]
     load_kw, only = json.loads(a.load), set(a.only.split(","))
     torch.set_num_threads(a.threads)
     from hybridmoe.kernels.cpu import set_threads
     set_threads(a.threads)
-    path = a.file or a.dir / f"{a.shape}-{a.layers or 'all'}-{POSITIONS}pos.gguf"
+    path = a.file or a.dir / f"{a.shape}-uniform.gguf"
     if not path.exists():
-        write_file(a.shape, path, a.layers)
+        t0 = time.perf_counter()
+        synthetic.write(a.shape, path, a.layers, 0.0, progress=False)
+        print(f"wrote {path.name}: {path.stat().st_size / 2**30:.1f} GiB in {time.perf_counter() - t0:.0f} s",
+              flush=True)
     bw, h2d = read_bandwidth(), (h2d_bandwidth() if torch.cuda.is_available() else float("nan"))
     print(f"CPU read {bw / 1e9:.1f} GB/s, pinned H2D {h2d / 1e9:.1f} GB/s", flush=True)
     from hybridmoe.formats.gguf import GGUFFile, hf_config
     cfg = hf_config(GGUFFile(path))
+    if max(prompts) + 2 > (cfg.get("max_position_embeddings") or 0):
+        ap.error(f"{path} holds {cfg.get('max_position_embeddings')} positions, too few for pp{max(prompts)}; "
+                 "delete it (bench/synthetic.py now writes 8192) or pass shorter --prompts")
     n_layers = cfg["num_hidden_layers"]
     moe = [i for i in range(n_layers) if i >= (cfg.get("first_k_dense_replace") or 0)]
     n_exp = cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts")
