@@ -203,6 +203,7 @@ def cmd_repl(args) -> int:
 
 def cmd_generate(args) -> int:
     from . import Done, Error, GenerationConfig, Notice, Stats, Text
+    from .repl import ProgressLine, answer_events
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     cfg = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
@@ -216,7 +217,8 @@ def cmd_generate(args) -> int:
         events = engine.generate(prompt, cfg)
     channel, last_stats = "answer", None
     try:
-        for ev in events:
+        # a long prompt's progress on stderr; Ctrl-C stops at the next prompt chunk or token (twice: at once)
+        for ev in answer_events(events, engine, ProgressLine(sys.stderr, sys.stderr.isatty())):
             if isinstance(ev, Text):
                 if ev.channel != channel:
                     sys.stdout.write("<think>\n" if ev.channel == "reasoning" else "\n</think>\n")

@@ -14,6 +14,7 @@ from ..layers.cache import Batch
 from ..models.graphs import DecodeGraphs
 from ..models.loader import LoadedModel, load_hf, read_config
 from ..formats.gguf import GGUFFile, hf_config
+from ..offload.chunking import PREFILL_CHUNK
 from ..offload.plan import footprint_from_config, split_stages
 from ..offload.runtime import OffloadRuntime, activation_modes, make_store, stage_devices
 from ..options import DEMO_MODEL, Accelerator, GpuWeights, RunOptions, Tier, model_path
@@ -65,7 +66,7 @@ class Engine:
     """A loaded model ready to generate. Build it with hybridmoe.load()."""
 
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer | None, path: Path, device: torch.device,
-                 dtype: torch.dtype, context: int | None = None):
+                 dtype: torch.dtype, context: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
         self.loaded, self.tokenizer, self.path = loaded, tokenizer, path
         self.model, self.args, self.config = loaded.model, loaded.args, loaded.config
         self.device, self.dtype = device, dtype
@@ -75,6 +76,7 @@ class Engine:
             limit = min(limit, int(sliding))  # past the window the reference attends differently
         self.max_context = min(context, limit) if context else min(limit, 4096)
         self.cancel = threading.Event()
+        self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass (on a GPU: sized from free VRAM)
         # One model, one KV cache: generations and logits() from several threads take turns (see generate()).
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread holding _lock
@@ -154,10 +156,11 @@ class Engine:
         with self._turn():
             self.cancel.clear()  # a stop() meant for the generation before this one
             yield from generate_loop(self.model, self.tokenizer, eos, ids, cfg, max_context=self.max_context,
-                                     in_think=in_think, cancel=self.cancel)
+                                     in_think=in_think, cancel=self.cancel,
+                                     prefill_chunk=self.prefill_chunk)
 
     def stop(self) -> None:
-        """Ask a running generation to end after the current step (thread-safe)."""
+        """Ask a running generation to end after the current step: a token, or a chunk of the prompt (thread-safe)."""
         self.cancel.set()
 
 
@@ -208,6 +211,7 @@ def _load(path: Path, opts: RunOptions) -> Engine:
         else resolve_device(opts.device)
     dt = resolve_dtype(opts.dtype, dev)
     gguf = path.suffix == ".gguf"
+    chunk = PREFILL_CHUNK
     if opts.cpu_threads is not None:
         from ..kernels.cpu import set_threads
         set_threads(opts.cpu_threads)
@@ -238,7 +242,9 @@ def _load(path: Path, opts: RunOptions) -> Engine:
         model = loaded.model
         ctx = opts.context or 4096
         kv = [ctx * sum(b for b, st in zip(fp.kv_bytes_per_token, stages) if st == s) for s in range(devices)]
-        model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, opts.cost_model)
+        model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, opts.cost_model,
+                                       context=ctx)
+        chunk = model.experts.prefill_chunk
         dev = stage_devs[0]
     if dev.type == "cuda":
         stack_qkv_projections(loaded.model)  # fewer launches per decode step
@@ -247,7 +253,7 @@ def _load(path: Path, opts: RunOptions) -> Engine:
     tokenizer = getattr(loaded, "tokenizer", None)
     if not gguf and (path / "tokenizer.json").exists():
         tokenizer = Tokenizer(path, loaded.config)
-    return Engine(loaded, tokenizer, path, dev, dt, opts.context)
+    return Engine(loaded, tokenizer, path, dev, dt, opts.context, chunk)
 
 
 # --- GGUF files (llama.cpp's format): non-expert weights dequantized, routed experts computed from their bytes ---

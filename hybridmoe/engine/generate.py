@@ -11,10 +11,13 @@ from ..errors import HybridMoEError
 from ..layers.cache import Batch
 from ..models.common import Transformer
 from .config import GenerationConfig
-from .events import Done, Error, Event, Notice, Stats, Text
+from .events import Done, Error, Event, Notice, Progress, Stats, Text
 from .sampler import NonFiniteLogits, make_sampler
 from .text import StopFilter, ThinkSplitter
 from .tokenizer import StreamDecoder, Tokenizer
+
+
+PROGRESS_AFTER_S = 1.0  # a prompt read for longer than this reports its progress after each chunk
 
 
 def expert_stats(model: Transformer) -> dict:
@@ -107,6 +110,14 @@ def generate_loop(model: Transformer, tok: Tokenizer | None, eos_ids: set[int], 
             for s in range(0, n_prompt, prefill_chunk):
                 chunk = prompt_ids[s:s + prefill_chunk]
                 logits = step([chunk], Batch.make([s], [len(chunk)], [0], device))
+                done = s + len(chunk)
+                if done < n_prompt:  # between chunks: report, and stop here if asked to
+                    elapsed = time.perf_counter() - t0
+                    if elapsed >= PROGRESS_AFTER_S:
+                        yield Progress(done, n_prompt, elapsed)
+                    if cancel is not None and cancel.is_set():
+                        yield from finish("cancelled")
+                        return
             prefill_rate = n_prompt / max(time.perf_counter() - t0, 1e-9)
             yield from stats_events("prefill", 0, 0.0)
             t_decode = time.perf_counter()

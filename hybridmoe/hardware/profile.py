@@ -142,7 +142,7 @@ class Profile:
         h = self.hardware
         return Hardware(tuple(g.as_gpu() for g in h.gpus), int(h.ram_total_gib * GiB),
                         int(h.ram_available_gib * GiB), h.cpu_cores, self.cost.h2d_bytes_per_s,
-                        self.cost.cpu_bytes_per_s, h.disk_read_bytes_per_s)
+                        self.cost.cpu_bytes_per_s, h.disk_read_bytes_per_s, self.cost.gpu_flops)
 
     def plan_options(self) -> PlanOptions:
         p = self.plan
