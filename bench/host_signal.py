@@ -2,10 +2,11 @@
 graph of N layers that each do some GPU work, copy a hidden state to the host, run one decode layer's CPU experts
 (`kernels.cpu.host_task`, Qwen3-30B-A3B dims, the file layout's 8-bit kernels) and copy the result back.
 
-    host      a host node (cuLaunchHostFunc): the driver's callback thread runs the task when the stream reaches it
-    doorbell  stream memory operations: the stream writes a flag in pinned memory (cuStreamWriteValue32) and waits
-              for another (cuStreamWaitValue32); a thread of ours spins on the first flag, runs the task and sets
-              the second, so no driver thread has to wake up
+    host      a host node (cuLaunchHostFunc): the driver's callback thread runs the task when the stream reaches it,
+              with numba's thread team
+    pool      stream memory operations: the stream writes a doorbell word in pinned memory (cuStreamWriteValue32)
+              and waits for a done word (cuStreamWaitValue32); `kernels.cpu.host_pool`'s threads spin on the first,
+              each computes its share of the layer, the last one sets the second, so no thread has to wake up
 
 Each variant's step is timed with and without the CPU task (then the task block computes no experts), so the table
 shows what the hand-over itself costs per layer.
@@ -15,75 +16,21 @@ shows what the hand-over itself costs per layer.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
-from llvmlite import ir
-from numba import carray, njit, types
-from numba.extending import intrinsic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hybridmoe.kernels.cpu import host_task, raw_int8  # noqa: E402
+from hybridmoe.kernels.cpu import host_pool, host_task, raw_int8  # noqa: E402
 from hybridmoe.quant import random_blocks  # noqa: E402
 
 D, I, E, K = 2048, 768, 128, 8
-
-
-@intrinsic
-def _load_acquire(typingctx, address):
-    sig = types.int32(types.int64)
-
-    def codegen(context, builder, signature, args):
-        ptr = builder.inttoptr(args[0], ir.IntType(32).as_pointer())
-        return builder.load_atomic(ptr, "acquire", 4)
-
-    return sig, codegen
-
-
-@intrinsic
-def _store_release(typingctx, address, value):
-    sig = types.void(types.int64, types.int32)
-
-    def codegen(context, builder, signature, args):
-        ptr = builder.inttoptr(args[0], ir.IntType(32).as_pointer())
-        builder.store_atomic(args[1], ptr, "release", 4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@njit(nogil=True)
-def serve(blocks: np.ndarray, doors: int, dones: int, stop: int) -> int:
-    """Layer l's block runs when the int32 at doors + 4 l turns 1 (cleared here), then dones + 4 l is set to 1; the
-    layers come in order, round and round, until the int32 at stop is nonzero. -> layers run."""
-    n = blocks.size
-    runs = 0
-    layer = 0
-    while True:
-        while _load_acquire(doors + 4 * layer) == 0:
-            if _load_acquire(stop) != 0:
-                return runs
-        _store_release(doors + 4 * layer, 0)
-        host_task._run(carray(host_task._pointer(blocks[layer], np.int64), (host_task.N_FIELDS,)))
-        _store_release(dones + 4 * layer, 1)
-        runs += 1
-        layer = (layer + 1) % n
-
-
-def driver():
-    from hybridmoe.offload.host_node import _check, _driver
-    lib = _driver()
-    lib.cuStreamWriteValue32.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-    lib.cuStreamWaitValue32.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-    return lib, _check
 
 
 def main() -> int:
@@ -93,7 +40,8 @@ def main() -> int:
     ap.add_argument("--gpu-us", type=float, default=50.0, help="GPU work per layer between the hand-overs")
     ap.add_argument("--steps", type=int, default=30)
     a = ap.parse_args()
-    lib, check = driver()
+    from hybridmoe.offload.host_node import _check as check, _driver
+    lib = _driver()
     rng = np.random.default_rng(0)
     stacks = [tuple(random_blocks(T.Q4_K, E * r * c // 256, rng, scale=0.05).reshape(E, r, -1)
                     for r, c in ((I, D), (I, D), (D, I))) for _ in range(4)]
@@ -101,13 +49,12 @@ def main() -> int:
     ids = torch.tensor([list(range(0, K * 8, 8))], dtype=torch.int64, pin_memory=True)
     w = torch.full((1, K), 0.1, pin_memory=True)
     out = torch.zeros(1, D, pin_memory=True)
+    scratch = np.zeros((K, I), dtype=np.float32), np.zeros((K, D), dtype=np.float32)
     blocks = [host_task.fill_block(host_task.new_block(), x=x.numpy(), ids=ids.numpy(), weights=w.numpy(),
                                    out=out.numpy(), gate=g, up=u, down=d, kinds=(raw_int8.KIND[T.Q4_K],) * 3,
-                                   threads=a.threads) for g, u, d in stacks]
+                                   threads=a.threads, h=scratch[0], y=scratch[1]) for g, u, d in stacks]
     per_layer = [blocks[i % len(blocks)] for i in range(a.layers)]
-    flags = torch.zeros(2 * a.layers + 1, dtype=torch.int32, pin_memory=True)
-    doors, dones, stop = flags.data_ptr(), flags.data_ptr() + 4 * a.layers, flags.data_ptr() + 8 * a.layers
-    addresses = np.array([b.ctypes.data for b in per_layer], dtype=np.int64)
+    pool = None
 
     h = torch.randn(1, D, device="cuda")
     m = torch.randn(D, D, device="cuda") / D ** 0.5
@@ -122,17 +69,18 @@ def main() -> int:
         if mode == "host":
             check(lib.cuLaunchHostFunc(stream.cuda_stream, host_task.ADDRESS, per_layer[i].ctypes.data), "host")
         else:
-            check(lib.cuStreamWriteValue32(stream.cuda_stream, doors + 4 * i, 1, 0), "write")
-            check(lib.cuStreamWaitValue32(stream.cuda_stream, dones + 4 * i, 1, 1), "wait")  # EQ
-            check(lib.cuStreamWriteValue32(stream.cuda_stream, dones + 4 * i, 0, 0), "write")
+            check(lib.cuStreamWriteValue32(stream.cuda_stream, pool.door_address, 1 + i % len(blocks), 0), "write")
+            check(lib.cuStreamWaitValue32(stream.cuda_stream, pool.done_address, 1, 1), "wait")  # EQ
+            check(lib.cuStreamWriteValue32(stream.cuda_stream, pool.done_address, 0, 0), "write")
         check(lib.cuMemcpyAsync(y_dev.data_ptr(), out.data_ptr(), 4 * D, stream.cuda_stream), "copy")
         h = h + y_dev
 
-    worker = threading.Thread(target=serve, args=(addresses, doors, dones, stop), daemon=True)
     rows = []
-    for mode in ("host", "doorbell"):
-        if mode == "doorbell":  # (not before: it spins on a core of its own)
-            worker.start()
+    for mode in ("host", "pool"):
+        if mode == "pool":  # (not before: its threads spin on cores of their own)
+            pool = host_pool.HostPool(a.threads, pin=True, idle_spin_s=host_pool.IDLE_SPIN_S)
+            for b in blocks:
+                pool.add(b)
         stream = torch.cuda.Stream()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
@@ -152,8 +100,7 @@ def main() -> int:
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
             rows.append((mode, work, 1e6 * statistics.median(times[3:]) / a.layers))
-    flags[2 * a.layers] = 1
-    worker.join(timeout=5)
+    pool.stop()
     gpu = []
     for _ in range(10):
         t0 = time.perf_counter()
@@ -164,7 +111,7 @@ def main() -> int:
     print(f"{a.layers} layers, {a.threads} CPU threads, GPU work per layer {1e6 * min(gpu):.0f} us (eager), "
           f"{torch.cuda.get_device_name()}")
     print(f"{'mechanism':<10}{'with experts us/layer':>24}{'hand-over only us/layer':>26}")
-    for mode in ("host", "doorbell"):
+    for mode in ("host", "pool"):
         got = {work: us for m_, work, us in rows if m_ == mode}
         print(f"{mode:<10}{got[True]:>24.0f}{got[False]:>26.0f}")
     return 0

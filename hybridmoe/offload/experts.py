@@ -503,10 +503,10 @@ class OffloadExperts:
         if (got is not None and dev.ahead is None and self.cost.place(1, nbytes, flops, False) == "cpu"
                 and (not dev.cache.n_slots or partial)):
             from .host_node import CpuExpertsNode
-            # The thread that drives the GPU spins while it waits for a step: leave it a core of its own, or the
-            # kernels' static work split waits for the thread sharing its core (2x slower on 16 cores)
+            # The thread that rings for the layers spins while it waits (for the GPU, or the CPU standing in): leave
+            # it a core of its own, or the static work split waits for the thread sharing its core (2x slower)
             threads = ck.get_threads()
-            if dev.device.type == "cuda" and threads >= (os.cpu_count() or 1) > 1:
+            if threads >= (os.cpu_count() or 1) > 1:
                 threads -= 1
             slots = self._slot_table(layer)[1].numpy() if partial else None
             node = CpuExpertsNode(*got[0], got[1], self.top_k, dev.device, threads=threads, slots=slots)

@@ -30,8 +30,8 @@ from . import raw_int8
 
 # Task block fields (int64 each)
 (MODE, X, IDS, WEIGHTS, OUT, SLOTS, GATE, UP, DOWN, DIM, INTER, N_EXPERTS, TOP_K, GATE_KIND, UP_KIND, DOWN_KIND,
- GATE_ROW, UP_ROW, DOWN_ROW, THREADS, SET_THREADS, CHUNK, SET_CHUNK, RUNS, CYCLES, STARTED, ENDED) = range(27)
-N_FIELDS = 27
+ GATE_ROW, UP_ROW, DOWN_ROW, THREADS, SET_THREADS, CHUNK, SET_CHUNK, RUNS, CYCLES, STARTED, ENDED, H, Y) = range(29)
+N_FIELDS = 29  # H, Y: scratch that `host_pool`'s threads share (f32 [K, I] and [K, D]); run_task does not use them
 SUM, PARTS = 0, 1
 
 
@@ -168,12 +168,13 @@ def _address(name: str, a: np.ndarray, dtype, shape: tuple[int, ...]) -> int:
 
 def fill_block(block: np.ndarray, *, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, out: np.ndarray,
                gate: np.ndarray, up: np.ndarray, down: np.ndarray, kinds: tuple[int, int, int], mode: int = SUM,
-               slots: np.ndarray | None = None, threads: int = 0, chunk: int | None = None) -> np.ndarray:
+               slots: np.ndarray | None = None, threads: int = 0, chunk: int | None = None,
+               h: np.ndarray | None = None, y: np.ndarray | None = None) -> np.ndarray:
     """Point a task block at its buffers (which the caller keeps alive as long as the block is used): x f32 [1, D],
     ids int64 [1, K], weights f32 [1, K], out f32 [1, D] (SUM) or [K, D] (PARTS); gate, up uint8 [E, I, row_bytes],
     down [E, D, row_bytes] as `ffn_raw_int8` takes them; kinds: raw_int8.KIND of each; slots int32 [E] (PARTS).
     threads: the kernels' threads (0: numba's default); chunk: numba's parallel chunk size for the run (None: left
-    as the calling thread has it)."""
+    as the calling thread has it). h f32 [K, I], y f32 [K, D]: the scratch a `host_pool` needs (y: SUM mode only)."""
     n_experts, inter = gate.shape[:2]
     dim, top_k = x.shape[1], ids.shape[1]
     block[:] = 0
@@ -198,4 +199,8 @@ def fill_block(block: np.ndarray, *, x: np.ndarray, ids: np.ndarray, weights: np
         block[THREADS], block[SET_THREADS] = threads, _address_of(parallel._set_num_threads)
     if chunk is not None:
         block[CHUNK], block[SET_CHUNK] = chunk, _address_of(parallel._set_parallel_chunksize)
+    if h is not None:
+        block[H] = _address("h", h, np.float32, (top_k, inter))
+    if y is not None:
+        block[Y] = _address("y", y, np.float32, (top_k, dim))
     return block
