@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -65,11 +66,21 @@ def param_device(name: str, layer_devices: list[torch.device]) -> torch.device:
     return layer_devices[0] if name.startswith("tok_embeddings") else layer_devices[-1]
 
 
+def counted(names, progress: Callable[[float], None] | None):
+    """names, telling `progress` the fraction already taken before each one."""
+    names = list(names)
+    for i, name in enumerate(names):
+        if progress is not None:
+            progress(i / len(names))
+        yield name
+
+
 def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-            layer_devices: list[torch.device] | None = None, experts_device: str | torch.device | None = None
-            ) -> LoadedModel:
+            layer_devices: list[torch.device] | None = None, experts_device: str | torch.device | None = None,
+            progress: Callable[[float], None] | None = None) -> LoadedModel:
     """layer_devices: one device per layer (pipeline stages; default all on `device`). experts_device: where routed
-    experts are put (default `device`); the offload engine keeps them on the CPU."""
+    experts are put (default `device`); the offload engine keeps them on the CPU. progress(fraction) is called as
+    the tensors are read."""
     path = Path(path)
     cfg = read_config(path)
     family, args = model_args(cfg, str(path / "config.json"))
@@ -113,7 +124,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
             return dequant_fp8_blocks(t, files.get(scale_name), want, args.fp8_block or (128, 128), info.name).to(device)
         return t.to(device=device, dtype=want)  # no copy when dtype and device already match
 
-    state = {k: fetch(k) for k in params}
+    state = {k: fetch(k) for k in counted(params, progress)}
     model.load_state_dict(state, assign=True, strict=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
