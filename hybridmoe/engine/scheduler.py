@@ -90,8 +90,8 @@ class Scheduler:
         if not seq.prompt:
             raise ValueError("the prompt is empty")
         if len(self.waiting) - len(self.free_slots) >= self.config.max_queue:  # (the free slots take some soon)
-            raise QueueFull(f"{len(self.running)} requests running and {len(self.waiting)} waiting "
-                            f"(the queue's limit); try again later")
+            raise QueueFull(f"all {self.config.max_seqs} sequence slots are busy and {len(self.waiting)} "
+                            f"requests wait for one (the queue's limit); try again later")
         seq.phase = Phase.WAITING
         self.waiting.append(seq)
 
