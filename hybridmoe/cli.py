@@ -440,7 +440,8 @@ def cmd_serve(args) -> int:
         scheduler = SchedulerConfig(**batching)
     except ValueError as e:
         raise HybridMoEError(f"--{str(e).replace('_', '-')}") from None
-    return serve(args.model, run_options(args), ServeOptions(**given, scheduler=scheduler))
+    run = run_options(args).updated(sequences=scheduler.max_seqs)  # the plan keeps their KV cache free
+    return serve(args.model, run, ServeOptions(**given, scheduler=scheduler))
 
 
 def engine_for(args):

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import ContextOverflowError, HybridMoEError
-from ..layers.cache import Batch
+from ..layers.cache import Batch, KVCache
 from .config import GenerationConfig
 from .events import Done, Error, Event, Text
 from .generate import expert_stats, with_memory_retry
@@ -29,6 +29,10 @@ from .text import StopFilter, ThinkSplitter
 from .tokenizer import StreamDecoder
 
 RATE_WINDOW_S = 10.0  # tokens/s in the metrics are over this many recent seconds
+
+
+class BatchClosed(HybridMoEError):
+    """The runner has been closed (the server is shutting down): nothing new starts."""
 
 
 class Request:
@@ -44,6 +48,7 @@ class Request:
         self.sample = make_sampler(cfg)
         self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
         self.stops, self.think = StopFilter(cfg.stop), ThinkSplitter(in_think)
+        self.opened_think = in_think  # the prompt ends inside <think> (R1's template): the text starts as reasoning
         self.generated: list[int] = []
         self.history = list(ids)  # prompt + generated, for the penalties (as generate_loop keeps it)
         self.text_parts: list[str] = []
@@ -174,9 +179,11 @@ class BatchEngine:
         self.device = self.model.tok_embeddings.weight.device
         self.on_notice = on_notice or (lambda msg: None)
         notices: list[str] = []
-        # one slot per sequence, each as long as the context
-        self.cache = with_memory_retry(lambda: self.model.new_cache(self.config.max_seqs, engine.max_context),
-                                       self.model, notices)
+        # one slot per sequence, each as long as the context; its own, not the model's reusable one (which a
+        # generate() call elsewhere would write into)
+        self.cache = with_memory_retry(lambda: KVCache(self.model.cache_shapes(), self.config.max_seqs,
+                                                       engine.max_context, self.model.norm.weight.dtype,
+                                                       self.model.devices()), self.model, notices)
         self.metrics = BatchMetrics()
         self._cond = threading.Condition()
         self._live: dict[int, Request] = {}  # sequence id -> request, from submit until it finishes
@@ -220,7 +227,7 @@ class BatchEngine:
         req = Request(ids, cfg, in_think, self.engine.tokenizer, self.engine.eos_ids, limit, self._wake, on_event)
         with self._cond:
             if self._closed:
-                raise HybridMoEError("the server is shutting down")
+                raise BatchClosed("the server is shutting down")
             self.scheduler.add(req.seq)  # raises QueueFull
             self._live[req.id] = req
             self.metrics.waiting = len(self.scheduler.waiting)

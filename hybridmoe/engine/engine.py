@@ -230,7 +230,8 @@ def _load(path: Path, opts: RunOptions, progress: Callable[[float], None] | None
             loaded = load_hf(path, stage_devs[0], dt, layer_devs, experts_device="cpu", progress=progress)
         model = loaded.model
         ctx = opts.context or 4096
-        kv = [ctx * sum(b for b, st in zip(fp.kv_bytes_per_token, stages) if st == s) for s in range(devices)]
+        kv = [ctx * opts.sequences * sum(b for b, st in zip(fp.kv_bytes_per_token, stages) if st == s)
+              for s in range(devices)]
         model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, opts.cost_model)
         dev = stage_devs[0]
     if dev.type == "cuda":

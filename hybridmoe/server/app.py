@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..engine.batch import BatchClosed
 from ..engine.events import Done, Error, Text
 from ..engine.scheduler import QueueFull
 from ..errors import ContextOverflowError, HybridMoEError
@@ -54,6 +55,8 @@ class Submission:
             sub.request = await anyio.to_thread.run_sync(submit)  # tokenizing may take a while: off the loop
         except QueueFull as e:
             raise APIError(429, str(e)) from None
+        except BatchClosed as e:
+            raise APIError(503, str(e)) from None
         except ContextOverflowError as e:
             raise APIError(400, str(e), code="context_length_exceeded") from None
         except (HybridMoEError, ValueError) as e:
@@ -61,8 +64,17 @@ class Submission:
         return sub
 
     async def events(self):
+        """The events in order; consecutive texts of one channel that are already waiting come as one, so a busy
+        server sends fewer, larger chunks instead of falling behind."""
         while True:
             ev = await self.queue.get()
+            while isinstance(ev, Text) and not self.queue.empty():
+                nxt = self.queue.get_nowait()
+                if not (isinstance(nxt, Text) and nxt.channel == ev.channel):
+                    yield ev
+                    ev = nxt
+                    continue
+                ev = Text(ev.text + nxt.text, ev.channel, ev.token_ids + nxt.token_ids)
             yield ev
             if isinstance(ev, Done):
                 return
@@ -192,7 +204,7 @@ async def collect(request: Request, sub: Submission) -> tuple[dict[str, list[str
     """A whole answer: text by channel ("raw" with the <think> tags as the model wrote them), and its Done. A
     client that disconnects meanwhile cancels the request."""
     texts: dict[str, list[str]] = {"answer": [], "reasoning": [], "raw": []}
-    tags = ThinkTags()
+    tags = ThinkTags(sub)
     try:
         while True:
             try:
@@ -214,10 +226,11 @@ async def collect(request: Request, sub: Submission) -> tuple[dict[str, list[str
 
 
 class ThinkTags:
-    """Puts back the <think> tags that the engine's channels took out, for plain completions."""
+    """Puts back the <think> tags that the engine's channels took out, for plain completions (a prompt that opened
+    <think> itself starts in the reasoning channel)."""
 
-    def __init__(self):
-        self.channel = "answer"
+    def __init__(self, sub: Submission):
+        self.channel = "reasoning" if sub.request.opened_think else "answer"
 
     def wrap(self, ev: Text) -> str:
         tag = ""
@@ -253,7 +266,7 @@ async def chat_chunks(sub: Submission, body: ChatRequest, model: str):
 async def completion_chunks(sub: Submission, body: CompletionRequest, model: str):
     id_ = new_id("cmpl")
     extra = {"usage": None} if body.include_usage else {}
-    tags = ThinkTags()
+    tags = ThinkTags(sub)
 
     def chunk(text: str, finish: str | None = None) -> str:
         return json_dumps(envelope(id_, "text_completion", model,

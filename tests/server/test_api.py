@@ -130,9 +130,14 @@ def test_r1_thinking_streams_as_reasoning_content(tiny_models, tmp_path):
             got["answer"] += delta.content or ""
         whole = client(srv).chat.completions.create(model="r1", messages=HELLO, max_tokens=12, temperature=0,
                                                     extra_body={"ignore_eos": True})
+        # a plain completion of the rendered prompt (which opens <think>) gives the text as the model wrote it
+        prompt = engine.tokenizer.render_chat(HELLO)
+        raw = client(srv).completions.create(model="r1", prompt=prompt, max_tokens=12, temperature=0,
+                                             extra_body={"ignore_eos": True}).choices[0].text
     assert got["reasoning"] and got == want
     assert whole.choices[0].message.reasoning_content == want["reasoning"]
     assert whole.choices[0].message.content == want["answer"]
+    assert raw == want["reasoning"] + ("</think>" + want["answer"] if want["answer"] else "")
 
 
 @pytest.mark.parametrize("body, status, words", [
@@ -199,9 +204,10 @@ def test_queue_limit_answers_429(demo_engine):
     with serve(demo_engine, max_seqs=1, max_queue=0) as srv:
         body = {"messages": HELLO, "max_tokens": 2000, "temperature": 0, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=120) as first:
-            next(first.iter_lines())
+            lines = first.iter_lines()
+            next(lines)
             r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}, timeout=30)
-            assert r.status_code == 429 and "try again" in r.json()["error"]["message"]
+            assert r.status_code == 429 and "try again" in r.json()["error"]["message"], (r.text, [next(lines) for _ in range(4)])
 
 
 def test_health_while_loading_then_ready_and_metrics(monkeypatch, demo_engine):
