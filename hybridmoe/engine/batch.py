@@ -140,7 +140,7 @@ class BatchMetrics:
     cache_misses: int = 0
     bytes_copied: int = 0
     prefetch_recall: float | None = None
-    notices: list[str] = field(default_factory=list)
+    notices: deque = field(default_factory=lambda: deque(maxlen=64))  # the latest ones
     recent: deque = field(default_factory=deque)  # (time, decode tokens, prefill tokens, busy seconds)
 
     def step(self, t: float, decoded: int, prefilled: int, busy_s: float, extra: dict) -> None:
@@ -257,8 +257,15 @@ class BatchEngine:
                 plan = self.scheduler.plan()
                 self.metrics.running = len(self.scheduler.running)
                 self.metrics.waiting = len(self.scheduler.waiting)
-            if not plan.empty:
+            if plan.empty:
+                continue
+            try:
                 self._step(plan)
+            except Exception as e:  # a failure outside the forward call (sampling, text) ends its step's rows only
+                with self._cond:
+                    for seq in plan.decode + [c.seq for c in plan.prefill]:
+                        if seq.id in self._live:
+                            self._end(self._live[seq.id], "error", f"{type(e).__name__}: {e}")
 
     def _reap(self) -> None:
         """Cancelled requests leave the batch (with the lock held)."""

@@ -136,3 +136,27 @@ def test_generation_stops_at_the_context_end_as_alone(tiny_models):
     together = batched(engine, items, cfg, max_seqs=2)
     assert [(d.reason, d.token_ids) for d in together] == [(d.reason, d.token_ids) for d in alone]
     assert together[0].reason == "context"
+
+
+def test_a_failing_row_ends_its_request_and_the_runner_goes_on(tiny_models, monkeypatch):
+    import hybridmoe.engine.batch as batch_mod
+    engine = hybridmoe.load(tiny_models("deepseek_v3"))
+    real = batch_mod.make_sampler
+
+    def make(cfg):
+        sample = real(cfg)
+
+        def maybe_fail(logits, history):
+            if history[0] == 99:
+                raise RuntimeError("sampler broke")
+            return sample(logits, history)
+        return maybe_fail
+
+    monkeypatch.setattr(batch_mod, "make_sampler", make)
+    good = [5, 6, 7, 8]
+    with BatchEngine(engine, SchedulerConfig(max_seqs=2)) as be:
+        bad_req, good_req = be.submit([99, 6, 7], GREEDY), be.submit(good, GREEDY)
+        bad = list(bad_req.events())
+        assert bad[-1].reason == "error" and "sampler broke" in bad[-2].message
+        assert list(good_req.events())[-1].token_ids == solo(engine, good, GREEDY).token_ids
+        assert list(be.submit(good, GREEDY).events())[-1].reason == "length"  # the runner still serves
