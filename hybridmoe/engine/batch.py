@@ -344,7 +344,8 @@ class BatchEngine:
                 sampled: list[bool] | None = None) -> None:
         """After a forward call: sample the rows whose logits give a token, then update the scheduler."""
         before = sum(len(row.generated) for row in rows)
-        tokens = [row.take(logits[i]) if sampled is None or sampled[i] else None for i, row in enumerate(rows)]
+        tokens = [self._take(row, logits[i]) if sampled is None or sampled[i] else None
+                  for i, row in enumerate(rows)]
         with self._cond:
             self.metrics.generated_tokens += sum(len(row.generated) for row in rows) - before
             for row, n, token in zip(rows, written, tokens):
@@ -352,6 +353,13 @@ class BatchEngine:
                     self._end(row, row.done.reason)
                 else:
                     self.scheduler.advance(row.seq, n, token)
+
+    @staticmethod
+    def _take(row: Request, logits: torch.Tensor) -> int | None:
+        try:
+            return row.take(logits)
+        except Exception as e:  # this row's sampler or text failed: it ends, the others go on
+            return row.finish("error", f"{type(e).__name__}: {e}")
 
     @property
     def running(self) -> int:
