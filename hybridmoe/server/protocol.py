@@ -96,7 +96,11 @@ class _Sampling(_Body):
                                                          "repetition_penalty") if getattr(self, name) is not None}
         if self.top_k is not None:
             given["top_k"] = max(self.top_k, 0)
-        return GenerationConfig(**given, max_tokens=max_tokens, stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos)
+        try:
+            return GenerationConfig(**given, max_tokens=max_tokens, stop=tuple(self.stop or ()),
+                                    ignore_eos=self.ignore_eos)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
 
     @property
     def include_usage(self) -> bool:
