@@ -40,7 +40,7 @@ EXPERT_TYPES = {"q4_k": (Q.Q4_K, Q.Q4_K, Q.Q4_K),
 
 def write_model(path: Path, layers: int, experts: str = "q4_k") -> Path:
     import tiny
-    from hybridmoe.formats.convert import _tokenizer
+    from hybridmoe.models.convert import _tokenizer
     rng = np.random.default_rng(0)
     tok_dir = Path(tempfile.mkdtemp())
     tiny.write_tokenizer(tok_dir)

@@ -42,7 +42,7 @@ decode)
     ;;
 prefill)
     bench/gpu_setup.sh wait >/dev/null || exit 1
-    python3 bench/offload_vs_llamacpp.py --llama-bench "$LLAMA" --shape "$2" $(layers "$2") --dir "$DIR" \
+    python3 bench/prefill_vs_llamacpp.py --llama-bench "$LLAMA" --shape "$2" $(layers "$2") --dir "$DIR" \
         --only off --reps 2 --prompts 512,4096 --ubatches 512,2048,4096 --load "$LOAD" 2>&1 | grep -v Warning | tail -8
     ;;
 *)

@@ -8,13 +8,14 @@
 """
 from .engine.config import GenerationConfig
 from .engine.conversation import Conversation
-from .engine.events import Done, Error, Event, Notice, Stats, Text
-from .errors import ConfigError, ContextOverflowError, HybridMoEError, ModelFileError
+from .engine.events import Done, Error, Event, Notice, Progress, Stats, Text
+from .errors import ConfigError, ContextOverflowError, EngineBusyError, HybridMoEError, ModelFileError
 from .options import RunOptions
 
 __version__ = "0.1.0"
-__all__ = ["load", "Engine", "RunOptions", "GenerationConfig", "Conversation", "Event", "Text", "Stats", "Notice",
-           "Error", "Done", "HybridMoEError", "ConfigError", "ModelFileError", "ContextOverflowError", "__version__"]
+__all__ = ["load", "Engine", "RunOptions", "GenerationConfig", "Conversation", "Event", "Text", "Stats", "Progress",
+           "Notice", "Error", "Done", "HybridMoEError", "ConfigError", "ModelFileError", "ContextOverflowError",
+           "EngineBusyError", "__version__"]
 
 
 def __getattr__(name: str):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import HybridMoEError
-from .options import Accelerator, CpuActivations, RunOptions, Tier, model_path
+from .options import Accelerator, CpuActivations, GpuWeights, RunOptions, Tier, model_path
 
 EPILOG = """examples:
   hybridmoe chat                                   chat with the built-in demo model
@@ -59,6 +59,9 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
                         "int8-all also rounds the inputs of attention and the output head on the CPU, faster still "
                         "but far less accurate (logits off by up to ~20%% on small random test models, as "
                         "llama.cpp's own)")
+    g.add_argument("--gpu-weights", default=None, metavar=_choices(GpuWeights),
+                   help="a GGUF's non-expert weights on the GPU: dequantized to --dtype (default), or quantized (the "
+                        "file's blocks: about half the VRAM at Q8_0, read by hybridmoe's own kernels)")
     g.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto; "
                    "its [plan] (as `hybridmoe tune` wrote it) sets what the flags above leave unset")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
@@ -67,7 +70,8 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
 
 RUN_FLAGS = {"device": "device", "dtype": "dtype", "ctx": "context", "accelerator": "accelerator",
              "devices": "devices", "expert_cache_slots": "expert_cache_slots", "prefetch": "prefetch",
-             "experts_tier": "experts_tier", "cpu_activations": "cpu_activations", "cuda_graphs": "cuda_graphs"}
+             "experts_tier": "experts_tier", "cpu_activations": "cpu_activations", "cuda_graphs": "cuda_graphs",
+             "gpu_weights": "gpu_weights"}
 
 
 def run_options(args) -> RunOptions:
@@ -153,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-cache-slots", type=int, default=None, help="cap on GPU expert slots per device")
     p.add_argument("--dtype", default=None, help="dtype of the weights at run time (default: bfloat16 with a GPU, "
                    "float32 without, as the engine loads)")
+    p.add_argument("--gpu-weights", default="dequantized", metavar=_choices(GpuWeights),
+                   help="a GGUF's non-expert weights on the GPU: dequantized to --dtype (default) or quantized "
+                        "(as the file stores them)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--profile", default=None, help="plan for the machine a hardware profile describes: a shipped "
                    "name (rtx6000ada-x2, ...), a TOML file, or auto (this machine)")
@@ -202,6 +209,7 @@ def cmd_repl(args) -> int:
 
 def cmd_generate(args) -> int:
     from . import Done, Error, GenerationConfig, Notice, Stats, Text
+    from .repl import ProgressLine, answer_events
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     cfg = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
@@ -215,7 +223,8 @@ def cmd_generate(args) -> int:
         events = engine.generate(prompt, cfg)
     channel, last_stats = "answer", None
     try:
-        for ev in events:
+        # a long prompt's progress on stderr; Ctrl-C stops at the next prompt chunk or token (twice: at once)
+        for ev in answer_events(events, engine, ProgressLine(sys.stderr, sys.stderr.isatty())):
             if isinstance(ev, Text):
                 if ev.channel != channel:
                     sys.stdout.write("<think>\n" if ev.channel == "reasoning" else "\n</think>\n")
@@ -299,7 +308,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_convert(args) -> int:
-    from .formats.convert import convert
+    from .models.convert import convert
     out = convert(model_path(args.model), args.out, args.type, progress=True, tokenizer_pre=args.tokenizer_pre)
     print(f"wrote {out} ({Path(out).stat().st_size / 2 ** 30:.2f} GiB)")
     return 0
@@ -382,7 +391,10 @@ def cmd_plan(args) -> int:
     wbytes = 4 if DTYPES[dtype].itemsize == 4 else 2
     model = model_path(args.model)
     if model.suffix == ".gguf":  # experts as the file stores them; without a GPU the other layers too
-        cfg, fp = {}, footprint_from_gguf(model, weight_bytes=wbytes, layers_as_stored=not hw.gpus)
+        if args.gpu_weights not in {m.value for m in GpuWeights}:
+            raise HybridMoEError(f"--gpu-weights {args.gpu_weights!r}: use one of {_choices(GpuWeights)}")
+        as_stored = not hw.gpus or args.gpu_weights == GpuWeights.QUANTIZED
+        cfg, fp = {}, footprint_from_gguf(model, weight_bytes=wbytes, layers_as_stored=as_stored)
     else:
         cfg = read_config(model)
         fp = footprint_from_config(cfg, weight_bytes=wbytes, expert_bytes=wbytes)

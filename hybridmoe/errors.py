@@ -16,3 +16,7 @@ class ConfigError(HybridMoEError, ValueError):
 
 class ContextOverflowError(HybridMoEError):
     """A prompt or generation does not fit in the context window."""
+
+
+class EngineBusyError(HybridMoEError):
+    """A second generation was started in the thread whose earlier one is still open on the same engine."""

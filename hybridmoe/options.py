@@ -45,13 +45,20 @@ class CpuActivations(StrEnum):
     INT8_ALL = "int8-all"  # also the inputs of attention and the output head: faster, much less accurate
 
 
+class GpuWeights(StrEnum):
+    """How a GGUF's non-expert weights live on a GPU."""
+    DEQUANTIZED = "dequantized"  # copies in the model dtype (bfloat16), multiplied by the vendor's kernels
+    QUANTIZED = "quantized"  # the file's blocks, read by our GEMV kernels: about half the bytes and VRAM at Q8_0
+
+
 DTYPES = ("float32", "f32", "bfloat16", "bf16", "float16", "f16")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 # The flag that sets each option, for messages (options without a flag are named as the API spells them).
 FLAGS = {"device": "--device", "dtype": "--dtype", "context": "--ctx", "accelerator": "--accelerator",
          "devices": "--devices", "expert_cache_slots": "--expert-cache-slots", "prefetch": "--no-prefetch",
-         "experts_tier": "--experts-tier", "cpu_activations": "--cpu-activations", "cuda_graphs": "--no-cuda-graphs"}
+         "experts_tier": "--experts-tier", "cpu_activations": "--cpu-activations", "cuda_graphs": "--no-cuda-graphs",
+         "gpu_weights": "--gpu-weights"}
 
 
 def _enum(cls: type[StrEnum], value, name: str):
@@ -77,6 +84,7 @@ class RunOptions:
     experts_tier: Tier = Tier.MMAP
     cpu_activations: CpuActivations = CpuActivations.F32
     cpu_repack: bool = False  # GGUF experts on the CPU: lane-interleaved copies (faster, not bit-identical)
+    gpu_weights: GpuWeights = GpuWeights.DEQUANTIZED
     cuda_graphs: bool = True
     cpu_threads: int | None = None  # threads of the CPU kernels and torch; None: leave them as they are
     cost_model: Any = None  # offload.scheduler.CostModel with the machine's rates; None: a default workstation's
@@ -88,6 +96,7 @@ class RunOptions:
         set_(self, "accelerator", _enum(Accelerator, self.accelerator, "accelerator"))
         set_(self, "experts_tier", _enum(Tier, self.experts_tier, "experts_tier"))
         set_(self, "cpu_activations", _enum(CpuActivations, self.cpu_activations, "cpu_activations"))
+        set_(self, "gpu_weights", _enum(GpuWeights, self.gpu_weights, "gpu_weights"))
         if not DEVICE.fullmatch(self.device):
             raise ConfigError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
         # a torch.dtype passes too (the Python API takes one); its module is checked, not imported

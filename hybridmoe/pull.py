@@ -63,8 +63,25 @@ def available_quants(files: list[RemoteFile]) -> list[str]:
     return sorted({q for f in _gguf_files(files) if (q := quant_of(f.path))})
 
 
+def check_remote_name(repo: str, path: str) -> None:
+    """A name from the Hub's listing becomes a path under the download folder: refuse one that is absolute, climbs
+    out with `..`, or holds control characters (which could also rewrite the terminal when printed)."""
+    p = PurePosixPath(path)
+    if (not path or p.is_absolute() or "\\" in path or ".." in p.parts or re.match(r"^[A-Za-z]:", path)
+            or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in path)):
+        raise HybridMoEError(f"{repo}: the file list names {path!r}, which is not a plain path inside the "
+                             "repository; refusing to download from it")
+
+
 def select(repo: str, files: list[RemoteFile], quant: str | None) -> Selection:
     """The files to fetch, or a one-line error naming what the repository does hold."""
+    sel = _select(repo, files, quant)
+    for f in sel.files:
+        check_remote_name(repo, f.path)
+    return sel
+
+
+def _select(repo: str, files: list[RemoteFile], quant: str | None) -> Selection:
     ggufs = _gguf_files(files)
     if quant is None:
         if ggufs:

@@ -6,10 +6,13 @@ Conversation files written here are the same JSON the chat UI saves and loads.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 from typing import TextIO
 
-from . import Conversation, Done, Error, GenerationConfig, HybridMoEError, Notice, Stats, Text
+from . import Conversation, Done, Error, GenerationConfig, HybridMoEError, Notice, Progress, Stats, Text
 from .engine.conversation import parse_setting, settings_of
 
 # C0/C1 control characters other than tab and newline.
@@ -26,6 +29,63 @@ HELP = """commands:
   \"\"\"               start and end multi-line input; Ctrl-C stops an answer"""
 
 
+@contextlib.contextmanager
+def stop_on_interrupt(engine):
+    """While an answer runs: the first Ctrl-C asks the engine to stop at the next boundary between prompt chunks or
+    tokens, so no forward pass is cut in half; a second one interrupts at once. (Signals reach the main thread
+    only; elsewhere Ctrl-C keeps its default.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+
+    def handler(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+        engine.stop()
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+class ProgressLine:
+    """A long prompt's reading progress on stderr: one line rewritten in place on a terminal, a line per report
+    otherwise."""
+
+    def __init__(self, out: TextIO, tty: bool):
+        self.out, self.tty, self.shown = out, tty, False
+
+    def show(self, ev: Progress) -> None:
+        text = (f"reading the prompt: {ev.done}/{ev.total} tokens ({100 * ev.done // ev.total}%), "
+                f"{ev.done / max(ev.elapsed_s, 1e-9):.0f} tok/s")
+        self.out.write(f"\r\x1b[K{text}" if self.tty else f"{text}\n")
+        self.out.flush()
+        self.shown = self.tty
+
+    def clear(self) -> None:
+        if self.shown:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+            self.shown = False
+
+
+def answer_events(events, engine, progress: ProgressLine):
+    """An answer's events as a command line shows them: Progress on `progress` (not passed on, and its line cleared
+    before any other event), with Ctrl-C asking the engine to stop between chunks (stop_on_interrupt) meanwhile."""
+    with stop_on_interrupt(engine):
+        for ev in events:
+            if isinstance(ev, Progress):
+                progress.show(ev)
+                continue
+            progress.clear()
+            yield ev
+    progress.clear()
+
+
 class Repl:
     def __init__(self, engine, *, system: str | None = None, stdin: TextIO | None = None,
                  stdout: TextIO | None = None, stderr: TextIO | None = None, tty: bool | None = None):
@@ -39,6 +99,7 @@ class Repl:
         self.last_done: Done | None = None
         self.last_stats: Stats | None = None
         self.counters: dict[str, float] = {}
+        self.progress = ProgressLine(self.stderr, self.tty)
 
     # --- input ---
     def _readline(self, prompt: str) -> str:
@@ -110,7 +171,7 @@ class Repl:
         events = None
         try:
             events = self.engine.chat(self.conv.for_engine(), self.config)
-            for ev in events:
+            for ev in answer_events(events, self.engine, self.progress):
                 channel = self._handle(ev, parts, channel)
         except KeyboardInterrupt:
             # The interrupt may land inside the generator (it is then closed) or between events: in that case
@@ -130,6 +191,7 @@ class Repl:
             self.say(f"error: {e}")
         except Exception as e:  # a failing engine ends this answer, not the session
             self.say(f"error: {type(e).__name__}: {e}")
+        self.progress.clear()
         self._switch(channel, None)
         self.out("\n")
         answer, reasoning = "".join(parts["answer"]), "".join(parts["reasoning"])

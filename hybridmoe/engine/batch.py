@@ -1,7 +1,8 @@
 """The batch runner: many requests served from one engine, decoded together (continuous batching).
 
-One thread owns the engine's model while a BatchEngine runs; nothing else may generate on that engine meanwhile.
-Each iteration it takes a plan from the scheduler (engine/scheduler.py), runs the decoding rows as one forward call
+One thread runs the steps. Each step holds the engine's turn (as one generate() call does), so a generation started
+elsewhere on the same engine waits for the step to end, and the runner waits for that generation; the runner keeps its
+own KV cache, so neither disturbs the other's sequences. Each iteration it takes a plan from the scheduler (engine/scheduler.py), runs the decoding rows as one forward call
 (each row one token at its own position, in its own KV cache slot) and the plan's prompt chunks as another, samples
 every row with its request's own sampler, and hands each request the same Text / Error / Done events that
 Engine.generate yields. Requests are submitted and cancelled from other threads at any time; a finished or
@@ -9,6 +10,7 @@ cancelled one leaves the batch before the next step. The expert work of a batche
 MoE layers (each expert runs once on all the rows routed to it), so rows share the experts' reads."""
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -22,8 +24,8 @@ from ..errors import ContextOverflowError, HybridMoEError
 from ..layers.cache import Batch, KVCache
 from .config import GenerationConfig
 from .events import Done, Error, Event, Text
-from .generate import expert_stats, with_memory_retry
-from .sampler import make_sampler
+from .generate import expert_stats, nonfinite_cause, with_memory_retry
+from .sampler import NonFiniteLogits, make_sampler
 from .scheduler import Chunk, Plan, Scheduler, SchedulerConfig, Sequence
 from .text import StopFilter, ThinkSplitter
 from .tokenizer import StreamDecoder
@@ -174,7 +176,9 @@ class BatchEngine:
     def __init__(self, engine, config: SchedulerConfig | None = None,
                  on_notice: Callable[[str], None] | None = None):
         self.engine, self.model = engine, engine.model
-        self.config = config or SchedulerConfig()
+        config = config or SchedulerConfig()
+        # a prefill call reads at most the engine's chunk (on a GPU, sized from free VRAM)
+        self.config = dataclasses.replace(config, prefill_tokens=min(config.prefill_tokens, engine.prefill_chunk))
         self.scheduler = Scheduler(self.config)
         self.device = self.model.tok_embeddings.weight.device
         self.on_notice = on_notice or (lambda msg: None)
@@ -260,7 +264,8 @@ class BatchEngine:
             if plan.empty:
                 continue
             try:
-                self._step(plan)
+                with self.engine._turn():
+                    self._step(plan)
             except Exception as e:  # a failure outside the forward call (sampling, text) ends its step's rows only
                 with self._cond:
                     for seq in plan.decode + [c.seq for c in plan.prefill]:
@@ -354,10 +359,13 @@ class BatchEngine:
                 else:
                     self.scheduler.advance(row.seq, n, token)
 
-    @staticmethod
-    def _take(row: Request, logits: torch.Tensor) -> int | None:
+    def _take(self, row: Request, logits: torch.Tensor) -> int | None:
         try:
             return row.take(logits)
+        except NonFiniteLogits:
+            at = f"token {len(row.generated) + 1}" if row.generated else "the end of the prompt"
+            return row.finish("error", f"the model's logits are NaN or infinite at {at}; "
+                                       f"{nonfinite_cause(self.model)}")
         except Exception as e:  # this row's sampler or text failed: it ends, the others go on
             return row.finish("error", f"{type(e).__name__}: {e}")
 

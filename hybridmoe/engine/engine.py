@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from ..errors import ConfigError, ContextOverflowError
+from ..errors import ConfigError, ContextOverflowError, EngineBusyError
 from ..layers.attention import stack_qkv_projections
 from ..layers.cache import Batch
 from ..models.graphs import DecodeGraphs
 from ..models.loader import LoadedModel, load_hf, read_config
 from ..formats.gguf import GGUFFile, hf_config
+from ..offload.chunking import PREFILL_CHUNK
 from ..offload.plan import footprint_from_config, split_stages
 from ..offload.runtime import OffloadRuntime, activation_modes, make_store, stage_devices
-from ..options import DEMO_MODEL, Accelerator, RunOptions, Tier, model_path
+from ..options import DEMO_MODEL, Accelerator, GpuWeights, RunOptions, Tier, model_path
 from .config import GenerationConfig
 from .events import Event
 from .generate import generate_loop
@@ -64,7 +66,7 @@ class Engine:
     """A loaded model ready to generate. Build it with hybridmoe.load()."""
 
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer | None, path: Path, device: torch.device,
-                 dtype: torch.dtype, context: int | None = None):
+                 dtype: torch.dtype, context: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
         self.loaded, self.tokenizer, self.path = loaded, tokenizer, path
         self.model, self.args, self.config = loaded.model, loaded.args, loaded.config
         self.device, self.dtype = device, dtype
@@ -74,6 +76,10 @@ class Engine:
             limit = min(limit, int(sliding))  # past the window the reference attends differently
         self.max_context = min(context, limit) if context else min(limit, 4096)
         self.cancel = threading.Event()
+        self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass (on a GPU: sized from free VRAM)
+        # One model, one KV cache: generations and logits() from several threads take turns (see generate()).
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread holding _lock
 
     @property
     def model_type(self) -> str:
@@ -95,9 +101,24 @@ class Engine:
             raise ContextOverflowError(f"{len(token_ids)} tokens exceed the context of {self.max_context}; "
                                        "raise --ctx or pass fewer tokens")
         self._check_ids(token_ids)
-        with torch.inference_mode():
+        with self._turn(), torch.inference_mode():
             batch = Batch.make([0], [len(token_ids)], None, self.device)
             return self.model(torch.tensor([token_ids], device=self.device), batch)[0]
+
+    @contextmanager
+    def _turn(self):
+        """Hold the engine for one generation or logits() call. Another thread waits its turn; the same thread,
+        with an earlier generation still open, gets an error instead of waiting for itself forever."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise EngineBusyError("this engine is already generating in this thread: finish the earlier generate() "
+                                  "or chat() iterator, or close() it, before starting another")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def _check_ids(self, token_ids: list[int]) -> None:
         vocab = self.args.vocab_size
@@ -108,7 +129,12 @@ class Engine:
     def generate(self, prompt_or_messages: str | list[dict] | list[int], config: GenerationConfig | None = None,
                  **overrides) -> Iterator[Event]:
         """Events for a completion of a plain prompt (str), of token ids (list of int), or of a conversation
-        (list of role/content dicts)."""
+        (list of role/content dicts).
+
+        One engine serves one generation at a time: iterators consumed in several threads take turns (each waits,
+        at its first event, until the one before has ended), so every answer is the one it would be alone. In one
+        thread, starting a second iteration while the first is still open raises EngineBusyError. To serve
+        concurrent requests, use a batch scheduler."""
         cfg = (config or GenerationConfig()).updated(**overrides)
         if isinstance(prompt_or_messages, str):
             return self._run(self._tok().encode(prompt_or_messages), cfg, prompt_opens_think(prompt_or_messages))
@@ -126,13 +152,15 @@ class Engine:
         return self._run(ids, cfg, prompt_opens_think(text))
 
     def _run(self, ids: list[int], cfg: GenerationConfig, in_think: bool) -> Iterator[Event]:
-        self.cancel.clear()
         eos = self.tokenizer.eos_ids if self.tokenizer else set(_as_ids(self.config.get("eos_token_id")))
-        return generate_loop(self.model, self.tokenizer, eos, ids, cfg, max_context=self.max_context, in_think=in_think,
-                             cancel=self.cancel)
+        with self._turn():
+            self.cancel.clear()  # a stop() meant for the generation before this one
+            yield from generate_loop(self.model, self.tokenizer, eos, ids, cfg, max_context=self.max_context,
+                                     in_think=in_think, cancel=self.cancel,
+                                     prefill_chunk=self.prefill_chunk)
 
     def stop(self) -> None:
-        """Ask a running generation to end after the current step (thread-safe)."""
+        """Ask a running generation to end after the current step: a token, or a chunk of the prompt (thread-safe)."""
         self.cancel.set()
 
     @property
@@ -181,6 +209,8 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     `cuda_graphs` replays each layer's non-expert work at decode as a captured CUDA graph (much less host time per
     token; attention then spans a masked window of keys, so results match eager decode within bf16 rounding).
     `cpu_threads` sets the threads of the CPU kernels and of torch (for the whole process).
+    `gpu_weights` (GGUF on CUDA): "dequantized" copies of the non-expert weights in `dtype`, or "quantized": the
+    file's blocks, read by hybridmoe's GEMV kernels at decode (about half the bytes and VRAM at Q8_0).
     `progress(fraction)`, if given, is called as the weights are read (a server's health check reports it)."""
     given = {k: v for k, v in (("device", device), ("dtype", dtype), ("context", context)) if v is not None}
     if isinstance(given.get("device"), torch.device):
@@ -200,6 +230,7 @@ def _load(path: Path, opts: RunOptions, progress: Callable[[float], None] | None
         else resolve_device(opts.device)
     dt = resolve_dtype(opts.dtype, dev)
     gguf = path.suffix == ".gguf"
+    chunk = PREFILL_CHUNK
     if opts.cpu_threads is not None:
         from ..kernels.cpu import set_threads
         set_threads(opts.cpu_threads)
@@ -232,7 +263,9 @@ def _load(path: Path, opts: RunOptions, progress: Callable[[float], None] | None
         ctx = opts.context or 4096
         kv = [ctx * opts.sequences * sum(b for b, st in zip(fp.kv_bytes_per_token, stages) if st == s)
               for s in range(devices)]
-        model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, opts.cost_model)
+        model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, opts.cost_model,
+                                       context=ctx)
+        chunk = model.experts.prefill_chunk
         dev = stage_devs[0]
     if dev.type == "cuda":
         stack_qkv_projections(loaded.model)  # fewer launches per decode step
@@ -241,7 +274,7 @@ def _load(path: Path, opts: RunOptions, progress: Callable[[float], None] | None
     tokenizer = getattr(loaded, "tokenizer", None)
     if not gguf and (path / "tokenizer.json").exists():
         tokenizer = Tokenizer(path, loaded.config)
-    return Engine(loaded, tokenizer, path, dev, dt, opts.context)
+    return Engine(loaded, tokenizer, path, dev, dt, opts.context, chunk)
 
 
 # --- GGUF files (llama.cpp's format): non-expert weights dequantized, routed experts computed from their bytes ---
@@ -254,13 +287,16 @@ def _load_gguf(path, dev: torch.device, dt: torch.dtype, opts: RunOptions,
     from .gguf_tokenizer import GGUFTokenizer, llama_cpp_available
 
     experts_acts, linear_acts = activation_modes(opts.cpu_activations)
-    loaded, experts = load_gguf(path, dev, dt, layer_devices, linear_acts, progress)
+    source = path if isinstance(path, GGUFFile) else GGUFFile(path)
+    loaded, experts = load_gguf(source, dev, dt, layer_devices, linear_acts,
+                                gpu_blocks=opts.gpu_weights == GpuWeights.QUANTIZED, progress=progress)
     # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout
     packed = not offloaded and opts.experts_tier == Tier.PINNED
     loaded.model.experts = QuantExperts(experts, tier="packed" if packed else "mmap",
                                         activations="f32" if offloaded else experts_acts)
     # Without llama-cpp-python the model still scores token ids; text needs its tokenizer.
-    file = path.path if isinstance(path, GGUFFile) else path
-    loaded.tokenizer = GGUFTokenizer(file, loaded.config.get("chat_template")) if llama_cpp_available() else None
+    file = source.path
+    loaded.tokenizer = GGUFTokenizer(file, loaded.config.get("chat_template"), source) \
+        if llama_cpp_available() else None
     return loaded
 # --- end GGUF ---

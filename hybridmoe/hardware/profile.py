@@ -142,7 +142,7 @@ class Profile:
         h = self.hardware
         return Hardware(tuple(g.as_gpu() for g in h.gpus), int(h.ram_total_gib * GiB),
                         int(h.ram_available_gib * GiB), h.cpu_cores, self.cost.h2d_bytes_per_s,
-                        self.cost.cpu_bytes_per_s, h.disk_read_bytes_per_s)
+                        self.cost.cpu_bytes_per_s, h.disk_read_bytes_per_s, self.cost.gpu_flops)
 
     def plan_options(self) -> PlanOptions:
         p = self.plan
@@ -287,7 +287,9 @@ def save(profile: Profile, path: str | Path, header: list[str] = (), comments: d
     text = dumps(profile, header, comments)
     loads(text, path)  # never write a file that would not load back
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    from ..formats.atomic import staged
+    with staged(path) as tmp:  # a failed write leaves an existing profile as it was
+        tmp.write_text(text)
     return path
 
 

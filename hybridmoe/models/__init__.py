@@ -14,6 +14,6 @@ FAMILIES: dict[str, ModuleType] = {t: MODULES[f.name] for f in REGISTERED.values
 
 def family_for(cfg: dict, where: str = "config.json") -> ModuleType:
     mt = cfg.get("model_type")
-    if mt not in FAMILIES:
+    if not isinstance(mt, str) or mt not in FAMILIES:
         raise ConfigError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[mt]

@@ -72,7 +72,7 @@ def write(cfg: dict, path: Path, tokenizer_dir: Path, name: str = "synthetic", z
     """A GGUF file for HF config `cfg` with random valid blocks; the tokenizer from `tokenizer_dir`.
     zipf S: a router correction bias (DeepSeek) that makes expert popularity roughly Zipf with exponent S.
     progress(done_bytes, total_bytes, tensor_name) is called after each tensor."""
-    from ..formats.convert import _metadata, _tokenizer
+    from .convert import _metadata, _tokenizer
     from ..formats.families import ARCH_OF_MODEL_TYPE
     if not isinstance(expert_types, tuple):
         expert_types = (expert_types,) * 3

@@ -12,6 +12,8 @@ import torch
 class ExpertStore(Protocol):
     tier: str  # "mmap" or "pinned"
     n_experts: dict[int, int]  # MoE layer -> routed experts
+    dim: int  # hidden size D
+    inter: int  # an expert's hidden size I
 
     def expert_nbytes(self) -> int:
         """Host bytes of one expert (the largest layer's, where types differ by layer)."""
@@ -45,8 +47,23 @@ class ExpertStore(Protocol):
         """Several slots' experts on the same tokens -> [G, n, D]."""
 
     def compute_slots_prefill(self, slots: Any, slot_ids: list[int], layer: int, x: torch.Tensor,
-                              counts: list[int]) -> torch.Tensor:
-        """Each slot's expert on its own tokens (x holds counts[g] rows for slot_ids[g], in that order)."""
+                              counts: list[int], *, grouped: bool | None = None) -> torch.Tensor:
+        """Each slot's expert on its own tokens (x holds counts[g] rows for slot_ids[g], in that order); grouped:
+        force (or forbid) one grouped call per projection, None: the store chooses."""
+
+    def new_staging(self, n: int, device: torch.device) -> Any:
+        """A staging buffer of n expert rows for streamed prefill (offload.stream), for any layer."""
+
+    def staged(self, staging: Any, layer: int) -> Any:
+        """The staging buffer as slots of `layer` (what compute_slots_prefill takes)."""
+
+    def copy_experts(self, staging: Any, row: int, layer: int, first: int, n: int, bounce=None) -> int:
+        """Experts first .. first + n - 1 of `layer` into staging rows row .. row + n - 1 (through `bounce`, an
+        offload.stream.Bounce, from a file tier); returns bytes copied."""
+
+    def copy_staged_to_slots(self, slots: Any, slot_ids: torch.Tensor, staging: Any, rows: torch.Tensor,
+                             layer: int) -> None:
+        """Staged experts into cache slots, on the device (slot_ids and rows on the device)."""
 
     def graph_slots(self, slots: Any, layer: int) -> bool:
         """Whether compute_slots_graph serves this layer's slots."""

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ConfigError
 from ..options import Accelerator, CpuActivations, RunOptions, Tier
+from .chunking import PREFILL_CHUNK, activation_bytes_per_token, size_prefill
 from .expert_store import ExpertStore
 from .experts import OffloadExperts
 from .prefetch import Prefetcher
@@ -43,21 +44,17 @@ def stage_devices(opts: RunOptions) -> list[torch.device]:
     return [torch.device("cuda", i) for i in range(opts.devices)]
 
 
-def cuda_slots_that_fit(store, device: torch.device, reserve: int, kv_bytes: int) -> int:
-    """Slots that fit in what is free on `device` now that its weights are loaded."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(0, (free - reserve - kv_bytes) // max(1, store.slot_nbytes()))
-
-
 class OffloadRuntime:
     """Owns the offload machinery attached to one model; the generate loop takes its stats once per step."""
 
     DECAY = 0.95  # of the expert cache's use counts per step
 
     def __init__(self, model, store, opts: RunOptions, stages: list[int],
-                 kv_bytes: list[int] | None = None, cost: CostModel | None = None, vram_reserve: int = 3 << 29):
+                 kv_bytes: list[int] | None = None, cost: CostModel | None = None, vram_reserve: int = 3 << 29,
+                 context: int = 4096):
         """store: a DenseStore or QuantStore holding every MoE layer's experts. stages: the stage of every layer.
-        kv_bytes: per stage, the KV cache the context will need (kept free when sizing the cache from free VRAM)."""
+        kv_bytes: per stage, the KV cache the context will need (kept free when sizing the cache from free VRAM).
+        On a GPU the free VRAM also sizes the prefill chunk and the streamed prefill's staging (offload.chunking)."""
         self.model, self.opts = model, opts
         self.notices: list[str] = []
         devices = stage_devices(opts)
@@ -65,12 +62,26 @@ class OffloadRuntime:
         counts = store.n_experts
         kv_bytes = kv_bytes or [0] * len(devices)
         per_stage = [sum(n for layer, n in counts.items() if stages[layer] == s) for s in range(len(devices))]
-        slots = []
-        for s, dev in enumerate(devices):
+        top_k = model.layers[model.moe_layers()[0]].ffn.spec.top_k
+        per_token = activation_bytes_per_token(store.dim, store.inter, top_k)
+        layer_experts = max(counts.values())
+        free = [torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 0 for dev in devices]
+
+        def sizes(s: int, stream: bool) -> tuple[int, int, int]:
+            """(slots, staging rows, chunk) of stage s; stream: keep staging, another GPU streams."""
             n = per_stage[s] if opts.expert_cache_slots is None else min(opts.expert_cache_slots, per_stage[s])
-            if dev.type == "cuda":
-                n = min(n, cuda_slots_that_fit(self.store, dev, vram_reserve, kv_bytes[s]))
-            slots.append(n)
+            if devices[s].type != "cuda":
+                return n, (layer_experts if stream or n < per_stage[s] else 0), PREFILL_CHUNK
+            got = size_prefill(free[s] - vram_reserve - kv_bytes[s], stage_experts=per_stage[s],
+                               layer_experts=layer_experts, slot_bytes=store.slot_nbytes(), per_token=per_token,
+                               context=context, max_slots=n, stream=stream)
+            return got.slots, got.staging_rows, got.chunk
+
+        plan = [sizes(s, False) for s in range(len(devices))]
+        if len(devices) > 1 and any(rows for _, rows, _ in plan):  # every GPU takes a share of the streaming
+            plan = [sizes(s, True) for s in range(len(devices))]
+        slots, staging, chunks = (list(v) for v in zip(*plan))
+        self.prefill_chunk = min(chunks)  # tokens per prefill forward pass (the generate loop's chunk)
         # Prefetch pays only where a cache holds some but not all of its stage's experts; its ring then holds one
         # step's predictions (top k + margin). Not from the mmap tier to a real GPU: copies from pageable memory
         # block the host, which would stall the step they are meant to overlap.
@@ -82,7 +93,6 @@ class OffloadRuntime:
                       and cost_model.place(1, store.expert_nbytes(), store.flops_per_token(), False) == "cpu")
         prefetching = (opts.prefetch and not host_nodes
                        and any(0 < n < per_stage[s] for s, n in enumerate(slots)))
-        top_k = model.layers[model.moe_layers()[0]].ffn.spec.top_k
         ring = prefetching and (opts.accelerator == "cpu" or opts.experts_tier == "pinned")
         n_ahead = top_k + opts.prefetch_margin if ring else 0
         self.experts = OffloadExperts(self.store, {i: stages[i] for i in counts}, devices, slots, cost, self.DECAY,
@@ -93,6 +103,7 @@ class OffloadRuntime:
                                     f"using {st.cache.n_slots}")
         slots = [st.cache.n_slots for st in self.experts.stages]
         self.slots = slots
+        self.experts.add_streams(staging)
         # When a stage's cache holds all of its experts, fill it now: generation then never copies.
         full = {s for s in range(len(devices)) if slots[s] and slots[s] == per_stage[s]}
         self.experts.warm([(layer, e) for layer, n in counts.items() if stages[layer] in full for e in range(n)])

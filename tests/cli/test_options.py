@@ -123,7 +123,7 @@ def test_device_defaults_to_auto_everywhere(command):
 
 @pytest.fixture(scope="module")
 def demo_gguf(tmp_path_factory):
-    from hybridmoe.formats.convert import convert
+    from hybridmoe.models.convert import convert
     return convert(DEMO_MODEL, tmp_path_factory.mktemp("demo") / "demo.gguf", "q8_0", progress=False)
 
 
