@@ -83,6 +83,21 @@ def test_seeded_sampling_parameters_reach_the_sampler(server, demo_engine):
     assert r.choices[0].message.content == solo.text
 
 
+def test_max_completion_tokens_and_stop_as_the_engine_takes_them(server, demo_engine):
+    c = client(server)
+    r = c.chat.completions.create(model="demo", messages=HELLO, max_completion_tokens=5, max_tokens=9,
+                                  temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"  # the newer name wins
+    text = alone(demo_engine, HELLO, max_tokens=24, temperature=0, ignore_eos=True).text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert stop.strip(), text
+    solo = alone(demo_engine, HELLO, max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,))
+    r = c.chat.completions.create(model="demo", messages=HELLO, max_tokens=24, temperature=0, stop=[stop],
+                                  extra_body={"ignore_eos": True})
+    assert solo.reason == "stop" and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == solo.text and stop not in solo.text
+
+
 def test_sixteen_concurrent_streams_each_equal_their_answer_alone(server, demo_engine):
     questions = [f"Tell me about {w}" for w in ("os", "sys", "json", "re", "math", "time", "random", "heapq",
                                                  "bisect", "zlib", "csv", "enum", "abc", "io", "glob", "shutil")]
