@@ -264,7 +264,8 @@ class BatchEngine:
             if plan.empty:
                 continue
             try:
-                with self.engine._turn():
+                # the step's stats admit hot experts to the cache (in-place on inference tensors): in the mode too
+                with self.engine._turn(), torch.inference_mode():
                     self._step(plan)
             except Exception as e:  # a failure outside the forward call (sampling, text) ends its step's rows only
                 with self._cond:
