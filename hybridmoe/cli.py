@@ -16,6 +16,7 @@ EPILOG = """examples:
   hybridmoe perplexity ./model --file wiki.txt --json
   hybridmoe inspect ./DeepSeek-R1                  works with only config.json present
   hybridmoe convert ./Qwen3-30B-A3B q.gguf --type q4_k_m   GGUF for hybridmoe and llama.cpp
+  hybridmoe serve ./DeepSeek-R1 --port 8080         OpenAI-compatible server; `chat --connect URL` uses it
 """
 
 
@@ -119,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         _model_opts(p)
         _offload_opts(p)
         p.add_argument("--system", default=None, help="system prompt")
+        p.add_argument("--connect", default=None, metavar="URL", help="use a running `hybridmoe serve` (e.g. "
+                       "http://127.0.0.1:8080) instead of loading a model")
+        p.add_argument("--api-key", default=os.environ.get("HYBRIDMOE_API_KEY"),
+                       help="with --connect: the server's key (default: $HYBRIDMOE_API_KEY)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("generate", help="complete a prompt and stream the text to stdout")
@@ -181,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name, if it cannot be inferred")
     p.set_defaults(func=cmd_convert)
     _add_hardware_commands(sub)
+    _add_serve_command(sub)
     return ap
 
 
@@ -191,14 +197,14 @@ def cmd_chat(args) -> int:
         from hybridmoe_tui.app import run_chat  # before loading: a missing UI fails in a second, not after a load
     except ImportError as e:
         raise HybridMoEError(f"the chat UI needs textual ({e}); install with: pip install textual") from None
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and not args.connect:
         print(f"loading {args.model or 'the demo model'}…", file=sys.stderr, flush=True)
-    return run_chat(load_from_args(args), system=args.system) or 0
+    return run_chat(engine_for(args), system=args.system) or 0
 
 
 def cmd_repl(args) -> int:
     from .repl import run_repl
-    return run_repl(load_from_args(args), system=args.system) or 0
+    return run_repl(engine_for(args), system=args.system) or 0
 
 
 def cmd_generate(args) -> int:
@@ -415,6 +421,50 @@ def cmd_plan(args) -> int:
         print(f"does not fit: {problem}")
     print("fits" if plan.fits else "DOES NOT FIT")
     return 0 if plan.fits else 3
+
+
+# --- serve, and the clients of a running server
+def _add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _model_opts(p)
+    p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 8080; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("HYBRIDMOE_API_KEY"),
+                   help="clients must send Authorization: Bearer KEY (default: $HYBRIDMOE_API_KEY)")
+    p.add_argument("--insecure-no-key", action="store_true", default=None,
+                   help="serve on an address other than loopback without an API key")
+    p.add_argument("--max-seqs", type=int, default=None, help="sequences decoded together, each with a KV cache "
+                   "of the whole context (default: 4)")
+    p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a sequence slot; past it "
+                   "the server answers 429 (default: 64)")
+    _offload_opts(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from .engine.scheduler import SchedulerConfig
+    from .server.backend import ServeOptions
+    from .server.serve import serve
+    given = {k: v for k, v in (("host", args.host), ("port", args.port), ("api_key", args.api_key),
+                               ("insecure_no_key", args.insecure_no_key)) if v is not None}
+    batching = {k: v for k, v in (("max_seqs", args.max_seqs), ("max_queue", args.max_queue)) if v is not None}
+    try:
+        scheduler = SchedulerConfig(**batching)
+    except ValueError as e:
+        raise HybridMoEError(f"--{str(e).replace('_', '-')}") from None
+    run = run_options(args).updated(sequences=scheduler.max_seqs)  # the plan keeps their KV cache free
+    return serve(args.model, run, ServeOptions(**given, scheduler=scheduler))
+
+
+def engine_for(args):
+    """A loaded engine, or with --connect a running server standing in for one."""
+    if not args.connect:
+        return load_from_args(args)
+    if args.model is not None:
+        raise HybridMoEError(f"--connect uses the server's model; leave out {args.model!r}")
+    from .server.client import RemoteEngine
+    return RemoteEngine(args.connect, args.api_key)
+# --- end serve
 
 
 # --- tune, bench, pull: hardware profiles, measurements and downloads (logic in hardware/, engine/bench.py, pull.py)

@@ -88,6 +88,7 @@ class RunOptions:
     cuda_graphs: bool = True
     cpu_threads: int | None = None  # threads of the CPU kernels and torch; None: leave them as they are
     cost_model: Any = None  # offload.scheduler.CostModel with the machine's rates; None: a default workstation's
+    sequences: int = 1  # sequences decoded together (serve --max-seqs): the KV cache kept free when sizing the cache
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: the coerced enums are stored once, here
@@ -103,7 +104,7 @@ class RunOptions:
                                        else type(self.dtype).__module__ != "torch"):
             raise ConfigError(f"--dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         for name, low in (("context", 1), ("devices", 1), ("expert_cache_slots", 0), ("prefetch_margin", 0),
-                          ("cpu_threads", 1)):
+                          ("cpu_threads", 1), ("sequences", 1)):
             value = getattr(self, name)
             if value is None:
                 continue

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Each package may import from its own rank and the ranks below it.
 RANK = {"errors": 0, "options": 0, "formats": 1, "quant": 2, "kernels": 3, "layers": 4, "models": 5, "offload": 6,
-        "hardware": 7, "engine": 8, "": 9, "pull": 9, "cli": 10, "cluster_cli": 10, "repl": 10,
+        "hardware": 7, "engine": 8, "": 9, "pull": 9, "server": 9, "cli": 10, "cluster_cli": 10, "repl": 10,
         "__main__": 11}
 
 

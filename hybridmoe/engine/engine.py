@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -163,10 +163,28 @@ class Engine:
         """Ask a running generation to end after the current step: a token, or a chunk of the prompt (thread-safe)."""
         self.cancel.set()
 
+    @property
+    def eos_ids(self) -> set[int]:
+        return self.tokenizer.eos_ids if self.tokenizer else set(_as_ids(self.config.get("eos_token_id")))
+
+    def prompt_ids(self, prompt_or_messages: str | list[dict] | list[int]) -> tuple[list[int], bool]:
+        """The token ids a request starts from (a plain prompt, token ids, or a conversation through the chat
+        template) and whether they end inside an open <think> block, as generate() reads its argument."""
+        if isinstance(prompt_or_messages, str):
+            return self._tok().encode(prompt_or_messages), prompt_opens_think(prompt_or_messages)
+        items = list(prompt_or_messages)
+        if not items:
+            raise ValueError("the prompt is empty")
+        if all(isinstance(t, int) for t in items):
+            self._check_ids(items)
+            return items, False
+        ids, text = self._tok().encode_chat(items)
+        return ids, prompt_opens_think(text)
+
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, context: int | None = None, *, options: RunOptions | None = None,
-         **settings) -> Engine:
+         progress: Callable[[float], None] | None = None, **settings) -> Engine:
     """Load a model directory (HF config.json + safetensors + tokenizer.json) or a GGUF file (`x.gguf`, or any part
     of a split `x-00001-of-0000N.gguf`). No path (or "demo"): the built-in demo model.
 
@@ -192,7 +210,8 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     token; attention then spans a masked window of keys, so results match eager decode within bf16 rounding).
     `cpu_threads` sets the threads of the CPU kernels and of torch (for the whole process).
     `gpu_weights` (GGUF on CUDA): "dequantized" copies of the non-expert weights in `dtype`, or "quantized": the
-    file's blocks, read by hybridmoe's GEMV kernels at decode (about half the bytes and VRAM at Q8_0)."""
+    file's blocks, read by hybridmoe's GEMV kernels at decode (about half the bytes and VRAM at Q8_0).
+    `progress(fraction)`, if given, is called as the weights are read (a server's health check reports it)."""
     given = {k: v for k, v in (("device", device), ("dtype", dtype), ("context", context)) if v is not None}
     if isinstance(given.get("device"), torch.device):
         given["device"] = str(given["device"])
@@ -200,10 +219,10 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
         opts = (options or RunOptions()).updated(**given, **settings)
     except TypeError as e:
         raise ConfigError(str(e)) from None
-    return _load(model_path(path), opts)
+    return _load(model_path(path), opts, progress)
 
 
-def _load(path: Path, opts: RunOptions) -> Engine:
+def _load(path: Path, opts: RunOptions, progress: Callable[[float], None] | None = None) -> Engine:
     if not path.exists():
         raise ConfigError(f"{path}: no such file or directory")
     # --accelerator cpu: the CPU stands in for the GPUs, so "auto" does not go looking for one
@@ -222,7 +241,8 @@ def _load(path: Path, opts: RunOptions) -> Engine:
     if accelerator is None:
         if opts.devices != 1 or opts.expert_cache_slots is not None:
             raise ConfigError("--devices and --expert-cache-slots need --device cuda or --accelerator cpu")
-        loaded = _load_gguf(path, dev, dt, opts) if gguf else load_hf(path, dev, dt)
+        loaded = _load_gguf(path, dev, dt, opts, progress=progress) if gguf else load_hf(path, dev, dt,
+                                                                                        progress=progress)
     else:
         opts = opts.updated(accelerator=accelerator)
         devices = opts.devices
@@ -236,12 +256,13 @@ def _load(path: Path, opts: RunOptions) -> Engine:
         stages = split_stages(list(fp.layer_bytes), devices)  # contiguous stages balanced by bytes
         layer_devs = [stage_devs[s] for s in stages]
         if gguf:
-            loaded = _load_gguf(source, stage_devs[0], dt, opts, layer_devs, offloaded=True)
+            loaded = _load_gguf(source, stage_devs[0], dt, opts, layer_devs, offloaded=True, progress=progress)
         else:
-            loaded = load_hf(path, stage_devs[0], dt, layer_devs, experts_device="cpu")
+            loaded = load_hf(path, stage_devs[0], dt, layer_devs, experts_device="cpu", progress=progress)
         model = loaded.model
         ctx = opts.context or 4096
-        kv = [ctx * sum(b for b, st in zip(fp.kv_bytes_per_token, stages) if st == s) for s in range(devices)]
+        kv = [ctx * opts.sequences * sum(b for b, st in zip(fp.kv_bytes_per_token, stages) if st == s)
+              for s in range(devices)]
         model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, opts.cost_model,
                                        context=ctx)
         chunk = model.experts.prefill_chunk
@@ -258,7 +279,8 @@ def _load(path: Path, opts: RunOptions) -> Engine:
 
 # --- GGUF files (llama.cpp's format): non-expert weights dequantized, routed experts computed from their bytes ---
 def _load_gguf(path, dev: torch.device, dt: torch.dtype, opts: RunOptions,
-               layer_devices: list[torch.device] | None = None, offloaded: bool = False) -> LoadedModel:
+               layer_devices: list[torch.device] | None = None, offloaded: bool = False,
+               progress: Callable[[float], None] | None = None) -> LoadedModel:
     # offloaded: the experts go on to the offload engine's store, so here they are only carried, not repacked
     from ..models.gguf_loader import load_gguf
     from ..offload.quant_experts import QuantExperts
@@ -267,7 +289,7 @@ def _load_gguf(path, dev: torch.device, dt: torch.dtype, opts: RunOptions,
     experts_acts, linear_acts = activation_modes(opts.cpu_activations)
     source = path if isinstance(path, GGUFFile) else GGUFFile(path)
     loaded, experts = load_gguf(source, dev, dt, layer_devices, linear_acts,
-                                gpu_blocks=opts.gpu_weights == GpuWeights.QUANTIZED)
+                                gpu_blocks=opts.gpu_weights == GpuWeights.QUANTIZED, progress=progress)
     # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout
     packed = not offloaded and opts.experts_tier == Tier.PINNED
     loaded.model.experts = QuantExperts(experts, tier="packed" if packed else "mmap",

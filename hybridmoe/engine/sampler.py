@@ -25,6 +25,18 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: 
     return logits
 
 
+def apply_additive_penalties(logits: torch.Tensor, history: list[int], frequency: float,
+                             presence: float) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties over the tokens seen so far (the same history as the
+    repetition penalty: prompt and completion)."""
+    if (frequency == 0 and presence == 0) or not history:
+        return logits
+    ids, counts = torch.tensor(history).unique(return_counts=True)
+    logits = logits.clone()
+    logits[ids.to(logits.device)] -= (frequency * counts + presence).to(logits.device, logits.dtype)
+    return logits
+
+
 def filter_logits(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p; removed tokens get -inf."""
     logits = logits / cfg.temperature
@@ -52,6 +64,7 @@ def make_sampler(cfg: GenerationConfig) -> Sampler:
 
     def sample(logits: torch.Tensor, history: list[int]) -> int:
         logits = apply_repetition_penalty(logits.float(), history, cfg.repetition_penalty)
+        logits = apply_additive_penalties(logits, history, cfg.frequency_penalty, cfg.presence_penalty)
         if cfg.greedy:
             # argmax picks a NaN or +inf wherever there is one, so its value tells whether all are finite;
             # index and value come back in one host sync

@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -17,7 +18,7 @@ from ..formats.gguf import GGUFFile, GGUFTensor, hf_config, metadata_names
 from ..formats.gguf_names import GGUF_IGNORED
 from ..formats.names import NameMap
 from ..quant import dequantize, get_format
-from .loader import F32_PARAMS, LoadedModel, model_args, param_device, tie_output
+from .loader import F32_PARAMS, LoadedModel, counted, model_args, param_device, tie_output
 
 LAYER = re.compile(r"blk\.(\d+)\.")
 PROJ_SHAPES = {"gate": lambda inter, dim: (inter, dim), "up": lambda inter, dim: (inter, dim),
@@ -99,11 +100,13 @@ ExpertTensors = dict[int, tuple[GGUFTensor, GGUFTensor, GGUFTensor]]  # layer ->
 
 def load_gguf(path: str | Path | GGUFFile, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
               layer_devices: list[torch.device] | None = None,
-              linear_activations: str = "f32", gpu_blocks: bool = False) -> tuple[LoadedModel, ExpertTensors]:
+              linear_activations: str = "f32", gpu_blocks: bool = False,
+              progress: Callable[[float], None] | None = None) -> tuple[LoadedModel, ExpertTensors]:
     """The model with every non-expert weight filled, and its routed experts as raw GGUF tensors (the caller sets
     `model.experts`). layer_devices: one device per layer (pipeline stages; default all on `device`).
     linear_activations: "f32", or "int8" to round the inputs of the CPU's quantized linear layers to 8 bits at
-    decode (layers.quant_linear). gpu_blocks: linear layers on CUDA keep their GGUF blocks (GpuQuantLinear)."""
+    decode (layers.quant_linear). gpu_blocks: linear layers on CUDA keep their GGUF blocks (GpuQuantLinear).
+    progress(fraction) is called as the tensors are read."""
     gf = path if isinstance(path, GGUFFile) else GGUFFile(path)
     cfg = hf_config(gf)
     family, args = model_args(cfg, f"{gf.path} (GGUF metadata)", metadata_names(gf.arch))
@@ -165,7 +168,7 @@ def load_gguf(path: str | Path | GGUFFile, device: str | torch.device = "cpu", d
                 w = unpermute_rope_rows(w, heads)
         return w.to(device=param_device(ours, devices), dtype=want)
 
-    tie_output(model, {k: fetch(k) for k in params}, args, devices)
+    tie_output(model, {k: fetch(k) for k in counted(params, progress)}, args, devices)
     if not args.tie_embeddings and all(d.type == "cpu" for d in devices):
         keep_quantized(model, found, permuted, linear_activations)
     elif gpu_blocks:

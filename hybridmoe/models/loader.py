@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -102,11 +103,21 @@ def param_device(name: str, layer_devices: list[torch.device]) -> torch.device:
     return layer_devices[0] if name.startswith("tok_embeddings") else layer_devices[-1]
 
 
+def counted(names, progress: Callable[[float], None] | None):
+    """names, telling `progress` the fraction already taken before each one."""
+    names = list(names)
+    for i, name in enumerate(names):
+        if progress is not None:
+            progress(i / len(names))
+        yield name
+
+
 def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-            layer_devices: list[torch.device] | None = None, experts_device: str | torch.device | None = None
-            ) -> LoadedModel:
+            layer_devices: list[torch.device] | None = None, experts_device: str | torch.device | None = None,
+            progress: Callable[[float], None] | None = None) -> LoadedModel:
     """layer_devices: one device per layer (pipeline stages; default all on `device`). experts_device: where routed
-    experts are put (default `device`); the offload engine keeps them on the CPU."""
+    experts are put (default `device`); the offload engine keeps them on the CPU. progress(fraction) is called as
+    the tensors are read."""
     path = Path(path)
     cfg = read_config(path)
     family, args = model_args(cfg, str(path / "config.json"))
@@ -154,7 +165,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
             return dequant_fp8_blocks(t, files.get(scale_name), want, args.fp8_block or (128, 128), info.name).to(device)
         return t.to(device=device, dtype=want)  # no copy when dtype and device already match
 
-    state = {k: fetch(k) for k in params}
+    state = {k: fetch(k) for k in counted(params, progress)}
     tie_output(model, state, args, devices)
     experts = {i: [tuple(fetch(f"layers.{i}.experts.{e}.{p}") for p in ("gate", "up", "down"))
                    for e in range(args.n_routed_experts)] for i in model.moe_layers()}

@@ -196,6 +196,7 @@ class OffloadExperts:
             got = cache.admit(key) if cache.n_slots else None  # keep it only if it is hotter than a victim
             if got is not None:
                 self.stats.bytes_copied += self._copy(dev, got[0], layer, e, wait=True)
+                self._admitted(dev, key, got, landed=True)
                 cache.pin(key)
                 on_gpu.append((e, got[0]))
             else:
@@ -543,7 +544,8 @@ class OffloadExperts:
         self._count_device()
         for dev, key, slot, done in list(self.landing):
             if done is None or done.query():
-                self._set_slot(key, slot)
+                if dev.cache.lookup(key) == slot:  # (not evicted again meanwhile)
+                    self._set_slot(key, slot)
                 self.landing.remove((dev, key, slot, done))
         for layer in self.tables_changed:
             device, host = self.slot_tables[layer]
@@ -668,6 +670,21 @@ class OffloadExperts:
                 if got is not None:
                     self.stats.bytes_copied += self._copy(dev, got[0], layer, e, wait=False)
                     self.stats.layers[layer].copies += 1
+                    self._admitted(dev, key, got, landed=False)
+
+    def _admitted(self, dev: DeviceSlots, key: tuple[int, int], got: tuple, landed: bool) -> None:
+        """Keep the decode graphs' slot tables in step with an admission of the host-placed path (a batch of rows
+        or a prompt between graph-run steps): the victim leaves them now, the new expert joins once its copy has
+        landed (at the next step boundary)."""
+        slot, evicted = got
+        if evicted is not None:
+            self._set_slot(evicted, -1)
+        done = None
+        if not landed and dev.copy_stream is not None:
+            done = torch.cuda.Event()
+            done.record(dev.copy_stream)
+        if key[0] in self.slot_tables:
+            self.landing.append((dev, key, slot, done))
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Copy predicted experts of `layer` ahead of use; they stay pinned until that layer has run. `experts` is

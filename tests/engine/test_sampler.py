@@ -49,3 +49,12 @@ def test_invalid_settings_rejected(bad):
 def test_unknown_setting_rejected():
     with pytest.raises(ValueError, match="temprature"):
         GenerationConfig().updated(temprature=1)
+
+
+def test_frequency_and_presence_penalties_subtract_as_openai_defines_them():
+    from hybridmoe.engine.sampler import apply_additive_penalties
+    out = apply_additive_penalties(torch.tensor([2.0, 1.0, 0.5, 0.0]), [0, 0, 2], 0.5, 0.25)
+    # token 0 seen twice: 2 - 2*0.5 - 0.25; token 2 once: 0.5 - 0.5 - 0.25; unseen tokens unchanged
+    assert out.tolist() == [0.75, 1.0, -0.25, 0.0]
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        GenerationConfig(frequency_penalty=3)

@@ -206,3 +206,21 @@ def test_cuda_non_expert_weights_kept_as_blocks(gguf_models, tmp_path, family):
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-2
     assert list(eng.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids == tokens
     assert eng.model.decode_graphs.enabled and eng.model.decode_graphs.captured
+
+
+def test_host_placed_admissions_between_graph_run_steps_reach_the_slot_tables(q4):
+    """On the CPU stand-in a prompt is read on the host-placed path, whose cache admissions evict experts that the
+    decode graphs' slot tables of partly cached layers still name: a second prompt after graph-run decode steps
+    must give the tokens of the same engine with graphs off (bit for bit: the same admissions at the same steps)."""
+    from hybridmoe.models.graphs import DecodeGraphs
+    kw = dict(accelerator="cpu", expert_cache_slots=6, cpu_activations="int8", cost_model=CPU_ONLY)
+    prompts = [IDS[:6], IDS[10:30], IDS[3:9] * 2]
+
+    def run(graphs: bool) -> list[tuple[int, ...]]:
+        eng = hybridmoe.load(q4[0], **kw)
+        if graphs:
+            eng.model.decode_graphs = DecodeGraphs(eng.model, capture=False)
+        return [list(eng.generate(p, temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids
+                for p in prompts]
+
+    assert run(True) == run(False)
