@@ -71,14 +71,18 @@ def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = No
 def route_hidden(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D] (already normalised), router [E, D] -> `route` of the f32 logits. A decode step's float32 token on
-    the CPU under plain softmax top-k takes one kernel call for all of it (kernels.cpu.route_softmax): the same
-    choices and weights up to float32 rounding, without seven small ops that each start with cold caches."""
+    the CPU takes one kernel call for all of it (kernels.cpu.route_topk): the same choices and weights up to float32
+    rounding, without seven to seventeen small ops that each start with cold caches."""
     if (x.device.type == "cpu" and x.dtype == router.dtype == torch.float32 and x.shape[0] <= CPU_ROUTE_TOKENS
-            and spec.scoring == "softmax" and (spec.method == "greedy" or spec.n_group == 1)
-            and (bias is None or spec.method != "noaux_tc")):
+            and (bias is None or bias.dtype == torch.float32)):
         renorm = spec.norm_topk_prob and spec.top_k > 1
         scaling = spec.scaling if not renorm or spec.scale_after_norm else 1.0
-        return ck.route_softmax(x.contiguous(), router, spec.top_k, renorm, scaling)
+        grouped = spec.method != "greedy" and spec.n_group > 1
+        noaux = spec.method == "noaux_tc"
+        return ck.route_topk(x.contiguous(), router, spec.top_k, renorm, scaling, sigmoid=spec.scoring == "sigmoid",
+                             bias=bias if noaux else None, n_group=spec.n_group if grouped else 1,
+                             topk_group=spec.topk_group if grouped else 1, top2_groups=noaux,
+                             masked=float("-inf") if noaux else 0.0)
     return route(router_logits(x, router), spec, bias)
 
 

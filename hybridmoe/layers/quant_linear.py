@@ -69,3 +69,31 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         acts = "" if self.activations == "f32" else f", {self.activations} activations"
         return f"{self.in_features}, {self.out_features}, {self.qtype.name}{acts}"
+
+
+class QuantSwiGLU:
+    """down(silu(gate(x)) * up(x)) of three QuantLinear layers with 8-bit activations, for a few decode rows in one
+    kernel call (kernels.cpu.ffn_experts of a one-expert stack): x rounded once, the hidden state once, as the three
+    layers one after another round them."""
+
+    def __init__(self, gate: QuantLinear, up: QuantLinear, down: QuantLinear):
+        self.weights = [ck.PackedExperts(w.qtype, w.n_rows, w.n_cols, w.lanes, tuple(a[None] for a in w.arrays),
+                                         w.activations) for w in (gate.packed, up.packed, down.packed)]
+        self.out_features = down.out_features
+
+    @staticmethod
+    def of(gate, up, down) -> "QuantSwiGLU | None":
+        """The fused form of these layers, or None where they are not all QuantLinear with 8-bit activations and no
+        bias."""
+        layers = (gate, up, down)
+        if not all(isinstance(q, QuantLinear) and q.activations == "int8" and q.bias is None for q in layers):
+            return None
+        return QuantSwiGLU(gate, up, down)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [..., D] -> [..., D], or None unless x is a few contiguous float32 rows."""
+        xf = x.reshape(-1, x.shape[-1])
+        if xf.shape[0] > DECODE_ROWS or xf.dtype != torch.float32 or not xf.is_contiguous():
+            return None
+        y = ck.ffn_experts(xf.numpy(), *self.weights, [0])[0]
+        return torch.from_numpy(y).view(*x.shape[:-1], self.out_features)

@@ -49,8 +49,11 @@ _DENSE_ONLY = (".attn.wkv_b",)
 
 def keep_quantized(model, found: dict[str, GGUFTensor], permuted, activations: str = "f32") -> None:
     """On the CPU, linear layers keep their GGUF blocks (QuantLinear) instead of dequantized f32 weights, and an
-    attention's q, k and v projections are stacked into one. activations: QuantLinear's decode activations."""
+    attention's q, k and v projections (MLA: wq_a and wkv_a) are stacked into one, and an MLP's three layers decode
+    in one call (with 8-bit activations). activations: QuantLinear's decode activations."""
     from ..layers.attention import stack_qkv_projections
+    from ..layers.mla import MLA
+    from ..layers.mlp import MLP
     from ..layers.quant_linear import QuantLinear
     for name, module in list(model.named_modules()):
         t = found.get(name + ".weight")
@@ -67,6 +70,11 @@ def keep_quantized(model, found: dict[str, GGUFTensor], permuted, activations: s
         setattr(model.get_submodule(parent) if parent else model, leaf,
                 QuantLinear(raw, t.qtype, module.out_features, module.in_features, bias, activations))
     stack_qkv_projections(model)
+    for module in model.modules():
+        if isinstance(module, MLA):
+            module.stack_inputs()
+        elif isinstance(module, MLP):
+            module.fuse()
 
 
 def _split_shapes(args) -> dict[str, tuple[int, ...]]:

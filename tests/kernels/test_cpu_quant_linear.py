@@ -42,3 +42,27 @@ def test_int8_activations_round_only_decode(case, qtype):
         decode = np.concatenate([layer(x[i:i + 1]).numpy() for i in range(len(c.x))])
         assert 1e-6 < c.rel_error(decode) < 1e-2  # rounded, and within the kernels' bound
         assert c.rel_error(layer(x).numpy()) < 1e-5  # prefill: float32 tiles, exact
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K], ids=lambda q: q.name)
+def test_an_mlps_three_layers_decode_in_one_call_as_one_after_another(case, qtype):
+    from hybridmoe.layers.mlp import MLP
+    gate, up = case(qtype, 512, 256, 2, seed=1), case(qtype, 512, 256, 2, seed=2)
+    down = case(qtype, 256, 512, 2, seed=3)
+    mlp = MLP(256, 512)
+    for name, c in (("gate", gate), ("up", up), ("down", down)):
+        setattr(mlp, name, QuantLinear(c.w_raw, qtype, *c.w.shape, activations="int8"))
+    x = torch.from_numpy(gate.x)
+    with torch.no_grad():
+        chained = mlp(x[None])  # not fused yet: three layers, each rounding its input
+        assert mlp.fuse()
+        fused = mlp(x[None])
+        assert fused.shape == chained.shape == (1, 2, 256)
+        assert ((fused - chained).abs().max() / chained.abs().max()).item() < 1e-5
+        many = x.repeat(3, 1)  # more rows than a decode step: the three layers
+        assert torch.equal(mlp(many), mlp.down(torch.nn.functional.silu(mlp.gate(many)) * mlp.up(many)))
+    plain = MLP(256, 512)
+    assert not plain.fuse()
+    for name, c in (("gate", gate), ("up", up), ("down", down)):
+        setattr(plain, name, QuantLinear(c.w_raw, qtype, *c.w.shape, activations="f32"))
+    assert not plain.fuse()  # exact activations keep the three layers

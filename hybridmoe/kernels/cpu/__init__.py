@@ -25,10 +25,16 @@ results within about 1e-2 relative of the exact ones, and `ffn_experts` runs all
 Grouped-query attention at decode (one token, float32, `attention.py`): q/k norm, rope, cache write, attention.
     gqa_decode(qkv, n_heads, q_norm, k_norm, eps, cos, sin, k_cache, v_cache, pos, scale) -> [H * D]
 
+Multi-head latent attention at decode (one token, float32, absorbed form, `mla.py`): latent norm, rope, cache write,
+attention over the cached latents.
+    mla_decode(q, kv, n_heads, kv_norm, eps, cos, sin, w_kv_b, latent_cache, pe_cache, pos, scale) -> [H * V]
+
 RMSNorm of a few float32 rows, optionally after adding a residual (`norm.py`), in one call.
     rms_norm(x, weight, eps, residual=None) -> (x + residual, normalised)
 
-Softmax top-k routing of a few tokens (float32, `router.py`): logits, softmax, top k and weights in one call.
+Top-k routing of a few tokens (float32, `router.py`): logits, softmax or sigmoid, the group limit and bias of
+DeepSeek's routers, top k and weights in one call.
+    route_topk(x, router, top_k, renorm, scaling, *, sigmoid, bias, n_group, topk_group, top2_groups, masked)
     route_softmax(x, router, top_k, renorm, scaling) -> (ids [n, K], weights [n, K])
 
 Prefill (many tokens per expert): float32 tiles of W and torch.matmul; any type `hybridmoe.quant` knows.
@@ -48,11 +54,11 @@ from .target import use_full_vector_width
 use_full_vector_width()
 
 from .api import (GEMV_TYPES, RAW_INT8_TYPES, decode_route, dequantize, ffn_experts, ffn_experts_sum,  # noqa: E402
-                  ffn_packed, ffn_raw_int8, gemv, gemv_int8, gemv_packed, gqa_decode, matmul, repack, repack_experts,
-                  rms_norm, route_softmax, set_threads)
+                  ffn_packed, ffn_raw_int8, gemv, gemv_int8, gemv_packed, gqa_decode, matmul, mla_decode, repack,
+                  repack_experts, rms_norm, route_softmax, route_topk, set_threads)
 from .repack import ACTIVATIONS, PACKED_TYPES, PackedExperts, PackedWeight  # noqa: E402
 
 __all__ = ["ACTIVATIONS", "GEMV_TYPES", "PACKED_TYPES", "RAW_INT8_TYPES", "PackedExperts", "PackedWeight",
            "decode_route", "dequantize", "ffn_experts", "ffn_experts_sum", "ffn_packed", "ffn_raw_int8", "gemv",
-           "gemv_int8", "gemv_packed", "gqa_decode", "matmul", "repack", "repack_experts", "rms_norm",
-           "route_softmax", "set_threads"]
+           "gemv_int8", "gemv_packed", "gqa_decode", "matmul", "mla_decode", "repack", "repack_experts", "rms_norm",
+           "route_softmax", "route_topk", "set_threads"]

@@ -12,6 +12,7 @@ from hybridmoe.quant import dequantize as reference_dequantize
 from . import attention as attention_kernels
 from . import combine as combine_kernels
 from . import int8 as int8_kernels
+from . import mla as mla_kernels
 from . import norm as norm_kernels
 from . import packed as packed_kernels
 from . import raw_int8 as raw_int8_kernels
@@ -318,17 +319,70 @@ def gqa_decode(qkv: torch.Tensor, n_heads: int, q_norm: torch.Tensor | None, k_n
     return torch.from_numpy(out)
 
 
+def mla_decode(q: torch.Tensor, kv: torch.Tensor, n_heads: int, kv_norm: torch.Tensor, eps: float,
+               cos: torch.Tensor, sin: torch.Tensor, w_kv_b: torch.Tensor, latent_cache: torch.Tensor,
+               pe_cache: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
+    """One decode step of multi-head latent attention, absorbed form (`mla.py`): q [H * (N + P)] (wq_b's output),
+    kv [R + P] (wkv_a's: latent, then rope key; rope pairs interleaved), any shapes of those sizes, as cos and sin
+    [P/2]; kv_norm [R] (the latent's RMSNorm weight), w_kv_b [H * (N + V), R]; latent_cache [max_len, R] and
+    pe_cache [max_len, P] of the token's slot, written at `pos`, whose keys 0..pos are attended to. All float32 on
+    the CPU. -> [H * V]."""
+    if latent_cache.dim() != 2 or pe_cache.dim() != 2 or pe_cache.shape[0] != latent_cache.shape[0]:
+        raise ValueError(f"caches must be [max_len, R] and [max_len, P], got {list(latent_cache.shape)} and "
+                         f"{list(pe_cache.shape)}")
+    max_len, rank = latent_cache.shape
+    rope = pe_cache.shape[1]
+    if not 0 <= pos < max_len:
+        raise ValueError(f"position {pos} is outside a cache of {max_len}")
+    qk = q.numel() // max(1, n_heads)
+    if n_heads < 1 or qk * n_heads != q.numel() or qk <= rope or rope % 2:
+        raise ValueError(f"q of {q.numel()} values is not {n_heads} heads of a rope part of {rope} (even) and more")
+    if w_kv_b.dim() != 2 or w_kv_b.shape[1] != rank or w_kv_b.shape[0] % n_heads:
+        raise ValueError(f"w_kv_b must be [{n_heads} * (N + V), {rank}], got {list(w_kv_b.shape)}")
+    nope = qk - rope
+    v_dim = w_kv_b.shape[0] // n_heads - nope
+    if v_dim < 1:
+        raise ValueError(f"w_kv_b's {w_kv_b.shape[0]} rows leave no values after {n_heads} x {nope} key rows")
+    out = np.empty((n_heads, v_dim), dtype=np.float32)
+    mla_kernels.mla_decode(
+        _f32_contiguous("q", q, (n_heads, qk), reshape=True), _f32_contiguous("kv", kv, (rank + rope,), reshape=True),
+        _f32_contiguous("kv_norm", kv_norm, (rank,)), np.float32(eps),
+        _f32_contiguous("cos", cos, (rope // 2,), reshape=True), _f32_contiguous("sin", sin, (rope // 2,), reshape=True),
+        _f32_contiguous("w_kv_b", w_kv_b, (n_heads, nope + v_dim, rank), reshape=True),
+        _f32_contiguous("latent_cache", latent_cache, (max_len, rank)),
+        _f32_contiguous("pe_cache", pe_cache, (max_len, rope)), pos, np.float32(scale), out)
+    return torch.from_numpy(out).view(-1)
+
+
 def route_softmax(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: bool,
                   scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax top-k routing (`router.py`): x f32 [n, D], router f32 [E, D] on the CPU -> (ids [n, K] long, best
     first; weights [n, K] f32: the chosen scores, divided by their sum if renorm, times scaling)."""
+    return route_topk(x, router, top_k, renorm, scaling)
+
+
+def route_topk(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: bool, scaling: float, *,
+               sigmoid: bool = False, bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
+               top2_groups: bool = False, masked: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing in one call (`router.py`): x f32 [n, D], router f32 [E, D] on the CPU -> (ids [n, K] long, best
+    first; weights [n, K] f32). Scores are softmax or sigmoid of the logits; experts are chosen by score + bias
+    (f32 [E], optional), among the topk_group best of n_group groups (scored by their best, or with top2_groups
+    their two best, choice values; the other groups' values become `masked`); weights are the chosen scores,
+    divided by their sum if renorm, times scaling."""
     xa = activations(x)
-    if router.dim() != 2 or not 1 <= top_k <= router.shape[0]:
+    n_experts = router.shape[0] if router.dim() == 2 else 0
+    if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k {top_k} of a router of shape {list(router.shape)}")
-    w = _f32_contiguous("router", router, (router.shape[0], xa.shape[1]))
+    if n_group < 1 or n_experts % n_group or not 1 <= topk_group <= n_group or (top2_groups and n_experts < 2 * n_group):
+        raise ValueError(f"{n_experts} experts cannot form {n_group} groups with {topk_group} kept")
+    if top_k > topk_group * (n_experts // n_group) and masked == float("-inf"):
+        raise ValueError(f"top_k {top_k} exceeds the experts of {topk_group} groups")
+    w = _f32_contiguous("router", router, (n_experts, xa.shape[1]))
+    b = _f32_contiguous("bias", bias, (n_experts,))
     ids = np.empty((xa.shape[0], top_k), dtype=np.int64)
     weights = np.empty((xa.shape[0], top_k), dtype=np.float32)
-    router_kernels.softmax_topk(xa, w, renorm, np.float32(scaling), ids, weights)
+    router_kernels.route(xa, w, b, sigmoid, n_group, topk_group, top2_groups, np.float32(masked), renorm,
+                         np.float32(scaling), ids, weights)
     return torch.from_numpy(ids), torch.from_numpy(weights)
 
 
