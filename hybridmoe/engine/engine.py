@@ -133,7 +133,7 @@ class Engine:
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          context: int | None = None, *, accelerator: str | None = None, devices: int = 1,
          expert_cache_slots: int | None = None, prefetch: bool = True, experts_tier: str = "mmap",
-         cost_model=None, cpu_repack: bool = False, prefetch_margin: int = 2, cpu_activations: str = "f32",
+         cost_model=None, cpu_repack: bool = False, prefetch_margin: int = 2, cpu_activations: str = "int8-all",
          cuda_graphs: bool = True) -> Engine:
     """Load a model directory (HF config.json + safetensors + tokenizer.json) or a GGUF file (`x.gguf`, or any part
     of a split `x-00001-of-0000N.gguf`). No path: the built-in demo model.
@@ -145,13 +145,11 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     ("mmap" or "pinned"). `cost_model` (offload.scheduler.CostModel) holds the machine's measured rates; the
     default is a conservative workstation's. `cpu_repack` (GGUF) gives CPU-served experts a lane-interleaved copy
     that decodes faster; it sums in another order, so results then match within kernel tolerance.
-    `cpu_activations` (GGUF): "f32" (exact) or "int8", which rounds x to 8 bits per group of 32 in the decode
-    kernels of CPU experts, as llama.cpp does: several times less compute, and all CPU experts of a layer in one
-    call per decode step, read in place on the mmap tier (Q2_K to Q6_K, Q8_0, IQ4_XS; layers of other
-    types get the repacked copy).
-    "int8-all" also rounds the inputs of the other quantized linear layers on the CPU (attention, output head) at
-    decode, as llama.cpp does: faster, but logits move much more than with "int8" (bench/RESULTS.md), so it is
-    never the default.
+    `cpu_activations` (GGUF): "int8-all" (the default) rounds the inputs of every quantized matrix computed on the
+    CPU (routed experts, attention, dense layers, output head) to 8 bits per group of 32, as llama.cpp does:
+    several times less compute, all CPU experts of a layer in one call per decode step, read in place on the mmap
+    tier (Q2_K to Q6_K, Q8_0, IQ4_XS; layers of other types get the repacked copy); perplexity stays within 1 % of
+    exact (bench/RESULTS.md). "int8" rounds only the routed experts' inputs; "f32" is exact.
     `cuda_graphs` replays each layer's non-expert work at decode as a captured CUDA graph (much less host time per
     token; attention then spans a masked window of keys, so results match eager decode within bf16 rounding)."""
     path = Path(path) if path is not None else DEMO_MODEL
@@ -201,7 +199,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
 
 # --- GGUF files (llama.cpp's format): non-expert weights dequantized, routed experts computed from their bytes ---
 def _load_gguf(path, dev: torch.device, dt: torch.dtype, experts_tier: str,
-               layer_devices: list[torch.device] | None = None, cpu_activations: str = "f32",
+               layer_devices: list[torch.device] | None = None, cpu_activations: str = "int8-all",
                offloaded: bool = False) -> LoadedModel:
     # offloaded: the experts go on to the offload engine's store, so here they are only carried, not repacked
     from ..models.gguf_loader import load_gguf

@@ -142,12 +142,15 @@ def combine(parts: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> t
 def run_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 compute: Callable[[int, torch.Tensor], torch.Tensor], counts: dict[int, int],
                 compute_many: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
-                compute_sum: Callable[[list[int], torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
+                compute_sum: Callable[[list[int], torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+                compute_grouped: Callable[[list[int], torch.Tensor, list[int]], torch.Tensor | None] | None = None
                 ) -> torch.Tensor:
     """Each routed expert once on its tokens, outputs combined in a fixed order; counts tokens per expert.
     compute(e, x_e [n, D]) -> [n, D]; compute_many(experts, x [n, D]) -> [G, n, D], if given, runs a decode step's
     experts together (each with compute's result); compute_sum(experts, x, weights [n, G]) -> [n, D] or None, if
-    given, also combines them (the bits `combine` gives)."""
+    given, also combines them (the bits `combine` gives); compute_grouped(experts, x_rows, counts) -> [sum(counts),
+    D] or None, if given, runs a prefill's experts together, each on its counts[g] rows of x_rows (compute's
+    result for each)."""
     N, K = ids.shape
     ids_host = ids.cpu()  # host sync: which experts run is decided on the host
     if N == 1:  # decode: each chosen expert (all distinct) runs on the one token, no index bookkeeping
@@ -166,8 +169,15 @@ def run_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     parts = x.new_zeros(N, K, x.shape[-1])
     flat = parts.view(N * K, -1)
     pos = expert_positions(ids_host)
-    for (e, p), at in zip(pos.items(), positions_on(list(pos.values()), x.device)):
+    for e, p in pos.items():
         counts[e] = counts.get(e, 0) + len(p)
+    if compute_grouped is not None and x.device.type == "cpu":
+        order = torch.cat(list(pos.values()))  # flat positions, expert by expert
+        y = compute_grouped(list(pos), x[order // K], [len(p) for p in pos.values()])
+        if y is not None:
+            flat[order] = y
+            return combine(parts, weights, x.dtype)
+    for (e, p), at in zip(pos.items(), positions_on(list(pos.values()), x.device)):
         flat[at] = compute(e, x[at // K])
     return combine(parts, weights, x.dtype)
 

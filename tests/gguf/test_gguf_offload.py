@@ -1,5 +1,6 @@
 """GGUF experts through the offload engine (accelerator = cpu): slots hold the raw blocks, and outputs are
-bit-identical whatever the cache size, prefetch, device count or host tier."""
+bit-identical whatever the cache size, prefetch, device count or host tier (with exact activations: the CPU
+standing in for a GPU computes slots with the float32 kernels)."""
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ CPU_ONLY = CostModel(h2d_bytes_per_s=1e3)  # copies never pay off: every uncache
 @pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe"])
 def q4(request, gguf_models):
     _, path = gguf_models(request.param, "q4_k_m")
-    ref = hybridmoe.load(path)
+    ref = hybridmoe.load(path, cpu_activations="f32")
     return path, ref.logits(IDS), list(ref.generate(IDS[:6], temperature=0, max_tokens=12,
                                                      ignore_eos=True))[-1].token_ids
 
@@ -25,7 +26,7 @@ def q4(request, gguf_models):
 def test_gguf_offload_is_lossless(q4, slots, prefetch, devices, tier):
     path, logits, tokens = q4
     eng = hybridmoe.load(path, accelerator="cpu", devices=devices, expert_cache_slots=slots, prefetch=prefetch,
-                         experts_tier=tier)
+                         experts_tier=tier, cpu_activations="f32")
     assert torch.equal(eng.logits(IDS), logits)
     events = list(eng.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))
     assert events[-1].token_ids == tokens

@@ -34,14 +34,16 @@ def test_layers_that_do_not_fit_together_are_not_stacked(case):
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda q: q.name)
-def test_int8_activations_round_only_decode(case, qtype):
+def test_int8_activations_round_decode_and_prefill_alike(case, qtype):
     c = case(qtype, 80, 1024, DECODE_ROWS + 2)
     layer = QuantLinear(c.w_raw, qtype, 80, 1024, activations="int8")
+    exact = QuantLinear(c.w_raw, qtype, 80, 1024)
     x = torch.from_numpy(c.x)
     with torch.no_grad():
         decode = np.concatenate([layer(x[i:i + 1]).numpy() for i in range(len(c.x))])
         assert 1e-6 < c.rel_error(decode) < 1e-2  # rounded, and within the kernels' bound
-        assert c.rel_error(layer(x).numpy()) < 1e-5  # prefill: float32 tiles, exact
+        assert np.array_equal(layer(x).numpy(), decode)  # prefill: the same kernels, row by row the same bits
+        assert c.rel_error(exact(x).numpy()) < 1e-5  # exact activations: float32 tiles
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K], ids=lambda q: q.name)

@@ -10,6 +10,8 @@ Decode with 8-bit activations (x rounded per group of 32, as llama.cpp does), in
     gemv_int8(x, w_raw, ggml_type) -> [n, N]                    Q8_0, Q2_K-Q6_K, IQ4_XS
     ffn_raw_int8(x, gate, up, down, types, experts, routing_weights=None) -> [G, n, D] (or [n, D])
                                                                  a layer's stacked raw experts, one call
+    ffn_raw_int8_grouped(x, gate, up, down, types, experts, counts) -> [sum(counts), D]
+                                                                 prefill: each expert on its own rows, one call
 
 Decode at memory speed, after a one-time copy into a lane-interleaved layout (the "pinned RAM" tier):
     repack(w_raw, ggml_type, lanes=64, activations="f32") -> PackedWeight     same types
@@ -54,11 +56,11 @@ from .target import use_full_vector_width
 use_full_vector_width()
 
 from .api import (GEMV_TYPES, RAW_INT8_TYPES, decode_route, dequantize, ffn_experts, ffn_experts_sum,  # noqa: E402
-                  ffn_packed, ffn_raw_int8, gemv, gemv_int8, gemv_packed, gqa_decode, matmul, mla_decode, repack,
-                  repack_experts, rms_norm, route_softmax, route_topk, set_threads)
+                  ffn_packed, ffn_raw_int8, ffn_raw_int8_grouped, gemv, gemv_int8, gemv_packed, gqa_decode, matmul,
+                  mla_decode, repack, repack_experts, rms_norm, route_softmax, route_topk, set_threads)
 from .repack import ACTIVATIONS, PACKED_TYPES, PackedExperts, PackedWeight  # noqa: E402
 
 __all__ = ["ACTIVATIONS", "GEMV_TYPES", "PACKED_TYPES", "RAW_INT8_TYPES", "PackedExperts", "PackedWeight",
-           "decode_route", "dequantize", "ffn_experts", "ffn_experts_sum", "ffn_packed", "ffn_raw_int8", "gemv",
-           "gemv_int8", "gemv_packed", "gqa_decode", "matmul", "mla_decode", "repack", "repack_experts", "rms_norm",
-           "route_softmax", "route_topk", "set_threads"]
+           "decode_route", "dequantize", "ffn_experts", "ffn_experts_sum", "ffn_packed", "ffn_raw_int8",
+           "ffn_raw_int8_grouped", "gemv", "gemv_int8", "gemv_packed", "gqa_decode", "matmul", "mla_decode", "repack",
+           "repack_experts", "rms_norm", "route_softmax", "route_topk", "set_threads"]

@@ -15,6 +15,7 @@ from . import int8 as int8_kernels
 from . import mla as mla_kernels
 from . import norm as norm_kernels
 from . import packed as packed_kernels
+from . import raw_gemm as raw_gemm_kernels
 from . import raw_int8 as raw_int8_kernels
 from . import router as router_kernels
 from .checks import Array, activations, kernel_type, weights
@@ -69,13 +70,9 @@ def gemv_int8(x: Array, w_raw: np.ndarray, ggml_type: T | int) -> Array:
     return _like_input(y[0], x)
 
 
-def ffn_raw_int8(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, types: tuple, experts: list[int],
-                 routing_weights: np.ndarray | None = None) -> np.ndarray:
-    """Several experts of one layer on the same tokens, from the raw GGUF bytes, with 8-bit activations, in one
-    call: gate, up uint8 [E, I, row_bytes], down uint8 [E, D, row_bytes] (stacked expert tensors, e.g. mmap'd),
-    types their GGML types (RAW_INT8_TYPES) -> f32 [G, n, D], expert experts[g] in row g; with routing_weights
-    f32 [n, G], their weighted sum f32 [n, D] instead (the bits `layers.moe.combine` gives of the former). Each expert
-    agrees with `ffn_experts` of an int8 repack to float32 rounding."""
+def _raw_experts(x: Array, gate: np.ndarray, up: np.ndarray, down: np.ndarray, types: tuple,
+                 experts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked inputs of the raw 8-bit expert kernels -> (x as float32 numpy, expert ids, kinds)."""
     xa = activations(x)
     qtypes = [kernel_type(t, RAW_INT8_TYPES) for t in types]
     if len(qtypes) != 3:
@@ -93,8 +90,18 @@ def ffn_raw_int8(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarr
         raise ValueError(f"expert shapes do not fit: gate {gate.shape}, up {up.shape}, down {down.shape}")
     if len(experts) == 0 or min(experts) < 0 or max(experts) >= gate.shape[0]:
         raise ValueError(f"experts must be a non-empty list of ids below {gate.shape[0]}, got {experts}")
-    ids = np.asarray(experts, dtype=np.int64)
     kinds = np.array([raw_int8_kernels.KIND[q] for q in qtypes], dtype=np.int64)
+    return xa, np.asarray(experts, dtype=np.int64), kinds
+
+
+def ffn_raw_int8(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, types: tuple, experts: list[int],
+                 routing_weights: np.ndarray | None = None) -> np.ndarray:
+    """Several experts of one layer on the same tokens, from the raw GGUF bytes, with 8-bit activations, in one
+    call: gate, up uint8 [E, I, row_bytes], down uint8 [E, D, row_bytes] (stacked expert tensors, e.g. mmap'd),
+    types their GGML types (RAW_INT8_TYPES) -> f32 [G, n, D], expert experts[g] in row g; with routing_weights
+    f32 [n, G], their weighted sum f32 [n, D] instead (the bits `layers.moe.combine` gives of the former). Each expert
+    agrees with `ffn_experts` of an int8 repack to float32 rounding."""
+    xa, ids, kinds = _raw_experts(x, gate, up, down, types, experts)
     y = np.empty((ids.size, xa.shape[0], down.shape[1]), dtype=np.float32)
     if routing_weights is None:
         raw_int8_kernels.ffn(kinds, xa, gate, up, down, ids, y, _NO_ROWS, _NO_ROWS)
@@ -105,6 +112,24 @@ def ffn_raw_int8(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarr
     out = np.empty((xa.shape[0], down.shape[1]), dtype=np.float32)
     raw_int8_kernels.ffn(kinds, xa, gate, up, down, ids, y, w, out)
     return out
+
+
+def ffn_raw_int8_grouped(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, types: tuple,
+                         experts: list[int], counts: list[int]) -> np.ndarray:
+    """Prefill: each expert on its own tokens, all of a layer's in one call, from the raw GGUF bytes with 8-bit
+    activations: x f32 [sum(counts), D] holds counts[g] rows for expert experts[g], in that order -> f32 [sum(counts),
+    D], each row through its expert, x rounded as `ffn_raw_int8` rounds it (the sums in another order; an expert's
+    rows do not depend on the other experts of the call). Every weight row is read once for all of its expert's
+    tokens (`raw_gemm.py`)."""
+    xa, ids, kinds = _raw_experts(x, gate, up, down, types, experts)
+    if len(counts) != ids.size or min(counts) < 0 or sum(counts) != xa.shape[0]:
+        raise ValueError(f"{len(counts)} token counts summing to {sum(counts)} for {ids.size} experts and "
+                         f"{xa.shape[0]} rows of x")
+    starts = np.zeros(ids.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    y = np.empty((xa.shape[0], down.shape[1]), dtype=np.float32)
+    raw_gemm_kernels.ffn_grouped(kinds, xa, gate, up, down, ids, starts, y, numba.get_num_threads())
+    return y
 
 
 def decode_route(ggml_type: T | int) -> str:
