@@ -47,6 +47,7 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(s.kv_lora_rank, s.n_heads * (s.nope_dim + s.v_dim), bias=False)
         self.wo = nn.Linear(s.n_heads * s.v_dim, s.dim, bias=s.bias)
         self.wq_kv_a: nn.Module | None = None  # wq_a and wkv_a as one layer (see stack_inputs)
+        self.absorbed_raw: tuple | None = None  # wkv_b's halves as a GGUF file stores them (see keep_absorbed_raw)
 
     def stack_inputs(self) -> bool:
         """wq_a and wkv_a (both read x) as one quantized layer: one kernel call at CPU decode, x rounded once. False
@@ -60,6 +61,11 @@ class MLA(nn.Module):
             return False
         self.wq_kv_a, self.wq_a, self.wkv_a = stacked, None, None
         return True
+
+    def keep_absorbed_raw(self, k_b, v_b, qtype) -> None:
+        """Decode on the CPU reads wkv_b's halves as GGUF's attn_k_b (uint8 [H, R, row bytes]) and attn_v_b ([H, V,
+        row bytes]) of `qtype` (kernels.cpu.mla_decode_raw: the same values, fewer bytes); prefill keeps wkv_b."""
+        self.absorbed_raw = (k_b, v_b, qtype)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (q [B, T, H * (N + P)], wkv_a's output [B, T, R + P])."""
@@ -80,9 +86,13 @@ class MLA(nn.Module):
         q, kv = self._project(x)
         if (cache is not None and batch.sees_all and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.wkv_b.weight.dtype == torch.float32):  # one decode step on the CPU: one kernel call
-            slot = batch.slots[0]
-            out = ck.mla_decode(q, kv, s.n_heads, self.kv_norm.weight, self.kv_norm.eps, cos, sin, self.wkv_b.weight,
-                                cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0], s.scale)
+            slot, norm = batch.slots[0], self.kv_norm
+            caches = cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0], s.scale
+            if self.absorbed_raw is not None:
+                out = ck.mla_decode_raw(q, kv, s.n_heads, norm.weight, norm.eps, cos, sin, *self.absorbed_raw,
+                                        *caches)
+            else:
+                out = ck.mla_decode(q, kv, s.n_heads, norm.weight, norm.eps, cos, sin, self.wkv_b.weight, *caches)
             return self.wo(out.view(B, T, -1))
         q_nope, q_pe = q.view(B, T, s.n_heads, -1).split([s.nope_dim, s.rope_dim], dim=-1)
         latent, k_pe = kv.split([s.kv_lora_rank, s.rope_dim], dim=-1)

@@ -30,6 +30,8 @@ Grouped-query attention at decode (one token, float32, `attention.py`): q/k norm
 Multi-head latent attention at decode (one token, float32, absorbed form, `mla.py`): latent norm, rope, cache write,
 attention over the cached latents.
     mla_decode(q, kv, n_heads, kv_norm, eps, cos, sin, w_kv_b, latent_cache, pe_cache, pos, scale) -> [H * V]
+    mla_decode_raw(q, kv, n_heads, kv_norm, eps, cos, sin, k_b, v_b, ggml_type, latent_cache, pe_cache, pos,
+                   scale) -> [H * V]                         wkv_b as GGUF's attn_k_b / attn_v_b blocks
 
 RMSNorm of a few float32 rows, optionally after adding a residual (`norm.py`), in one call.
     rms_norm(x, weight, eps, residual=None) -> (x + residual, normalised)
@@ -57,10 +59,11 @@ use_full_vector_width()
 
 from .api import (GEMV_TYPES, RAW_INT8_TYPES, decode_route, dequantize, ffn_experts, ffn_experts_sum,  # noqa: E402
                   ffn_packed, ffn_raw_int8, ffn_raw_int8_grouped, gemv, gemv_int8, gemv_packed, gqa_decode, matmul,
-                  mla_decode, repack, repack_experts, rms_norm, route_softmax, route_topk, set_threads)
+                  mla_decode, mla_decode_raw, repack, repack_experts, rms_norm, route_softmax, route_topk,
+                  set_threads)
 from .repack import ACTIVATIONS, PACKED_TYPES, PackedExperts, PackedWeight  # noqa: E402
 
 __all__ = ["ACTIVATIONS", "GEMV_TYPES", "PACKED_TYPES", "RAW_INT8_TYPES", "PackedExperts", "PackedWeight",
            "decode_route", "dequantize", "ffn_experts", "ffn_experts_sum", "ffn_packed", "ffn_raw_int8",
-           "ffn_raw_int8_grouped", "gemv", "gemv_int8", "gemv_packed", "gqa_decode", "matmul", "mla_decode", "repack",
-           "repack_experts", "rms_norm", "route_softmax", "route_topk", "set_threads"]
+           "ffn_raw_int8_grouped", "gemv", "gemv_int8", "gemv_packed", "gqa_decode", "matmul", "mla_decode",
+           "mla_decode_raw", "repack", "repack_experts", "rms_norm", "route_softmax", "route_topk", "set_threads"]

@@ -344,14 +344,9 @@ def gqa_decode(qkv: torch.Tensor, n_heads: int, q_norm: torch.Tensor | None, k_n
     return torch.from_numpy(out)
 
 
-def mla_decode(q: torch.Tensor, kv: torch.Tensor, n_heads: int, kv_norm: torch.Tensor, eps: float,
-               cos: torch.Tensor, sin: torch.Tensor, w_kv_b: torch.Tensor, latent_cache: torch.Tensor,
-               pe_cache: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
-    """One decode step of multi-head latent attention, absorbed form (`mla.py`): q [H * (N + P)] (wq_b's output),
-    kv [R + P] (wkv_a's: latent, then rope key; rope pairs interleaved), any shapes of those sizes, as cos and sin
-    [P/2]; kv_norm [R] (the latent's RMSNorm weight), w_kv_b [H * (N + V), R]; latent_cache [max_len, R] and
-    pe_cache [max_len, P] of the token's slot, written at `pos`, whose keys 0..pos are attended to. All float32 on
-    the CPU. -> [H * V]."""
+def _mla_dims(q: torch.Tensor, n_heads: int, latent_cache: torch.Tensor, pe_cache: torch.Tensor,
+              pos: int) -> tuple[int, int, int, int]:
+    """Checked (max_len, R, P, N) of an MLA decode step's inputs."""
     if latent_cache.dim() != 2 or pe_cache.dim() != 2 or pe_cache.shape[0] != latent_cache.shape[0]:
         raise ValueError(f"caches must be [max_len, R] and [max_len, P], got {list(latent_cache.shape)} and "
                          f"{list(pe_cache.shape)}")
@@ -362,20 +357,66 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, n_heads: int, kv_norm: torch.T
     qk = q.numel() // max(1, n_heads)
     if n_heads < 1 or qk * n_heads != q.numel() or qk <= rope or rope % 2:
         raise ValueError(f"q of {q.numel()} values is not {n_heads} heads of a rope part of {rope} (even) and more")
+    return max_len, rank, rope, qk - rope
+
+
+def _mla_common(q, kv, n_heads, kv_norm, eps, cos, sin, latent_cache, pe_cache, dims) -> tuple:
+    """The float32 numpy views both MLA kernels take before their weights: q, kv, kv_norm, eps, cos, sin."""
+    max_len, rank, rope, nope = dims
+    return (_f32_contiguous("q", q, (n_heads, nope + rope), reshape=True),
+            _f32_contiguous("kv", kv, (rank + rope,), reshape=True), _f32_contiguous("kv_norm", kv_norm, (rank,)),
+            np.float32(eps), _f32_contiguous("cos", cos, (rope // 2,), reshape=True),
+            _f32_contiguous("sin", sin, (rope // 2,), reshape=True))
+
+
+def _mla_caches(latent_cache, pe_cache, dims) -> tuple:
+    max_len, rank, rope, _ = dims
+    return (_f32_contiguous("latent_cache", latent_cache, (max_len, rank)),
+            _f32_contiguous("pe_cache", pe_cache, (max_len, rope)))
+
+
+def mla_decode(q: torch.Tensor, kv: torch.Tensor, n_heads: int, kv_norm: torch.Tensor, eps: float,
+               cos: torch.Tensor, sin: torch.Tensor, w_kv_b: torch.Tensor, latent_cache: torch.Tensor,
+               pe_cache: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
+    """One decode step of multi-head latent attention, absorbed form (`mla.py`): q [H * (N + P)] (wq_b's output),
+    kv [R + P] (wkv_a's: latent, then rope key; rope pairs interleaved), any shapes of those sizes, as cos and sin
+    [P/2]; kv_norm [R] (the latent's RMSNorm weight), w_kv_b [H * (N + V), R]; latent_cache [max_len, R] and
+    pe_cache [max_len, P] of the token's slot, written at `pos`, whose keys 0..pos are attended to. All float32 on
+    the CPU. -> [H * V]."""
+    dims = _mla_dims(q, n_heads, latent_cache, pe_cache, pos)
+    rank, nope = dims[1], dims[3]
     if w_kv_b.dim() != 2 or w_kv_b.shape[1] != rank or w_kv_b.shape[0] % n_heads:
         raise ValueError(f"w_kv_b must be [{n_heads} * (N + V), {rank}], got {list(w_kv_b.shape)}")
-    nope = qk - rope
     v_dim = w_kv_b.shape[0] // n_heads - nope
     if v_dim < 1:
         raise ValueError(f"w_kv_b's {w_kv_b.shape[0]} rows leave no values after {n_heads} x {nope} key rows")
     out = np.empty((n_heads, v_dim), dtype=np.float32)
-    mla_kernels.mla_decode(
-        _f32_contiguous("q", q, (n_heads, qk), reshape=True), _f32_contiguous("kv", kv, (rank + rope,), reshape=True),
-        _f32_contiguous("kv_norm", kv_norm, (rank,)), np.float32(eps),
-        _f32_contiguous("cos", cos, (rope // 2,), reshape=True), _f32_contiguous("sin", sin, (rope // 2,), reshape=True),
-        _f32_contiguous("w_kv_b", w_kv_b, (n_heads, nope + v_dim, rank), reshape=True),
-        _f32_contiguous("latent_cache", latent_cache, (max_len, rank)),
-        _f32_contiguous("pe_cache", pe_cache, (max_len, rope)), pos, np.float32(scale), out)
+    mla_kernels.mla_decode(*_mla_common(q, kv, n_heads, kv_norm, eps, cos, sin, latent_cache, pe_cache, dims),
+                           _f32_contiguous("w_kv_b", w_kv_b, (n_heads, nope + v_dim, rank), reshape=True),
+                           *_mla_caches(latent_cache, pe_cache, dims), pos, np.float32(scale), out)
+    return torch.from_numpy(out).view(-1)
+
+
+def mla_decode_raw(q: torch.Tensor, kv: torch.Tensor, n_heads: int, kv_norm: torch.Tensor, eps: float,
+                   cos: torch.Tensor, sin: torch.Tensor, k_b: np.ndarray, v_b: np.ndarray, ggml_type: T | int,
+                   latent_cache: torch.Tensor, pe_cache: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
+    """mla_decode with wkv_b as GGUF's attn_k_b (uint8 [H, R, row bytes of N]) and attn_v_b (uint8 [H, V, row bytes
+    of R]) of one GEMV_TYPES type, dequantized row by row inside the kernel: mla_decode's result on the dequantized
+    weights (float32 activations), reading the file's bytes."""
+    dims = _mla_dims(q, n_heads, latent_cache, pe_cache, pos)
+    rank, nope = dims[1], dims[3]
+    qtype = kernel_type(ggml_type, GEMV_TYPES)
+    fmt = get_format(qtype)
+    for name, raw, rows, k_dim in (("k_b", k_b, rank, nope), ("v_b", v_b, None, rank)):
+        if (not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 3 or not raw.flags.c_contiguous
+                or raw.shape[0] != n_heads or (rows is not None and raw.shape[1] != rows)
+                or k_dim % fmt.block_size or raw.shape[2] != fmt.row_bytes(k_dim)):
+            raise ValueError(f"{name} must be C-contiguous uint8 [{n_heads}, {rows or 'V'}, rows of K = {k_dim} in "
+                             f"{qtype.name}], got {getattr(raw, 'shape', None)}")
+    out = np.empty((n_heads, v_b.shape[1]), dtype=np.float32)
+    mla_kernels.mla_decode_raw(*_mla_common(q, kv, n_heads, kv_norm, eps, cos, sin, latent_cache, pe_cache, dims),
+                               KIND[qtype], k_b, v_b, *_mla_caches(latent_cache, pe_cache, dims), pos,
+                               np.float32(scale), W32, out)
     return torch.from_numpy(out).view(-1)
 
 
@@ -398,7 +439,8 @@ def route_topk(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: bool, 
     n_experts = router.shape[0] if router.dim() == 2 else 0
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k {top_k} of a router of shape {list(router.shape)}")
-    if n_group < 1 or n_experts % n_group or not 1 <= topk_group <= n_group or (top2_groups and n_experts < 2 * n_group):
+    if (n_group < 1 or n_experts % n_group or not 1 <= topk_group <= n_group
+            or (top2_groups and n_experts < 2 * n_group)):
         raise ValueError(f"{n_experts} experts cannot form {n_group} groups with {topk_group} kept")
     if top_k > topk_group * (n_experts // n_group) and masked == float("-inf"):
         raise ValueError(f"top_k {top_k} exceeds the experts of {topk_group} groups")
