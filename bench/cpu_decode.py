@@ -56,7 +56,7 @@ EXPERT_TYPES = {"q4_k": (Q.Q4_K, Q.Q4_K, Q.Q4_K),
 
 def write_model(path: Path, layers: int, experts: str = "q4_k") -> Path:
     import tiny
-    from hybridmoe.formats.convert import _tokenizer
+    from hybridmoe.models.convert import _tokenizer
     rng = np.random.default_rng(0)
     tok_dir = Path(tempfile.mkdtemp())
     tiny.write_tokenizer(tok_dir)
@@ -103,7 +103,7 @@ def write_model(path: Path, layers: int, experts: str = "q4_k") -> Path:
 
 def write_deepseek(path: Path, moe_layers: int, experts: str = "q4_k") -> Path:
     import tiny
-    from hybridmoe.formats import synthetic
+    from hybridmoe.models import synthetic
     tok_dir = Path(tempfile.mkdtemp())
     tiny.write_tokenizer(tok_dir)
     cfg = dict(DEEPSEEK, num_hidden_layers=1 + moe_layers)

@@ -10,6 +10,8 @@ Configurations (pp512 = prompt of 512 tokens, tg128 = 128 generated tokens, t/s 
   all in VRAM llama.cpp `-ngl 99`; hybridmoe with every expert in a slot
 and the budget case again on a file whose router is skewed (Zipf popularity through the correction bias).
 Roofline: decode tok/s divided by (CPU read bandwidth / CPU-served expert bytes per token), both measured here.
+hybridmoe runs with its default settings (--load adds options) and is measured as `hybridmoe bench` measures:
+random token ids for pp512 and tg128, as llama-bench feeds them.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 import synthetic  # noqa: E402
 
 import hybridmoe  # noqa: E402
-from hybridmoe.offload.scheduler import CostModel  # noqa: E402
+from hybridmoe.engine.bench import BenchOptions, run_bench  # noqa: E402
 
 
 def read_bandwidth(gib: float = 4.0) -> float:
@@ -68,42 +70,18 @@ def llama_bench(exe: str, gguf: Path, args: list[str], threads: int, reps: int) 
     return res
 
 
-def ours(gguf: Path, slots: int | None, reps: int, cost: CostModel, prefetch: bool = True, **load_kw) -> dict:
-    # pinned: copies into GPU slots are asynchronous; repack: the CPU kernels' fast layout, made before timing
-    tier = "mmap" if slots is None else "pinned"
-    eng = hybridmoe.load(gguf, device="cuda", dtype="bfloat16", context=1024, expert_cache_slots=slots,
-                         prefetch=prefetch, cost_model=cost, experts_tier=tier, cpu_repack=slots is not None,
-                         **load_kw)
+def ours(gguf: Path, slots: int | None, reps: int, **load_kw) -> dict:
+    """hybridmoe with its default settings (what a user gets; --load adds options), pp512 and tg128 measured as
+    `hybridmoe bench` measures them: random token ids, as llama-bench feeds."""
+    eng = hybridmoe.load(gguf, device="cuda", context=1024, expert_cache_slots=slots, **load_kw)
     rt = eng.model.experts
-    if slots is not None:
-        t0 = time.perf_counter()
-        rt.store.prepack()
-        print(f"repacked experts in {time.perf_counter() - t0:.0f} s", flush=True)
-    prompt = torch.randint(8, synthetic.VOCAB, (512,), generator=torch.Generator().manual_seed(1)).tolist()
-    # warm-up at the timed sizes (compile, page in, first use of each matmul shape, the decode graphs of every
-    # attention window up to 128 positions), as llama-bench warms up too
-    list(eng.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True))
-    list(eng.generate(prompt[:1], max_tokens=128, temperature=0, ignore_eos=True))
-    pp, tg, misses, steps, hits, copied = [], [], 0, 0, 0, 0
-    for r in range(reps):
-        ev = [e for e in eng.generate(prompt, max_tokens=1, temperature=0, ignore_eos=True)
-              if isinstance(e, hybridmoe.Stats)]
-        pp.append(ev[0].prefill_tok_s)
-        ev = [e for e in eng.generate(prompt[r:r + 1], max_tokens=128, temperature=0, ignore_eos=True)
-              if isinstance(e, hybridmoe.Stats)]
-        tg.append(ev[-1].decode_tok_s)
-        for e in ev[1:]:
-            misses += e.extra.get("cache_misses", 0)
-            hits += e.extra.get("cache_hits", 0)
-            copied += e.extra.get("bytes_copied", 0)
-            steps += 1
-    recall = [e.extra["prefetch_recall"] for e in ev if "prefetch_recall" in e.extra]
-    std = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
-    res = {"pp512": (statistics.mean(pp), std(pp)), "tg128": (statistics.mean(tg), std(tg)), "pp512_reps": pp,
-           "tg128_reps": tg,
-           "cpu_expert_bytes_per_token": misses / max(1, steps) * rt.store.expert_nbytes(),
-           "copied_bytes_per_token": copied / max(1, steps), "hit_rate": hits / max(1, hits + misses),
-           "prefetch_recall": recall[-1] if recall else None, "slots": rt.slots}
+    pp, tg = run_bench(eng, BenchOptions((512,), (128,), reps))
+    moe = eng.model.moe_layers()
+    top_k = eng.model.layers[moe[0]].ffn.spec.top_k
+    hit = tg.cache_hit_rate or 0.0
+    res = {"pp512": (pp.mean, pp.std), "tg128": (tg.mean, tg.std), "pp512_reps": pp.samples,
+           "tg128_reps": tg.samples, "hit_rate": hit, "prefetch_recall": tg.prefetch_recall, "slots": rt.slots,
+           "cpu_expert_bytes_per_token": (1 - hit) * len(moe) * top_k * rt.store.expert_nbytes()}
     del eng, rt
     torch.cuda.empty_cache()
     return res
@@ -154,8 +132,6 @@ def main() -> int:
         files[kind] = path
     bw, h2d = read_bandwidth(), h2d_bandwidth()
     print(f"CPU read {bw / 1e9:.1f} GB/s, pinned H2D {h2d / 1e9:.1f} GB/s", flush=True)
-    cost = CostModel(cpu_bytes_per_s=0.6 * bw, cpu_flops=2e12, h2d_bytes_per_s=h2d, gpu_bytes_per_s=2.5e12,
-                     gpu_flops=3e14)
     cfg = synthetic.SHAPES[a.shape]
     n_layers = a.layers or cfg["num_hidden_layers"]
     moe = [i for i in range(n_layers) if i >= cfg.get("first_k_dense_replace", 0)]
@@ -174,7 +150,7 @@ def main() -> int:
         if a.part == "llama" and name not in kept:
             continue
         lb = llama_bench(a.llama_bench, files[kind], largs, a.threads, a.reps) if a.part != "ours" else None
-        us = kept[name] if a.part == "llama" else ours(files[kind], slots, a.reps, cost, **load_kw)
+        us = kept[name] if a.part == "llama" else ours(files[kind], slots, a.reps, **load_kw)
         roof = bw / max(1.0, us["cpu_expert_bytes_per_token"])
         row = dict(config=name, file=kind, llama=lb, ours=us, roofline_tok_s=roof,
                    roofline_ratio=us["tg128"][0] / roof if us["cpu_expert_bytes_per_token"] else None)

@@ -103,22 +103,67 @@ def _scaled(weights: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
 
 
 class Experts(Protocol):
-    """Where routed experts live and run. The MoE block calls it; the offload engine provides other versions."""
+    """Where routed experts live and run. The MoE block calls it; the offload engine provides other versions.
+    Letters as above; x [N, D], ids [N, K], weights [N, K]."""
+
+    generation: int  # bumped when memory that captured decode graphs read (expert slots) is reallocated
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, D], ids [N, K], weights [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x), as [N, D]."""
+        """sum_k weights[:, k] * expert_{ids[:, k]}(x), as [N, D]."""
+        ...
+
+    def start(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
+              weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Begin that work and return a function that waits for its result; the caller computes the shared expert
+        in between (CPU-served experts run meanwhile)."""
+        ...
+
+    def device_only(self, layer: int) -> bool:
+        """Whether one token's experts of this layer can be queued as device-stream work alone (`start_device`:
+        no host sync, so a CUDA graph can capture it)."""
+        ...
+
+    def start_device(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
+                     weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """`start` for one token of a `device_only` layer, queued without a host sync. Its work is counted in the
+        step's stats only when `ran_device(layer)` is called, once per run (a graph replays it without Python)."""
+        ...
+
+    def ran_device(self, layer: int) -> None:
+        ...
+
+    def take_stats(self) -> dict:
+        """Counters since the last call (at least "expert_tokens": layer -> expert -> tokens), for the step's
+        stats event."""
+        ...
+
+    def release_memory(self) -> str | None:
+        """After a GPU out-of-memory error: give memory back (a smaller expert cache) and say what was done, or None
+        where there is nothing to give back."""
         ...
 
 
-def start_experts(experts, layer: int, x: torch.Tensor, ids: torch.Tensor,
-                  weights: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """Begin the routed experts' work and return a function that waits for its result. Implementations with a
-    `start` method run CPU experts in the background while the caller computes the shared expert."""
-    start = getattr(experts, "start", None)
-    if start is not None:
-        return start(layer, x, ids, weights)
-    out = experts(layer, x, ids, weights)
-    return lambda: out
+class HostPlacedExperts:
+    """The Experts defaults for implementations that place every layer's experts on the host after a sync."""
+
+    generation = 0
+
+    def start(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
+              weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        out = self(layer, x, ids, weights)
+        return lambda: out
+
+    def device_only(self, layer: int) -> bool:
+        return False
+
+    def start_device(self, layer, x, ids, weights):
+        raise RuntimeError(f"layer {layer}'s experts are placed on the host")
+
+    def ran_device(self, layer: int) -> None:
+        raise RuntimeError(f"layer {layer}'s experts are placed on the host")
+
+    def release_memory(self) -> None:
+        return None
 
 
 def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -202,7 +247,7 @@ def positions_on(groups: list[torch.Tensor], device: torch.device) -> list[torch
     return list(to_device(torch.cat(groups), device).split([len(g) for g in groups]))
 
 
-class LocalExperts:
+class LocalExperts(HostPlacedExperts):
     """Experts held as per-expert weight views (zero-copy from the checkpoint) on one device."""
 
     def __init__(self, weights: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]):

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layers.cache import Batch, KVCache
-from ..layers.moe import Experts, RouterSpec, route_hidden, start_experts
+from ..layers.moe import Experts, RouterSpec, route_hidden
 from ..layers.mlp import MLP
 from ..layers.norm import RMSNorm
 from ..layers.rope import Rope, RopeTables
@@ -59,11 +59,13 @@ class MoE(nn.Module):
         self.shared = MLP(dim, shared_hidden) if shared_hidden else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
 
-    def forward(self, x: torch.Tensor, layer: int, experts: Experts) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, experts: Experts, device_only: bool = False) -> torch.Tensor:
+        """device_only: one token through a layer whose experts are queued as device work (`Experts.start_device`),
+        as captured decode graphs run it."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         ids, weights = self.route(x)
-        finish = start_experts(experts, layer, x, ids, weights)
+        finish = (experts.start_device if device_only else experts.start)(layer, x, ids, weights)
         s = self.shared_out(x)  # runs while CPU-served experts are computed
         return self.combine(finish(), s).view(shape)
 

@@ -3,15 +3,17 @@
 Eager decode launches about ninety small kernels per layer from Python; on a fast GPU that host time is several
 times the kernels' own (H100, DeepSeek-V3 layer dims: ~3.5 ms of host time per layer against ~0.6 ms of GPU time).
 Here each layer's work up to its routed experts (the attention with its cache write, the norms, the router and the
-shared expert) is captured once as a CUDA graph and replayed at every step. The routed experts stay eager: where
-each of them runs is decided on the host after the layer's one host sync. Except where every expert of the layer
-sits in a GPU slot for good (the offload engine's "resident" layers): then the experts run inside the graph too,
-their slots looked up on the device, and the layer needs no host sync at all.
+shared expert) is captured once as a CUDA graph and replayed at every step. Where the routed experts' placement
+needs the host (a cache holding part of them), they stay eager, after the layer's one host sync. Where it does not
+(`Experts.device_only`), they run inside the graph too, and the layer needs no host sync at all: every expert of
+the layer sits in a GPU slot for good (its slot looked up on the device), or the CPU computes all of them through a
+host node in the graph (the offload engine with no expert cache).
 
-Consecutive layers on one device whose whole work is device work (dense layers and resident MoE layers) are
+Consecutive layers on one device whose whole work is device work (dense layers and device-only MoE layers) are
 captured together as one graph, a span, when nothing observes the hidden state between layers (the prefetcher
 does, where a cache holds part of the experts): one launch per span instead of one per layer, whose host cost
-(about 50 us each) exceeded a small layer's GPU time. With every expert in VRAM, a stage's whole step is one graph.
+(about 50 us each) exceeded a small layer's GPU time. With every expert in VRAM, or none, a stage's whole step is
+one graph.
 
 The position lives in a device buffer and attention spans a fixed window of keys (the next power of two above the
 position, masked), so one graph serves every step until the sequence outgrows its window; the next window's graphs
@@ -27,7 +29,6 @@ from __future__ import annotations
 import torch
 
 from ..layers.cache import Batch, KVCache
-from ..layers.moe import start_experts
 from .common import MoE, on_device
 
 MIN_WINDOW = 64
@@ -63,7 +64,7 @@ class DecodeGraphs:
         """(the hidden state [1, 1, D] after the last layer, False), or (the logits [1, 1, V] in float32, True)
         where the last graph ran the output head; None if graphs cannot be used here (then the caller runs the
         step eagerly, which rewrites the same cache entries)."""
-        generation = getattr(self.model.experts, "generation", 0)
+        generation = self.model.experts.generation
         if cache is not self.cache or generation != self.generation:
             self._drop()
             self.cache, self.generation = cache, generation
@@ -93,13 +94,13 @@ class DecodeGraphs:
                 if out is None:
                     return None
                 if len(out) == 1:  # the span's experts ran inside its graph
-                    self._ran_resident(range(first, last))
+                    self._ran_device(range(first, last))
                     x = out[0]
                 else:  # the span's last layer has its experts placed on the host
                     x_mid, h, ids, weights, shared = out
-                    finish = start_experts(model.experts, last - 1, h, ids, weights)
+                    finish = model.experts.start(last - 1, h, ids, weights)
                     x = x_mid + model.layers[last - 1].ffn.combine(finish(), shared).view(x_mid.shape)
-                    self._ran_resident(range(first, last - 1))
+                    self._ran_device(range(first, last - 1))
             for observe in model.observers:  # (spans are single layers where there are observers)
                 observe(last - 1, x)
         return x, self.runs_head
@@ -110,8 +111,7 @@ class DecodeGraphs:
         if self._spans is None:
             model = self.model
             devs = model.devices()
-            resident = getattr(model.experts, "graph_resident", lambda layer: False)
-            whole = [not isinstance(b.ffn, MoE) or resident(i) for i, b in enumerate(model.layers)]
+            whole = [not isinstance(b.ffn, MoE) or model.experts.device_only(i) for i, b in enumerate(model.layers)]
             spans: list[list[int]] = []
             for i in range(len(model.layers)):  # a span may end with a layer whose experts go to the host
                 if spans and whole[i - 1] and devs[i] == devs[i - 1] and not model.observers:
@@ -123,10 +123,10 @@ class DecodeGraphs:
             self.runs_head = whole[-1] and devs[-1] == model.norm.weight.device and not model.observers
         return self._spans
 
-    def _ran_resident(self, layers: range) -> None:
+    def _ran_device(self, layers: range) -> None:
         for i in layers:
             if isinstance(self.model.layers[i].ffn, MoE):
-                self.model.experts.ran_resident(i)
+                self.model.experts.ran_device(i)
 
     def _drop(self) -> None:
         """Forget every graph, and their memory pools with them (a pool does not outlive its graphs)."""
@@ -183,13 +183,12 @@ class DecodeGraphs:
         x_mid, h = block.attend(x_in, batch, cos, sin, self.cache.layers[i], pending)
         if not isinstance(block.ffn, MoE):
             return x_mid, block.ffn(h)
+        experts = self.model.experts
+        if experts.device_only(i):  # no host sync: the MoE block as the eager path runs it
+            return x_mid, block.ffn(h, i, experts, device_only=True)
         h = h.reshape(-1, h.shape[-1])  # [1, D]
         ids, weights = block.ffn.route(h)
         shared = block.ffn.shared_out(h)
-        resident = getattr(self.model.experts, "resident", None)
-        y = resident(i, h, ids, weights) if resident is not None else None
-        if y is not None:  # every expert of the layer is in a GPU slot: no host sync needed
-            return x_mid, block.ffn.combine(y, shared).view(x_mid.shape)
         return x_mid, h, ids, weights, shared
 
     def _replay(self, span: range, window: int, slot: int, dev: torch.device) -> tuple | None:

@@ -19,13 +19,13 @@ import time
 import torch
 
 from ..formats.gguf import GGUFTensor
-from ..layers.moe import run_experts
+from ..layers.moe import HostPlacedExperts, run_experts
 from .quant_store import QuantStore, host_f32
 
 TIERS = ("mmap", "packed")
 
 
-class QuantExperts:
+class QuantExperts(HostPlacedExperts):
     """Experts protocol over raw GGUF expert tensors: layer -> (gate [E, I, D], up [E, I, D], down [E, D, I]).
     Each expert is computed by a QuantStore, the same code the offload engine's host tier runs."""
 

@@ -5,34 +5,32 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
+from ..options import Accelerator, CpuActivations, RunOptions, Tier
+from .chunking import PREFILL_CHUNK, activation_bytes_per_token, size_prefill
+from .expert_store import ExpertStore
 from .experts import OffloadExperts
 from .prefetch import Prefetcher
 from .scheduler import CostModel
 from .store import DenseStore
 
 
-CPU_ACTIVATIONS = ("f32", "int8", "int8-all")
-
-
-def activation_modes(cpu_activations: str) -> tuple[str, str]:
+def activation_modes(cpu_activations: CpuActivations | str) -> tuple[str, str]:
     """--cpu-activations -> the activations of (the routed experts' kernels, the other quantized linear layers' on
     the CPU). "int8-all" (the default) rounds the inputs of every quantized matrix on the CPU to 8 bits per group of
     32, as llama.cpp does: perplexity within 1 % of exact on the tests' models and the demo model (bench/RESULTS.md);
     "int8" only the experts' inputs; "f32" none (exact, what the parity tests pin)."""
-    if cpu_activations not in CPU_ACTIVATIONS:
-        raise ConfigError(f"--cpu-activations {cpu_activations!r}: use one of {', '.join(CPU_ACTIVATIONS)}")
-    return ("f32" if cpu_activations == "f32" else "int8"), ("int8" if cpu_activations == "int8-all" else "f32")
+    mode = CpuActivations(cpu_activations)  # RunOptions has checked it
+    return ("f32" if mode == CpuActivations.F32 else "int8"), ("int8" if mode == CpuActivations.INT8_ALL else "f32")
 
 
-def make_store(experts, opts: "OffloadOptions"):
+def make_store(experts, opts: RunOptions) -> ExpertStore:
     """The host tier for a model's experts: float weights (HF) or raw GGUF blocks."""
-    pin = opts.experts_tier == "pinned" and torch.cuda.is_available()
+    pin = opts.experts_tier == Tier.PINNED and torch.cuda.is_available()
     if hasattr(experts, "weights"):  # LocalExperts
         return DenseStore(experts.weights, opts.experts_tier, pin=pin)
     from .quant_store import QuantStore
@@ -41,52 +39,23 @@ def make_store(experts, opts: "OffloadOptions"):
                       activations=activation_modes(opts.cpu_activations)[0])
 
 
-@dataclass(slots=True)
-class OffloadOptions:
-    accelerator: str = "cuda"  # "cuda", or "cpu" to simulate the GPUs on the CPU
-    devices: int = 1  # pipeline stages (GPUs, or simulated ones)
-    expert_cache_slots: int | None = None  # per device; None: from the plan; 0: no cache
-    prefetch: bool = True
-    prefetch_margin: int = 2
-    experts_tier: str = "mmap"  # "pinned" (copied once into pinned RAM) or "mmap" (page cache)
-    decay: float = 0.95
-    cpu_repack: bool = False  # GGUF experts: lane-interleaved copies for faster CPU decode (not bit-identical)
-    cpu_activations: str = "int8-all"  # GGUF on the CPU: 8-bit activations for every quantized matrix (fast, as
-    # llama.cpp); "int8" for the experts' only; "f32" exact
-
-    def __post_init__(self):
-        if self.accelerator not in ("cpu", "cuda"):
-            raise ValueError(f"--accelerator {self.accelerator!r}: use cpu or cuda")
-        if not 1 <= self.devices <= 16:
-            raise ValueError("--devices must be between 1 and 16")
-        if self.expert_cache_slots is not None and self.expert_cache_slots < 0:
-            raise ValueError("--expert-cache-slots must be >= 0")
-        if self.experts_tier not in ("pinned", "mmap"):
-            raise ValueError(f"--experts-tier {self.experts_tier!r}: use pinned or mmap")
-        activation_modes(self.cpu_activations)  # raises on an unknown mode
-        if self.prefetch_margin < 0:
-            raise ValueError("prefetch margin must be >= 0")
-
-
-def stage_devices(opts: OffloadOptions) -> list[torch.device]:
-    if opts.accelerator == "cpu":
+def stage_devices(opts: RunOptions) -> list[torch.device]:
+    if opts.accelerator == Accelerator.CPU:
         return [torch.device("cpu")] * opts.devices
     return [torch.device("cuda", i) for i in range(opts.devices)]
-
-
-def cuda_slots_that_fit(store, device: torch.device, reserve: int, kv_bytes: int) -> int:
-    """Slots that fit in what is free on `device` now that its weights are loaded."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(0, (free - reserve - kv_bytes) // max(1, store.slot_nbytes()))
 
 
 class OffloadRuntime:
     """Owns the offload machinery attached to one model; the generate loop takes its stats once per step."""
 
-    def __init__(self, model, store, opts: OffloadOptions, stages: list[int],
-                 kv_bytes: list[int] | None = None, cost: CostModel | None = None, vram_reserve: int = 3 << 29):
+    DECAY = 0.95  # of the expert cache's use counts per step
+
+    def __init__(self, model, store, opts: RunOptions, stages: list[int],
+                 kv_bytes: list[int] | None = None, cost: CostModel | None = None, vram_reserve: int = 3 << 29,
+                 context: int = 4096):
         """store: a DenseStore or QuantStore holding every MoE layer's experts. stages: the stage of every layer.
-        kv_bytes: per stage, the KV cache the context will need (kept free when sizing the cache from free VRAM)."""
+        kv_bytes: per stage, the KV cache the context will need (kept free when sizing the cache from free VRAM).
+        On a GPU the free VRAM also sizes the prefill chunk and the streamed prefill's staging (offload.chunking)."""
         self.model, self.opts = model, opts
         self.notices: list[str] = []
         devices = stage_devices(opts)
@@ -94,20 +63,40 @@ class OffloadRuntime:
         counts = store.n_experts
         kv_bytes = kv_bytes or [0] * len(devices)
         per_stage = [sum(n for layer, n in counts.items() if stages[layer] == s) for s in range(len(devices))]
-        slots = []
-        for s, dev in enumerate(devices):
+        top_k = model.layers[model.moe_layers()[0]].ffn.spec.top_k
+        per_token = activation_bytes_per_token(store.dim, store.inter, top_k)
+        layer_experts = max(counts.values())
+        free = [torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 0 for dev in devices]
+
+        def sizes(s: int, stream: bool) -> tuple[int, int, int]:
+            """(slots, staging rows, chunk) of stage s; stream: keep staging, another GPU streams."""
             n = per_stage[s] if opts.expert_cache_slots is None else min(opts.expert_cache_slots, per_stage[s])
-            if dev.type == "cuda":
-                n = min(n, cuda_slots_that_fit(self.store, dev, vram_reserve, kv_bytes[s]))
-            slots.append(n)
+            if devices[s].type != "cuda":
+                return n, (layer_experts if stream or n < per_stage[s] else 0), PREFILL_CHUNK
+            got = size_prefill(free[s] - vram_reserve - kv_bytes[s], stage_experts=per_stage[s],
+                               layer_experts=layer_experts, slot_bytes=store.slot_nbytes(), per_token=per_token,
+                               context=context, max_slots=n, stream=stream)
+            return got.slots, got.staging_rows, got.chunk
+
+        plan = [sizes(s, False) for s in range(len(devices))]
+        if len(devices) > 1 and any(rows for _, rows, _ in plan):  # every GPU takes a share of the streaming
+            plan = [sizes(s, True) for s in range(len(devices))]
+        slots, staging, chunks = (list(v) for v in zip(*plan))
+        self.prefill_chunk = min(chunks)  # tokens per prefill forward pass (the generate loop's chunk)
         # Prefetch pays only where a cache holds some but not all of its stage's experts; its ring then holds one
         # step's predictions (top k + margin). Not from the mmap tier to a real GPU: copies from pageable memory
         # block the host, which would stall the step they are meant to overlap.
-        prefetching = opts.prefetch and any(0 < n < per_stage[s] for s, n in enumerate(slots))
-        top_k = model.layers[model.moe_layers()[0]].ffn.spec.top_k
+        # Where every MoE layer's decode misses run on the CPU through host nodes inside the step's graph, hot experts
+        # enter the cache between steps, and prefetching (which needs the host between layers) is off: at decode
+        # the CPU computes a missing expert sooner than PCIe copies it (cost model), so a copy pays only by reuse.
+        cost_model = cost or CostModel()
+        host_nodes = (all(store.host_task_weights(layer) is not None for layer in counts)
+                      and cost_model.place(1, store.expert_nbytes(), store.flops_per_token(), False) == "cpu")
+        prefetching = (opts.prefetch and not host_nodes
+                       and any(0 < n < per_stage[s] for s, n in enumerate(slots)))
         ring = prefetching and (opts.accelerator == "cpu" or opts.experts_tier == "pinned")
         n_ahead = top_k + opts.prefetch_margin if ring else 0
-        self.experts = OffloadExperts(self.store, {i: stages[i] for i in counts}, devices, slots, cost, opts.decay,
+        self.experts = OffloadExperts(self.store, {i: stages[i] for i in counts}, devices, slots, cost, self.DECAY,
                                       n_ahead, top_k)
         for s, st in enumerate(self.experts.stages):
             if st.shrunk_from is not None:
@@ -115,6 +104,7 @@ class OffloadRuntime:
                                     f"using {st.cache.n_slots}")
         slots = [st.cache.n_slots for st in self.experts.stages]
         self.slots = slots
+        self.experts.add_streams(staging)
         # When a stage's cache holds all of its experts, fill it now: generation then never copies.
         full = {s for s in range(len(devices)) if slots[s] and slots[s] == per_stage[s]}
         self.experts.warm([(layer, e) for layer, n in counts.items() if stages[layer] in full for e in range(n)])
@@ -134,22 +124,22 @@ class OffloadRuntime:
     def start(self, layer, x, ids, weights):
         return self.experts.start(layer, x, ids, weights)
 
-    def resident(self, layer, x, ids, weights):
-        return self.experts.resident(layer, x, ids, weights)
+    def device_only(self, layer: int) -> bool:
+        return self.experts.device_only(layer)
 
-    def ran_resident(self, layer: int) -> None:
-        self.experts.ran_resident(layer)
+    def start_device(self, layer, x, ids, weights):
+        return self.experts.start_device(layer, x, ids, weights)
 
-    def graph_resident(self, layer: int) -> bool:
-        return self.experts.graph_resident(layer)
+    def ran_device(self, layer: int) -> None:
+        self.experts.ran_device(layer)
 
     @property
     def generation(self) -> int:
         return self.experts.generation
 
     def take_stats(self) -> dict:
+        stats = self.experts.take_stats()  # (records the step's uses in the caches of graph-run layers: before tick)
         self.experts.tick()
-        stats = self.experts.take_stats()
         for layer, counts in stats["expert_tokens"].items():
             for e, n in counts.items():
                 self.popularity[(layer, e)] = self.popularity.get((layer, e), 0) + n

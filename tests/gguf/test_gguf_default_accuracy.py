@@ -13,7 +13,7 @@ from gguf_helpers import nll
 
 import hybridmoe
 from hybridmoe.layers.cache import Batch
-from hybridmoe.offload.runtime import OffloadOptions
+from hybridmoe.options import CpuActivations, RunOptions
 
 
 def perplexities(path, ids: list[int], **load) -> tuple[float, float]:
@@ -35,8 +35,7 @@ def assert_default_within_1_percent(path, ids: list[int]) -> None:
 
 
 def test_the_default_is_8_bit_everywhere():
-    assert inspect.signature(hybridmoe.load).parameters["cpu_activations"].default == "int8-all"
-    assert OffloadOptions().cpu_activations == "int8-all"
+    assert RunOptions().cpu_activations is CpuActivations.INT8_ALL
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral"])
@@ -74,7 +73,7 @@ def demo_ids():
 
 @pytest.mark.parametrize("kind", ["q8_0", pytest.param("q4_k_m", marks=needs_llama)])
 def test_default_perplexity_of_the_demo_model(demo_ids, tmp_path, kind):
-    from hybridmoe.formats.convert import convert
+    from hybridmoe.models.convert import convert
     demo, ids = demo_ids
     path = convert(demo, tmp_path / f"demo-{kind}.gguf", kind, progress=False)
     assert len(ids) == 600

@@ -75,10 +75,10 @@ def test_cuda_decode_with_every_expert_resident_is_one_graph(gguf_models, tmp_pa
     """Every expert in a GPU slot: a decode step replays one captured graph for all layers, the experts' slots
     looked up on the device. Logits and greedy tokens as the CPU gives them, within kernel tolerance (prefill
     experts on a GPU run as bfloat16 matrix products)."""
-    from hybridmoe.formats.convert import convert
+    from hybridmoe.models.convert import convert
     hf, _ = gguf_models(family)
     path = convert(hf, tmp_path / "q8_0.gguf", "q8_0", progress=False)
-    ref = hybridmoe.load(path)
+    ref = hybridmoe.load(path, cpu_activations="f32")  # exact: the GPU's tolerance is against exact logits
     want = ref.logits(IDS)
     tokens = list(ref.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids
     eng = hybridmoe.load(path, device="cuda", dtype="float32")
@@ -87,3 +87,123 @@ def test_cuda_decode_with_every_expert_resident_is_one_graph(gguf_models, tmp_pa
     assert list(eng.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids == tokens
     graphs = eng.model.decode_graphs
     assert graphs.enabled and graphs.captured and graphs.spans() == [range(len(eng.model.layers))]
+
+
+def test_cache_off_decode_queues_the_cpu_experts_as_device_work(q4):
+    """With no expert cache and 8-bit activations the CPU's experts of a decode step are stream work (a host node
+    on CUDA), so the decode segments need no host sync and a step is one span of all layers. Run here with the CPU
+    standing in (segments eager): the plain engine's tokens, and every expert counted as served by the CPU."""
+    from hybridmoe.models.graphs import DecodeGraphs
+    path = q4[0]
+    plain = hybridmoe.load(path, cpu_activations="int8")
+    want = list(plain.generate(IDS[:6], temperature=0, max_tokens=8, ignore_eos=True))[-1].token_ids
+    eng = hybridmoe.load(path, accelerator="cpu", expert_cache_slots=0, cpu_activations="int8", cost_model=CPU_ONLY)
+    model = eng.model
+    graphs = model.decode_graphs = DecodeGraphs(model, capture=False)
+    events = list(eng.generate(IDS[:6], temperature=0, max_tokens=8, ignore_eos=True))
+    assert events[-1].token_ids == want
+    assert graphs.spans() == [range(len(model.layers))] and graphs.embeds and graphs.runs_head
+    nodes = model.experts.experts.cpu_nodes
+    assert set(nodes) == set(model.moe_layers()) and all(n is not None and n.runs == 7 for n in nodes.values())
+    top_k = {i: model.layers[i].ffn.spec.top_k for i in model.moe_layers()}
+    decode = [e.extra for e in events if isinstance(e, hybridmoe.Stats) and e.phase == "decode"][1:]
+    assert decode and all(s["layers"][i]["cpu"] == s["layers"][i]["misses"] == k
+                          for s in decode for i, k in top_k.items())
+    assert all(s["cpu_expert_s"] > 0 for s in decode)  # the nodes' own clocks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_cuda_decode_with_no_expert_cache_is_one_graph(gguf_models, tmp_path, family):
+    """No expert in VRAM: each MoE layer's experts run on the CPU through a host node inside the step's graph (no
+    host sync per layer), so a decode step is one graph replay, with the greedy tokens the CPU gives with the same
+    8-bit activations."""
+    from hybridmoe.models.convert import convert
+    hf, _ = gguf_models(family)
+    path = convert(hf, tmp_path / "q8_0.gguf", "q8_0", progress=False)
+    ref = hybridmoe.load(path, cpu_activations="int8")
+    tokens = list(ref.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids
+    eng = hybridmoe.load(path, device="cuda", dtype="float32", expert_cache_slots=0, cpu_activations="int8",
+                         cost_model=CPU_ONLY)
+    events = list(eng.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))
+    assert events[-1].token_ids == tokens
+    graphs = eng.model.decode_graphs
+    assert graphs.enabled and graphs.captured and graphs.spans() == [range(len(eng.model.layers))]
+    nodes = eng.model.experts.experts.cpu_nodes
+    assert all(n is not None and n.runs >= 11 for n in nodes.values())
+
+
+def test_partly_cached_decode_splits_hits_and_misses_on_the_device(q4):
+    """Part of the experts in slots, 8-bit CPU activations: the decode segments run each MoE layer without a host
+    sync (the slot table on the device picks the GPU's experts, a host node computes the others, outputs combined
+    in k order), and hot experts enter the cache between steps. The same tokens and the same hits as the
+    host-placed path of the same engine (graphs off), bit for bit; the CPU stand-in copies at once, so both admit
+    the same experts at the same steps."""
+    from hybridmoe.models.graphs import DecodeGraphs
+    path = q4[0]
+    kw = dict(accelerator="cpu", expert_cache_slots=6, cpu_activations="int8", cost_model=CPU_ONLY)
+    eager = hybridmoe.load(path, **kw)
+    want = list(eager.generate(IDS[:6], temperature=0, max_tokens=16, ignore_eos=True))
+    eng = hybridmoe.load(path, **kw)
+    model = eng.model
+    graphs = model.decode_graphs = DecodeGraphs(model, capture=False)
+    got = list(eng.generate(IDS[:6], temperature=0, max_tokens=16, ignore_eos=True))
+    assert got[-1].token_ids == want[-1].token_ids
+    assert graphs.spans() == [range(len(model.layers))] and not model.observers
+    nodes = model.experts.experts.cpu_nodes
+    assert all(n is not None and n.slots is not None for n in nodes.values())
+
+    def counts(events):
+        return [(e.extra["cache_hits"], e.extra["cache_misses"]) for e in events
+                if isinstance(e, hybridmoe.Stats) and e.phase == "decode"]
+    assert counts(got) == counts(want) and sum(h for h, _ in counts(got)) > 0
+    assert torch.equal(eng.logits(IDS), eager.logits(IDS))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_cuda_partly_cached_decode_is_one_graph(gguf_models, tmp_path, family):
+    """Part of the experts in VRAM: the step is still one graph (slot table on the device, host node for the rest),
+    hot experts land in the cache between steps, and each step's logits stay those of the CPU with 8-bit
+    activations within kernel tolerance (the GPU computes its experts without rounding x)."""
+    from hybridmoe.models.convert import convert
+    from hybridmoe.layers.cache import Batch
+    hf, _ = gguf_models(family)
+    path = convert(hf, tmp_path / "q8_0.gguf", "q8_0", progress=False)
+    stream = IDS[:6] + IDS[:6] * 3  # repeats, so that experts are used again and enter the cache
+    want = hybridmoe.load(path, cpu_activations="int8").logits(stream)
+    eng = hybridmoe.load(path, device="cuda", dtype="float32", expert_cache_slots=6, cpu_activations="int8",
+                         cost_model=CPU_ONLY)
+    model = eng.model
+    cache = model.new_cache(1, 64)
+    hits = 0
+    with torch.inference_mode():
+        for pos, t in enumerate(stream):
+            got = model(torch.tensor([[t]], device="cuda"), Batch.make([pos], [1], [0], "cuda"), cache,
+                        last_only=True)[0].cpu()
+            assert ((got - want[pos]).abs().max() / want[pos].abs().max()).item() < 5e-2, pos
+            hits += model.experts.take_stats()["cache_hits"]
+    graphs = model.decode_graphs
+    assert graphs.enabled and graphs.captured and graphs.spans() == [range(len(model.layers))]
+    assert hits > 0 and all(n.slots is not None for n in model.experts.experts.cpu_nodes.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_cuda_non_expert_weights_kept_as_blocks(gguf_models, tmp_path, family):
+    """--gpu-weights quantized: the linear layers on the GPU hold the file's Q8_0 blocks (GpuQuantLinear), the
+    decode graphs still capture whole steps, and the logits and greedy tokens are those of the CPU run within
+    kernel tolerance."""
+    from hybridmoe.models.convert import convert
+    from hybridmoe.layers.gpu_quant_linear import GpuQuantLinear
+    hf, _ = gguf_models(family)
+    path = convert(hf, tmp_path / "q8_0.gguf", "q8_0", progress=False)
+    ref = hybridmoe.load(path, device="cpu", cpu_activations="f32")  # exact: the GPU's tolerance is against it
+    want = ref.logits(IDS)
+    tokens = list(ref.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids
+    eng = hybridmoe.load(path, device="cuda", dtype="float32", gpu_weights="quantized")
+    assert any(isinstance(m, GpuQuantLinear) for m in eng.model.modules())
+    got = eng.logits(IDS).cpu()
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-2
+    assert list(eng.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids == tokens
+    assert eng.model.decode_graphs.enabled and eng.model.decode_graphs.captured

@@ -150,6 +150,18 @@ def test_experts_ffn_one_launch_for_several_slots(experts) -> None:
         assert rel_error(y[g], ffn_reference(x.astype(np.float64), *refs[e])) < TOL
 
 
+def test_experts_ffn_skips_negative_slot_ids(experts) -> None:
+    """A negative id is an expert computed elsewhere (the CPU): nothing is read for it and its rows stay as they
+    were; the others are computed as usual."""
+    layout, _, refs, slots = experts
+    x = np.random.default_rng(10).standard_normal((1, 512)).astype(np.float32)
+    ids = torch.tensor([1, -1, 2, -1], dtype=torch.int32, device=DEVICE)
+    y = gpu.experts_ffn(torch.from_numpy(x).to(DEVICE), slots, ids, layout)
+    assert y.shape == (4, 1, 512)
+    for g, e in ((0, 1), (2, 2)):
+        assert rel_error(y[g], ffn_reference(x.astype(np.float64), *refs[e])) < TOL
+
+
 def test_expert_ffn_gate_and_up_of_different_types() -> None:
     rng = np.random.default_rng(9)
     layout = gpu.SlotLayout(256, 256, T.Q4_K, T.Q8_0, T.Q4_0)

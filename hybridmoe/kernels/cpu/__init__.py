@@ -49,7 +49,9 @@ Optional, when llama-cpp-python is installed: ggml's own dot products, which qua
     ggml.available() -> bool;  ggml.gemv(x, w_raw, ggml_type) -> [n, N]
 
     decode_route(ggml_type) -> str                               how experts of that type decode, in words
-    set_threads(n)                                               threads for all of the above
+    set_threads(n), get_threads()                                threads for all of the above (per calling thread)
+
+A layer's decode experts as a C-callable task, for a CUDA graph's host node (`host_task.py`, imported on use).
 
 Importing this package lets numba use 512-bit vectors on AVX-512 CPUs (`target.py`); NUMBA_CPU_FEATURES overrides.
 """
@@ -58,12 +60,13 @@ from .target import use_full_vector_width
 use_full_vector_width()
 
 from .api import (GEMV_TYPES, RAW_INT8_TYPES, decode_route, dequantize, ffn_experts, ffn_experts_sum,  # noqa: E402
-                  ffn_packed, ffn_raw_int8, ffn_raw_int8_grouped, gemv, gemv_int8, gemv_packed, gqa_decode, matmul,
-                  mla_decode, mla_decode_raw, repack, repack_experts, rms_norm, route_softmax, route_topk,
-                  set_threads)
+                  ffn_packed, ffn_raw_int8, ffn_raw_int8_grouped, gemv, gemv_int8, gemv_packed, get_threads,
+                  gqa_decode, matmul, mla_decode, mla_decode_raw, repack, repack_experts, rms_norm, route_softmax,
+                  route_topk, set_threads)
 from .repack import ACTIVATIONS, PACKED_TYPES, PackedExperts, PackedWeight  # noqa: E402
 
 __all__ = ["ACTIVATIONS", "GEMV_TYPES", "PACKED_TYPES", "RAW_INT8_TYPES", "PackedExperts", "PackedWeight",
            "decode_route", "dequantize", "ffn_experts", "ffn_experts_sum", "ffn_packed", "ffn_raw_int8",
-           "ffn_raw_int8_grouped", "gemv", "gemv_int8", "gemv_packed", "gqa_decode", "matmul", "mla_decode",
-           "mla_decode_raw", "repack", "repack_experts", "rms_norm", "route_softmax", "route_topk", "set_threads"]
+           "ffn_raw_int8_grouped", "gemv", "gemv_int8", "gemv_packed", "get_threads", "gqa_decode", "matmul",
+           "mla_decode", "mla_decode_raw", "repack", "repack_experts", "rms_norm", "route_softmax", "route_topk",
+           "set_threads"]

@@ -42,6 +42,11 @@ def set_threads(n: int) -> None:
     numba.set_num_threads(n)
 
 
+def get_threads() -> int:
+    """Threads the CPU kernels use when called from this thread."""
+    return numba.get_num_threads()
+
+
 def _like_input(y: np.ndarray, x: Array) -> Array:
     return torch.from_numpy(y) if isinstance(x, torch.Tensor) else y
 

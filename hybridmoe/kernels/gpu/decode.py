@@ -63,7 +63,8 @@ def gemv_kernel(x, w, w2, y, ids, N, nb, n_tok, stride_xe, stride_xt, stride_we,
                 QT: tl.constexpr, R: tl.constexpr, BB: tl.constexpr, J: tl.constexpr, NA: tl.constexpr,
                 WB: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, HAS_MIN: tl.constexpr,
                 ROW_ALIGN: tl.constexpr, HAS_IDS: tl.constexpr, GATED: tl.constexpr):
-    """Program (row tile, matrix e). Matrix e is w + slot * stride_we, slot = ids[e] if HAS_IDS else e.
+    """Program (row tile, matrix e). Matrix e is w + slot * stride_we, slot = ids[e] if HAS_IDS else e; a negative
+    slot is skipped.
 
     Rows are row_units * ROW_ALIGN bytes apart (so the compiler knows their alignment). Rows past N repeat row
     N - 1 and are not stored, so no load needs a mask. GATED: w is gate and w2 up (same type and shape);
@@ -72,6 +73,8 @@ def gemv_kernel(x, w, w2, y, ids, N, nb, n_tok, stride_xe, stride_xt, stride_we,
     pid = tl.program_id(0)
     e = tl.program_id(1)
     slot = slot_of(ids, e, HAS_IDS)
+    if slot < 0:  # an expert the caller computes elsewhere (the CPU): its rows are left as they are
+        return
     w = w + slot * stride_we
     w2 = w2 + slot * stride_we
     r = pid * R + tl.arange(0, R)

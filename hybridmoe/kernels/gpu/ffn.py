@@ -126,7 +126,8 @@ def experts_ffn(x: torch.Tensor, slots: torch.Tensor, ids: torch.Tensor, layout:
     """The FFN of the G experts in slots[ids] (uint8 [n_slots, nbytes], ids [G]) in two launches -> [G, n, D].
 
     x is [n, D] (every expert sees the same tokens) or [G, n, D]. Outputs are per expert, not combined, so the
-    caller sums them in a fixed order. ids are not range-checked (that needs a host sync).
+    caller sums them in a fixed order. ids are not range-checked (that needs a host sync); a negative id skips its
+    expert (its rows of the result are left unwritten).
     """
     device = checks.device_of("slots", slots)
     if slots.dtype != torch.uint8 or slots.dim() != 2 or slots.shape[1] != layout.nbytes:
