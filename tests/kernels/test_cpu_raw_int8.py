@@ -119,3 +119,19 @@ def test_grouped_prefill_computes_each_experts_rows(types, inter: int) -> None:
         at += n
     with pytest.raises(ValueError, match="token counts"):
         cpu.ffn_raw_int8_grouped(x, *raws, types, experts, [3, 1, 0, 21, 4])
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.Q6_K])
+def test_nan_and_infinite_activations_stay_visible(qtype: T) -> None:
+    """A NaN or infinite input makes its token's outputs NaN (rounding to 8 bits dropped a NaN: the group's scale
+    ignored it and the integer came out finite, so a model with NaN weights gave plausible logits)."""
+    from hybridmoe.quant import random_blocks
+    k_dim, rows = 512, 48
+    rng = np.random.default_rng(3)
+    w = random_blocks(qtype, rows * k_dim // 256 if qtype != T.Q8_0 else rows * k_dim // 32, rng).reshape(rows, -1)
+    x = rng.standard_normal((3, k_dim)).astype(np.float32)
+    clean = cpu.gemv_int8(x, w, qtype)
+    x[0, 100], x[1, 300] = np.nan, np.inf
+    y = cpu.gemv_int8(x, w, qtype)
+    assert np.isnan(y[:2]).all()
+    assert np.array_equal(y[2], clean[2])
