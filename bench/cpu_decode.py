@@ -1,17 +1,25 @@
-"""CPU decode and prefill speed of hybridmoe against llama.cpp (llama-cpp-python) on the same GGUF file, same threads.
+"""CPU decode and prefill speed of hybridmoe against llama.cpp (llama-cpp-python) on the same GGUF file, same threads,
+for two shapes, hybridmoe with its default settings (what a user gets; `--only` adds other modes).
 
-The file is synthetic: random valid blocks at Qwen3-30B-A3B's real per-layer dims (hidden 2048, 128 experts of
-768, 8 per token, 32 query / 4 KV heads of 128), a few layers, routed experts Q4_K, the rest Q8_0, and a small
-vocabulary (the lm_head of a real vocabulary costs both sides alike). Speeds, not outputs, are compared.
+The files are synthetic: random valid blocks at real per-layer dims, a few layers, routed experts Q4_K, the rest
+Q8_0, and a small vocabulary (the lm_head of a real vocabulary costs both sides alike). Speeds, not outputs, are
+compared: both sides get the same random token ids, as llama-bench feeds them (the prompt, then its ids again one
+at a time for decode, each step computing the last token's logits).
+    qwen3     Qwen3-30B-A3B's layers: hidden 2048, 128 experts of 768, 8 per token, 32 query / 4 KV heads of 128
+              (4 layers by default)
+    deepseek  DeepSeek-V3's layer design at hidden 2048: MLA (16 heads, q rank 1536, kv rank 512, rope 64, nope 128,
+              v 128), 32 experts of 1536, 8 per token from 4 of 8 groups (sigmoid, correction bias), one shared
+              expert, a dense first layer (6144) before the MoE layers (8 by default)
 `--experts q2_k` makes the experts Q2_K / Q2_K / Q3_K (gate, up, down), as most layers of the popular 2-bit dynamic
 quants of DeepSeek-R1 are.
 
-    python bench/cpu_decode.py [--layers 4] [--threads 2] [--decode 32] [--prefill 128] [--rounds 3] [--keep FILE]
-                               [--experts q4_k|q2_k] [--only "mmap int8 acts,pinned int8 acts"]
+    python bench/cpu_decode.py [--shapes deepseek,qwen3] [--layers N] [--threads 2] [--decode 32] [--prefill 128]
+                               [--rounds 3] [--keep DIR] [--experts q4_k|q2_k] [--only "exact f32,pinned"]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -25,6 +33,14 @@ from gguf import GGMLQuantizationType as Q
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "tests")]
 
 D, I, E, K, H, HKV, HD, VOCAB = 2048, 768, 128, 8, 32, 4, 128, 384
+DEEPSEEK = dict(model_type="deepseek_v3", vocab_size=VOCAB, hidden_size=2048, intermediate_size=6144,
+                moe_intermediate_size=1536, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=1,
+                n_routed_experts=32, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
+                qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="noaux_tc", n_group=8,
+                topk_group=4, num_experts_per_tok=8, first_k_dense_replace=1, norm_topk_prob=True,
+                scoring_func="sigmoid", max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6,
+                hidden_act="silu")
+LAYERS = {"qwen3": 4, "deepseek": 8}  # MoE layers by default
 
 
 def _blocks(shape: tuple[int, ...], qtype: Q, rng) -> np.ndarray:
@@ -85,10 +101,19 @@ def write_model(path: Path, layers: int, experts: str = "q4_k") -> Path:
     return path
 
 
-def bench_ours(path: Path, ids: list[int], n_decode: int, tier: str, activations: str = "f32") -> tuple[float, float]:
+def write_deepseek(path: Path, moe_layers: int, experts: str = "q4_k") -> Path:
+    import tiny
+    from hybridmoe.models import synthetic
+    tok_dir = Path(tempfile.mkdtemp())
+    tiny.write_tokenizer(tok_dir)
+    cfg = dict(DEEPSEEK, num_hidden_layers=1 + moe_layers)
+    return synthetic.write(cfg, path, tok_dir, "synthetic-deepseek-v3-design-2048", expert_types=EXPERT_TYPES[experts])
+
+
+def bench_ours(path: Path, ids: list[int], n_decode: int, load: dict) -> tuple[float, float]:
     import hybridmoe
     from hybridmoe.layers.cache import Batch
-    model = hybridmoe.load(path, device="cpu", experts_tier=tier, cpu_activations=activations).model
+    model = hybridmoe.load(path, device="cpu", **load).model
     cache = model.new_cache(1, len(ids) + n_decode + 1)
     with torch.inference_mode():
         model(torch.tensor([ids]), Batch.make([0], [len(ids)], [0], "cpu"), cache)  # warm-up: compile, page in, pack
@@ -96,13 +121,12 @@ def bench_ours(path: Path, ids: list[int], n_decode: int, tier: str, activations
             model(torch.tensor([[ids[step]]]), Batch.make([len(ids) + step], [1], [0], "cpu"), cache, last_only=True)
         cache = model.new_cache(1, len(ids) + n_decode + 1)
         t0 = time.perf_counter()
-        logits = model(torch.tensor([ids]), Batch.make([0], [len(ids)], [0], "cpu"), cache, last_only=True)
+        model(torch.tensor([ids]), Batch.make([0], [len(ids)], [0], "cpu"), cache, last_only=True)
         prefill = len(ids) / (time.perf_counter() - t0)
-        tok, t0 = int(logits[0].argmax()), time.perf_counter()
-        for step in range(n_decode):
-            logits = model(torch.tensor([[tok]]), Batch.make([len(ids) + step], [1], [0], "cpu"), cache,
-                           last_only=True)
-            tok = int(logits[0].argmax())
+        t0 = time.perf_counter()
+        for step in range(n_decode):  # the token stream llama.cpp gets below: the prompt's random ids again
+            model(torch.tensor([[ids[step % len(ids)]]]), Batch.make([len(ids) + step], [1], [0], "cpu"), cache,
+                  last_only=True)
         decode = n_decode / (time.perf_counter() - t0)
     return prefill, decode
 
@@ -126,57 +150,65 @@ def bench_llama(path: Path, ids: list[int], n_decode: int, threads: int) -> tupl
     return prefill, decode
 
 
+CONTENDERS = {"hybridmoe": {},  # the defaults: mmap tier, 8-bit activations for every quantized matrix
+              "exact f32": {"cpu_activations": "f32"},
+              "int8 experts": {"cpu_activations": "int8"},
+              "pinned": {"experts_tier": "pinned"},
+              "pinned f32": {"experts_tier": "pinned", "cpu_activations": "f32"}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--shapes", default="deepseek,qwen3", help="comma-separated: deepseek, qwen3 (default: both)")
+    ap.add_argument("--layers", type=int, default=None, help="MoE layers (default: deepseek 8, qwen3 4)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; each contender keeps its best")
-    ap.add_argument("--keep", type=Path, default=None, help="write (or reuse) the synthetic GGUF here")
+    ap.add_argument("--keep", type=Path, default=None, help="a directory to write (or reuse) the synthetic GGUFs in")
     ap.add_argument("--experts", choices=sorted(EXPERT_TYPES), default="q4_k",
                     help="expert types: q4_k (gate, up, down all Q4_K) or q2_k (Q2_K, Q2_K, Q3_K); default q4_k")
-    ap.add_argument("--only", default=None, help="comma-separated contenders to run (default: all)")
+    ap.add_argument("--only", default=None, help="comma-separated hybridmoe contenders (default: hybridmoe, its "
+                    f"default settings; others: {', '.join(list(CONTENDERS)[1:])}); llama.cpp always runs")
     a = ap.parse_args()
+    shapes = [x.strip() for x in a.shapes.split(",")]
+    if set(shapes) - set(LAYERS):
+        ap.error(f"--shapes: no shape {', '.join(sorted(set(shapes) - set(LAYERS)))} (have: {', '.join(LAYERS)})")
+    names = [x.strip() for x in (a.only or "hybridmoe").split(",")]
+    if set(names) - set(CONTENDERS):
+        ap.error(f"--only: no contender {', '.join(sorted(set(names) - set(CONTENDERS)))} "
+                 f"(have: {', '.join(CONTENDERS)})")
     torch.set_num_threads(a.threads)
     from hybridmoe.kernels.cpu import set_threads
     set_threads(a.threads)
-    path = a.keep or Path(tempfile.mkdtemp()) / "synthetic.gguf"
+    folder = a.keep or Path(tempfile.mkdtemp())
+    folder.mkdir(parents=True, exist_ok=True)
     ids = np.random.default_rng(1).integers(8, VOCAB, a.prefill).tolist()
-    # Rounds alternate the contenders and each keeps its best round, so that other load on the machine biases
-    # no one in particular.
-    runs = {"hybridmoe mmap": lambda: bench_ours(path, ids, a.decode, "mmap"),
-            "mmap int8 acts": lambda: bench_ours(path, ids, a.decode, "mmap", "int8"),
-            "hybridmoe pinned": lambda: bench_ours(path, ids, a.decode, "pinned"),
-            "pinned int8 acts": lambda: bench_ours(path, ids, a.decode, "pinned", "int8"),
-            "pinned int8-all": lambda: bench_ours(path, ids, a.decode, "pinned", "int8-all"),
-            "llama.cpp": lambda: bench_llama(path, ids, a.decode, a.threads)}
-    if a.only:
-        keep = {name.strip() for name in a.only.split(",")}
-        if keep - set(runs):
-            ap.error(f"--only: no contender {', '.join(sorted(keep - set(runs)))} (have: {', '.join(runs)})")
-        runs = {name: run for name, run in runs.items() if name in keep | {"llama.cpp"}}
-    if not path.exists():
-        t0 = time.perf_counter()
-        write_model(path, a.layers, a.experts)
-        print(f"wrote {path}: {path.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
-    else:  # a kept file must be what the flags describe
-        from hybridmoe.formats.gguf import GGUFFile
-        got = GGUFFile(path).tensors["blk.0.ffn_gate_exps.weight"].qtype
-        if got != EXPERT_TYPES[a.experts][0]:
-            ap.error(f"--keep {path}: its experts are {got.name}, not --experts {a.experts}; pass another file")
-    best = {name: (0.0, 0.0) for name in runs}
-    for _ in range(a.rounds):
-        for name, run in runs.items():
-            p, d = run()
-            best[name] = (max(best[name][0], p), max(best[name][1], d))
-    theirs = best.pop("llama.cpp")
-    rows = best
-    print(f"{'':18}{'prefill ' + str(a.prefill) + ' tok/s':>22}{'decode tok/s':>16}   ({a.threads} threads)")
-    for name, (p, d) in rows.items():
-        print(f"{name:18}{p:>22.1f}{d:>16.2f}   ratio to llama.cpp: prefill {p / theirs[0]:.2f}, decode "
-              f"{d / theirs[1]:.2f}")
-    print(f"{'llama.cpp':18}{theirs[0]:>22.1f}{theirs[1]:>16.2f}")
+    print(f"load average at the start: {os.getloadavg()[0]:.2f}", flush=True)
+    for shape in shapes:
+        layers = a.layers or LAYERS[shape]
+        path = folder / f"cpu_decode-{shape}-{layers}-{a.experts}.gguf"
+        if not path.exists():
+            t0 = time.perf_counter()
+            (write_deepseek if shape == "deepseek" else write_model)(path, layers, a.experts)
+            print(f"wrote {path}: {path.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
+        # Rounds alternate the contenders and each keeps its best round, so that other load on the machine biases
+        # no one in particular.
+        runs = {name: (lambda load=CONTENDERS[name]: bench_ours(path, ids, a.decode, load)) for name in names}
+        runs["llama.cpp"] = lambda: bench_llama(path, ids, a.decode, a.threads)
+        best = {name: (0.0, 0.0) for name in runs}
+        for _ in range(a.rounds):
+            for name, run in runs.items():
+                p, d = run()
+                best[name] = (max(best[name][0], p), max(best[name][1], d))
+        theirs = best.pop("llama.cpp")
+        print(f"\n{path.name}: {a.threads} threads, best of {a.rounds}, load average now "
+              f"{os.getloadavg()[0]:.2f}")
+        print(f"{'':18}{'prefill ' + str(a.prefill) + ' tok/s':>22}{'decode tok/s':>16}")
+        for name, (p, d) in best.items():
+            print(f"{name:18}{p:>22.1f}{d:>16.2f}   ratio to llama.cpp: prefill {p / theirs[0]:.2f}, decode "
+                  f"{d / theirs[1]:.2f}")
+        print(f"{'llama.cpp':18}{theirs[0]:>22.1f}{theirs[1]:>16.2f}", flush=True)
 
 
 if __name__ == "__main__":

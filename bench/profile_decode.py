@@ -36,7 +36,7 @@ def main() -> int:
     ap.add_argument("--kernels", action="store_true", help="also a torch.profiler table of operators and kernels")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--no-cprofile", action="store_true")
-    ap.add_argument("--cpu-activations", default="f32", choices=("f32", "int8", "int8-all"))
+    ap.add_argument("--cpu-activations", default="int8-all", choices=("f32", "int8", "int8-all"))
     ap.add_argument("--prompt", type=int, default=0, help="profile a prefill of this many tokens instead")
     ap.add_argument("--reps", type=int, default=1, help="timed runs (each printed)")
     ap.add_argument("--cpu-gbs", type=float, default=None, help="cost model: CPU expert read rate (GB/s)")

@@ -52,13 +52,11 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--experts-tier", default=None, metavar=_choices(Tier),
                    help="host tier of the experts: mmap (page cache, default) or pinned (copied once to pinned RAM)")
     g.add_argument("--cpu-activations", default=None, metavar=_choices(CpuActivations),
-                   help="GGUF experts decoded on the CPU: f32 is exact (default); int8 rounds activations to 8 "
-                        "bits per group of 32 as llama.cpp does, several times faster, logits no longer exact (on "
-                        "the mmap tier all but Q4_0 experts (Q2_K-Q6_K, Q8_0, IQ4_XS) are read in place, Q4_0 "
-                        "from a repacked copy in RAM); "
-                        "int8-all also rounds the inputs of attention and the output head on the CPU, faster still "
-                        "but far less accurate (logits off by up to ~20%% on small random test models, as "
-                        "llama.cpp's own)")
+                   help="GGUF matrices computed on the CPU: int8-all (default) rounds the inputs of every quantized "
+                        "matrix (experts, attention, dense layers, output head) to 8 bits per group of 32 as "
+                        "llama.cpp does, several times faster than exact, perplexity within 1%% of it; int8 rounds "
+                        "only the routed experts' inputs; f32 is exact (slowest). Experts of Q2_K-Q6_K, Q8_0 and "
+                        "IQ4_XS are read in place on the mmap tier, Q4_0 from a repacked copy in RAM")
     g.add_argument("--gpu-weights", default=None, metavar=_choices(GpuWeights),
                    help="a GGUF's non-expert weights on the GPU: dequantized to --dtype (default), or quantized (the "
                         "file's blocks: about half the VRAM at Q8_0, read by hybridmoe's own kernels)")

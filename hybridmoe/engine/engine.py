@@ -199,13 +199,11 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     machine's measured rates; the default is a conservative workstation's. `cpu_repack` (GGUF) gives CPU-served
     experts a lane-interleaved copy that decodes faster; it sums in another order, so results then match within
     kernel tolerance.
-    `cpu_activations` (GGUF): "f32" (exact) or "int8", which rounds x to 8 bits per group of 32 in the decode
-    kernels of CPU experts, as llama.cpp does: several times less compute, and all CPU experts of a layer in one
-    call per decode step, read in place on the mmap tier (Q2_K to Q6_K, Q8_0, IQ4_XS; layers of other
-    types get the repacked copy).
-    "int8-all" also rounds the inputs of the other quantized linear layers on the CPU (attention, output head) at
-    decode, as llama.cpp does: faster, but logits move much more than with "int8" (bench/RESULTS.md), so it is
-    never the default.
+    `cpu_activations` (GGUF): "int8-all" (the default) rounds the inputs of every quantized matrix computed on the
+    CPU (routed experts, attention, dense layers, output head) to 8 bits per group of 32, as llama.cpp does:
+    several times less compute, all CPU experts of a layer in one call per decode step, read in place on the mmap
+    tier (Q2_K to Q6_K, Q8_0, IQ4_XS; layers of other types get the repacked copy); perplexity stays within 1 % of
+    exact (bench/RESULTS.md). "int8" rounds only the routed experts' inputs; "f32" is exact.
     `cuda_graphs` replays each layer's non-expert work at decode as a captured CUDA graph (much less host time per
     token; attention then spans a masked window of keys, so results match eager decode within bf16 rounding).
     `cpu_threads` sets the threads of the CPU kernels and of torch (for the whole process).

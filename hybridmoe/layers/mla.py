@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..kernels import cpu as ck
 from .attention import attend
 from .cache import Batch, LayerCache
 from .norm import RMSNorm
+from .quant_linear import QuantLinear
 from .rope import apply_rope
 
 # Letters: B rows, T new tokens, L cached tokens, H heads, N nope dim, P rope dim, V value dim, R latent rank.
@@ -44,6 +46,35 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(s.kv_lora_rank, s.eps)
         self.wkv_b = nn.Linear(s.kv_lora_rank, s.n_heads * (s.nope_dim + s.v_dim), bias=False)
         self.wo = nn.Linear(s.n_heads * s.v_dim, s.dim, bias=s.bias)
+        self.wq_kv_a: nn.Module | None = None  # wq_a and wkv_a as one layer (see stack_inputs)
+        self.absorbed_raw: tuple | None = None  # wkv_b's halves as a GGUF file stores them (see keep_absorbed_raw)
+
+    def stack_inputs(self) -> bool:
+        """wq_a and wkv_a (both read x) as one quantized layer: one kernel call at CPU decode, x rounded once. False
+        where they do not fit together (no q_lora_rank, other kinds or types)."""
+        if self.wq_kv_a is not None or not self.s.q_lora_rank:
+            return False
+        if not (isinstance(self.wq_a, QuantLinear) and isinstance(self.wkv_a, QuantLinear)):
+            return False
+        stacked = QuantLinear.stack([self.wq_a, self.wkv_a])
+        if stacked is None:
+            return False
+        self.wq_kv_a, self.wq_a, self.wkv_a = stacked, None, None
+        return True
+
+    def keep_absorbed_raw(self, k_b, v_b, qtype) -> None:
+        """Decode on the CPU reads wkv_b's halves as GGUF's attn_k_b (uint8 [H, R, row bytes]) and attn_v_b ([H, V,
+        row bytes]) of `qtype` (kernels.cpu.mla_decode_raw: the same values, fewer bytes); prefill keeps wkv_b."""
+        self.absorbed_raw = (k_b, v_b, qtype)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (q [B, T, H * (N + P)], wkv_a's output [B, T, R + P])."""
+        s = self.s
+        if self.wq_kv_a is not None:
+            q_a, kv = self.wq_kv_a(x).split([s.q_lora_rank, s.kv_lora_rank + s.rope_dim], dim=-1)
+            return self.wq_b(self.q_norm(q_a.contiguous())), kv
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if s.q_lora_rank else self.wq(x)
+        return q, self.wkv_a(x)
 
     def cache_shapes(self) -> tuple[tuple[int, ...], ...]:
         return (self.s.kv_lora_rank,), (self.s.rope_dim,)
@@ -52,9 +83,19 @@ class MLA(nn.Module):
                 cache: LayerCache | None) -> torch.Tensor:
         s = self.s
         B, T, _ = x.shape
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if s.q_lora_rank else self.wq(x)
+        q, kv = self._project(x)
+        if (cache is not None and batch.sees_all and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.wkv_b.weight.dtype == torch.float32):  # one decode step on the CPU: one kernel call
+            slot, norm = batch.slots[0], self.kv_norm
+            caches = cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0], s.scale
+            if self.absorbed_raw is not None:
+                out = ck.mla_decode_raw(q, kv, s.n_heads, norm.weight, norm.eps, cos, sin, *self.absorbed_raw,
+                                        *caches)
+            else:
+                out = ck.mla_decode(q, kv, s.n_heads, norm.weight, norm.eps, cos, sin, self.wkv_b.weight, *caches)
+            return self.wo(out.view(B, T, -1))
         q_nope, q_pe = q.view(B, T, s.n_heads, -1).split([s.nope_dim, s.rope_dim], dim=-1)
-        latent, k_pe = self.wkv_a(x).split([s.kv_lora_rank, s.rope_dim], dim=-1)
+        latent, k_pe = kv.split([s.kv_lora_rank, s.rope_dim], dim=-1)
         latent = self.kv_norm(latent)  # [B, T, R]
         q_pe = apply_rope(q_pe, cos, sin, True)
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, True)[:, :, 0]  # [B, T, P]

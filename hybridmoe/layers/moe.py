@@ -71,14 +71,18 @@ def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = No
 def route_hidden(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D] (already normalised), router [E, D] -> `route` of the f32 logits. A decode step's float32 token on
-    the CPU under plain softmax top-k takes one kernel call for all of it (kernels.cpu.route_softmax): the same
-    choices and weights up to float32 rounding, without seven small ops that each start with cold caches."""
+    the CPU takes one kernel call for all of it (kernels.cpu.route_topk): the same choices and weights up to float32
+    rounding, without seven to seventeen small ops that each start with cold caches."""
     if (x.device.type == "cpu" and x.dtype == router.dtype == torch.float32 and x.shape[0] <= CPU_ROUTE_TOKENS
-            and spec.scoring == "softmax" and (spec.method == "greedy" or spec.n_group == 1)
-            and (bias is None or spec.method != "noaux_tc")):
+            and (bias is None or bias.dtype == torch.float32)):
         renorm = spec.norm_topk_prob and spec.top_k > 1
         scaling = spec.scaling if not renorm or spec.scale_after_norm else 1.0
-        return ck.route_softmax(x.contiguous(), router, spec.top_k, renorm, scaling)
+        grouped = spec.method != "greedy" and spec.n_group > 1
+        noaux = spec.method == "noaux_tc"
+        return ck.route_topk(x.contiguous(), router, spec.top_k, renorm, scaling, sigmoid=spec.scoring == "sigmoid",
+                             bias=bias if noaux else None, n_group=spec.n_group if grouped else 1,
+                             topk_group=spec.topk_group if grouped else 1, top2_groups=noaux,
+                             masked=float("-inf") if noaux else 0.0)
     return route(router_logits(x, router), spec, bias)
 
 
@@ -183,12 +187,15 @@ def combine(parts: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> t
 def run_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 compute: Callable[[int, torch.Tensor], torch.Tensor], counts: dict[int, int],
                 compute_many: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
-                compute_sum: Callable[[list[int], torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
+                compute_sum: Callable[[list[int], torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+                compute_grouped: Callable[[list[int], torch.Tensor, list[int]], torch.Tensor | None] | None = None
                 ) -> torch.Tensor:
     """Each routed expert once on its tokens, outputs combined in a fixed order; counts tokens per expert.
     compute(e, x_e [n, D]) -> [n, D]; compute_many(experts, x [n, D]) -> [G, n, D], if given, runs a decode step's
     experts together (each with compute's result); compute_sum(experts, x, weights [n, G]) -> [n, D] or None, if
-    given, also combines them (the bits `combine` gives)."""
+    given, also combines them (the bits `combine` gives); compute_grouped(experts, x_rows, counts) -> [sum(counts),
+    D] or None, if given, runs a prefill's experts together, each on its counts[g] rows of x_rows (compute's
+    result for each)."""
     N, K = ids.shape
     ids_host = ids.cpu()  # host sync: which experts run is decided on the host
     if N == 1:  # decode: each chosen expert (all distinct) runs on the one token, no index bookkeeping
@@ -207,8 +214,15 @@ def run_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     parts = x.new_zeros(N, K, x.shape[-1])
     flat = parts.view(N * K, -1)
     pos = expert_positions(ids_host)
-    for (e, p), at in zip(pos.items(), positions_on(list(pos.values()), x.device)):
+    for e, p in pos.items():
         counts[e] = counts.get(e, 0) + len(p)
+    if compute_grouped is not None and x.device.type == "cpu":
+        order = torch.cat(list(pos.values()))  # flat positions, expert by expert
+        y = compute_grouped(list(pos), x[order // K], [len(p) for p in pos.values()])
+        if y is not None:
+            flat[order] = y
+            return combine(parts, weights, x.dtype)
+    for (e, p), at in zip(pos.items(), positions_on(list(pos.values()), x.device)):
         flat[at] = compute(e, x[at // K])
     return combine(parts, weights, x.dtype)
 

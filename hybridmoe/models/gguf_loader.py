@@ -49,10 +49,16 @@ def join_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
 _DENSE_ONLY = (".attn.wkv_b",)
 
 
-def keep_quantized(model, found: dict[str, GGUFTensor], permuted, activations: str = "f32") -> None:
+def keep_quantized(model, found: dict[str, GGUFTensor], permuted, activations: str = "f32",
+                   parts: dict[str, dict[str, GGUFTensor]] | None = None) -> None:
     """On the CPU, linear layers keep their GGUF blocks (QuantLinear) instead of dequantized f32 weights, and an
-    attention's q, k and v projections are stacked into one. activations: QuantLinear's decode activations."""
+    attention's q, k and v projections (MLA: wq_a and wkv_a) are stacked into one, and an MLP's three layers decode
+    in one call (with 8-bit activations). activations: QuantLinear's decode activations. MLA's absorbed decode reads
+    attn_k_b / attn_v_b as stored (parts: our name -> those pieces), where their type has a row kernel."""
+    from ..kernels import cpu as ck
     from ..layers.attention import stack_qkv_projections
+    from ..layers.mla import MLA
+    from ..layers.mlp import MLP
     from ..layers.quant_linear import QuantLinear
     for name, module in list(model.named_modules()):
         t = found.get(name + ".weight")
@@ -69,6 +75,17 @@ def keep_quantized(model, found: dict[str, GGUFTensor], permuted, activations: s
         setattr(model.get_submodule(parent) if parent else model, leaf,
                 QuantLinear(raw, t.qtype, module.out_features, module.in_features, bias, activations))
     stack_qkv_projections(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MLA):
+            module.stack_inputs()
+            pieces = (parts or {}).get(name + ".wkv_b.weight", {})
+            k_b, v_b = pieces.get("k_b"), pieces.get("v_b")
+            block = get_format(k_b.qtype).block_size if k_b is not None else 0
+            if (v_b is not None and k_b.qtype == v_b.qtype and k_b.qtype in ck.GEMV_TYPES
+                    and module.s.nope_dim % block == 0 and module.s.kv_lora_rank % block == 0):
+                module.keep_absorbed_raw(np.ascontiguousarray(k_b.raw), np.ascontiguousarray(v_b.raw), k_b.qtype)
+        elif isinstance(module, MLP):
+            module.fuse()
 
 
 def keep_quantized_on_gpu(model, found: dict[str, GGUFTensor], permuted) -> None:
@@ -170,7 +187,7 @@ def load_gguf(path: str | Path | GGUFFile, device: str | torch.device = "cpu", d
 
     tie_output(model, {k: fetch(k) for k in counted(params, progress)}, args, devices)
     if not args.tie_embeddings and all(d.type == "cpu" for d in devices):
-        keep_quantized(model, found, permuted, linear_activations)
+        keep_quantized(model, found, permuted, linear_activations, parts)
     elif gpu_blocks:
         keep_quantized_on_gpu(model, found, permuted)
     model.layer_devices = list(devices) if layer_devices else None

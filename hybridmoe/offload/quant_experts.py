@@ -61,6 +61,7 @@ class QuantExperts(HostPlacedExperts):
         y = run_experts(xs, ids, host_f32(weights),
                         lambda e, xe: self.store.compute_host(layer, e, xe), self.activity.setdefault(layer, {}),
                         lambda experts, xe: self.store.compute_host_many(layer, experts, xe),
-                        lambda experts, xe, w: self.store.compute_host_sum(layer, experts, xe, w))
+                        lambda experts, xe, w: self.store.compute_host_sum(layer, experts, xe, w),
+                        lambda experts, xe, counts: self.store.compute_host_grouped(layer, experts, xe, counts))
         self.cpu_s += time.perf_counter() - t0
         return y if y.dtype == x.dtype and y.device == x.device else y.to(x.device, x.dtype)

@@ -167,6 +167,8 @@ class QuantStore:
         copy is used when there is one)."""
         xs = host_f32(x)
         if e is not None and xs.shape[0] < PREFILL_TOKENS and self.raw_int8[layer]:
+            if xs.shape[0] > 1:  # prefill: as compute_host_grouped computes each expert
+                return self.compute_host_grouped(layer, [e], xs, [xs.shape[0]])
             return torch.from_numpy(self._raw_int8(layer, [e], xs)[0]).to(x.dtype)
         packed = self._packed_layer(layer) if e is not None and xs.shape[0] < PREFILL_TOKENS else None
         if packed is not None:
@@ -200,6 +202,17 @@ class QuantStore:
             return None
         y = ck.ffn_experts_sum(host_f32(x).numpy(), *packed, experts, host_f32(weights).numpy())
         return torch.from_numpy(y).to(x.dtype)
+
+    def compute_host_grouped(self, layer: int, experts: list[int], x: torch.Tensor,
+                             counts: list[int]) -> torch.Tensor | None:
+        """Prefill: each expert on its own counts[g] rows of x -> [sum(counts), D], in one kernel call for layers
+        read in place with 8-bit activations (each expert's rows as compute_host gives them there); None elsewhere,
+        and where an expert has so many tokens that compute_host takes a matrix product for it."""
+        if not self.raw_int8[layer] or max(counts) >= PREFILL_TOKENS:
+            return None
+        y = ck.ffn_raw_int8_grouped(host_f32(x).numpy(), *(t.raw for t in self.layers[layer]), self.types[layer],
+                                    experts, counts)
+        return torch.from_numpy(y).to(x.dtype)  # (a no-op for float32 x)
 
     def _raw_int8(self, layer: int, experts: list[int], xs: torch.Tensor, weights: torch.Tensor | None = None):
         """The layer's experts from the file's bytes with 8-bit activations (kernels.cpu.ffn_raw_int8)."""

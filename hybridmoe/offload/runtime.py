@@ -20,9 +20,10 @@ from .store import DenseStore
 
 
 def activation_modes(cpu_activations: CpuActivations | str) -> tuple[str, str]:
-    """--cpu-activations -> the activations of (the repacked routed experts' kernels, the other quantized linear
-    layers' on the CPU). "int8" rounds only the experts' inputs to 8 bits; "int8-all" also those of attention and
-    the output head, which costs far more accuracy (bench/RESULTS.md)."""
+    """--cpu-activations -> the activations of (the routed experts' kernels, the other quantized linear layers' on
+    the CPU). "int8-all" (the default) rounds the inputs of every quantized matrix on the CPU to 8 bits per group of
+    32, as llama.cpp does: perplexity within 1 % of exact on the tests' models and the demo model (bench/RESULTS.md);
+    "int8" only the experts' inputs; "f32" none (exact, what the parity tests pin)."""
     mode = CpuActivations(cpu_activations)  # RunOptions has checked it
     return ("f32" if mode == CpuActivations.F32 else "int8"), ("int8" if mode == CpuActivations.INT8_ALL else "f32")
 

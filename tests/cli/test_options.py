@@ -37,7 +37,7 @@ def one_line_error(code, err, pattern):
 # --- the dataclass ---------------------------------------------------------------------------------------------
 def test_defaults_live_in_one_place_and_modes_are_checked_once():
     o = RunOptions()
-    assert o.device == "auto" and o.experts_tier is Tier.MMAP and o.cpu_activations is CpuActivations.F32
+    assert o.device == "auto" and o.experts_tier is Tier.MMAP and o.cpu_activations is CpuActivations.INT8_ALL
     assert o.context is None and o.devices == 1 and o.prefetch and o.cuda_graphs
     assert RunOptions(experts_tier="pinned").experts_tier is Tier.PINNED  # strings become enums once
     for bad, flag in ((dict(experts_tier="disk"), "--experts-tier"), (dict(cpu_activations="int4"),

@@ -1,5 +1,6 @@
 """GGUF experts through the offload engine (accelerator = cpu): slots hold the raw blocks, and outputs are
-bit-identical whatever the cache size, prefetch, device count or host tier."""
+bit-identical whatever the cache size, prefetch, device count or host tier (with exact activations: the CPU
+standing in for a GPU computes slots with the float32 kernels)."""
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ CPU_ONLY = CostModel(h2d_bytes_per_s=1e3)  # copies never pay off: every uncache
 @pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe"])
 def q4(request, gguf_models):
     _, path = gguf_models(request.param, "q4_k_m")
-    ref = hybridmoe.load(path)
+    ref = hybridmoe.load(path, cpu_activations="f32")
     return path, ref.logits(IDS), list(ref.generate(IDS[:6], temperature=0, max_tokens=12,
                                                      ignore_eos=True))[-1].token_ids
 
@@ -25,7 +26,7 @@ def q4(request, gguf_models):
 def test_gguf_offload_is_lossless(q4, slots, prefetch, devices, tier):
     path, logits, tokens = q4
     eng = hybridmoe.load(path, accelerator="cpu", devices=devices, expert_cache_slots=slots, prefetch=prefetch,
-                         experts_tier=tier)
+                         experts_tier=tier, cpu_activations="f32")
     assert torch.equal(eng.logits(IDS), logits)
     events = list(eng.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))
     assert events[-1].token_ids == tokens
@@ -77,7 +78,7 @@ def test_cuda_decode_with_every_expert_resident_is_one_graph(gguf_models, tmp_pa
     from hybridmoe.models.convert import convert
     hf, _ = gguf_models(family)
     path = convert(hf, tmp_path / "q8_0.gguf", "q8_0", progress=False)
-    ref = hybridmoe.load(path)
+    ref = hybridmoe.load(path, cpu_activations="f32")  # exact: the GPU's tolerance is against exact logits
     want = ref.logits(IDS)
     tokens = list(ref.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids
     eng = hybridmoe.load(path, device="cuda", dtype="float32")
@@ -197,7 +198,7 @@ def test_cuda_non_expert_weights_kept_as_blocks(gguf_models, tmp_path, family):
     from hybridmoe.layers.gpu_quant_linear import GpuQuantLinear
     hf, _ = gguf_models(family)
     path = convert(hf, tmp_path / "q8_0.gguf", "q8_0", progress=False)
-    ref = hybridmoe.load(path, device="cpu")
+    ref = hybridmoe.load(path, device="cpu", cpu_activations="f32")  # exact: the GPU's tolerance is against it
     want = ref.logits(IDS)
     tokens = list(ref.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids
     eng = hybridmoe.load(path, device="cuda", dtype="float32", gpu_weights="quantized")

@@ -17,13 +17,13 @@ COSTS = {"copy": CostModel(cpu_bytes_per_s=1e3, cpu_flops=1e3, h2d_bytes_per_s=1
 @pytest.fixture(scope="module", params=["qwen3_moe", "deepseek_v3"])
 def q4(request, gguf_models):
     _, path = gguf_models(request.param, "q4_k_m")
-    ref = hybridmoe.load(path)
+    ref = hybridmoe.load(path, cpu_activations="f32")  # exact: the stand-in GPU computes its experts in f32
     return path, ref.logits(IDS), list(ref.generate(IDS[:6], temperature=0, max_tokens=10,
                                                      ignore_eos=True))[-1].token_ids
 
 
 def streamed(path, **kw):
-    eng = hybridmoe.load(path, accelerator="cpu", **kw)
+    eng = hybridmoe.load(path, accelerator="cpu", **{"cpu_activations": "f32", **kw})
     experts = eng.model.experts.experts
     for dev in experts.stages:
         dev.grouped_prefill = True
@@ -97,7 +97,7 @@ def test_each_used_uncached_expert_crosses_once_per_layer_and_chunk(q4, monkeypa
 def test_without_the_flag_the_cpu_stand_in_keeps_the_per_expert_path(q4, monkeypatch):
     """The CPU standing in for a GPU streams only when told to (the tests' flag): its default stays the path whose
     per-expert calls the invariance tests pin."""
-    eng = hybridmoe.load(q4[0], accelerator="cpu", expert_cache_slots=0)
+    eng = hybridmoe.load(q4[0], accelerator="cpu", expert_cache_slots=0, cpu_activations="f32")
     experts = eng.model.experts.experts
     assert experts.streams and not any(dev.grouped_prefill for dev in experts.stages)
     seen = spy_layers(experts, monkeypatch)

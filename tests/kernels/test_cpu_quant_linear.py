@@ -34,11 +34,37 @@ def test_layers_that_do_not_fit_together_are_not_stacked(case):
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda q: q.name)
-def test_int8_activations_round_only_decode(case, qtype):
+def test_int8_activations_round_decode_and_prefill_alike(case, qtype):
     c = case(qtype, 80, 1024, DECODE_ROWS + 2)
     layer = QuantLinear(c.w_raw, qtype, 80, 1024, activations="int8")
+    exact = QuantLinear(c.w_raw, qtype, 80, 1024)
     x = torch.from_numpy(c.x)
     with torch.no_grad():
         decode = np.concatenate([layer(x[i:i + 1]).numpy() for i in range(len(c.x))])
         assert 1e-6 < c.rel_error(decode) < 1e-2  # rounded, and within the kernels' bound
-        assert c.rel_error(layer(x).numpy()) < 1e-5  # prefill: float32 tiles, exact
+        assert np.array_equal(layer(x).numpy(), decode)  # prefill: the same kernels, row by row the same bits
+        assert c.rel_error(exact(x).numpy()) < 1e-5  # exact activations: float32 tiles
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K], ids=lambda q: q.name)
+def test_an_mlps_three_layers_decode_in_one_call_as_one_after_another(case, qtype):
+    from hybridmoe.layers.mlp import MLP
+    gate, up = case(qtype, 512, 256, 2, seed=1), case(qtype, 512, 256, 2, seed=2)
+    down = case(qtype, 256, 512, 2, seed=3)
+    mlp = MLP(256, 512)
+    for name, c in (("gate", gate), ("up", up), ("down", down)):
+        setattr(mlp, name, QuantLinear(c.w_raw, qtype, *c.w.shape, activations="int8"))
+    x = torch.from_numpy(gate.x)
+    with torch.no_grad():
+        chained = mlp(x[None])  # not fused yet: three layers, each rounding its input
+        assert mlp.fuse()
+        fused = mlp(x[None])
+        assert fused.shape == chained.shape == (1, 2, 256)
+        assert ((fused - chained).abs().max() / chained.abs().max()).item() < 1e-5
+        many = x.repeat(3, 1)  # more rows than a decode step: the three layers
+        assert torch.equal(mlp(many), mlp.down(torch.nn.functional.silu(mlp.gate(many)) * mlp.up(many)))
+    plain = MLP(256, 512)
+    assert not plain.fuse()
+    for name, c in (("gate", gate), ("up", up), ("down", down)):
+        setattr(plain, name, QuantLinear(c.w_raw, qtype, *c.w.shape, activations="f32"))
+    assert not plain.fuse()  # exact activations keep the three layers

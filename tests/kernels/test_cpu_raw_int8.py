@@ -91,3 +91,47 @@ def test_raw_int8_tokens_together_are_each_token_alone_bit_for_bit(case, qtype: 
     together = cpu.gemv_int8(c.x, c.w_raw, qtype)
     alone = np.concatenate([cpu.gemv_int8(c.x[t:t + 1], c.w_raw, qtype) for t in range(5)])
     assert np.array_equal(together, alone)
+
+
+@pytest.mark.parametrize("types,inter", [((T.Q4_K, T.Q4_K, T.Q6_K), 256), ((T.Q8_0, T.Q8_0, T.Q8_0), 96),
+                                         ((T.Q6_K, T.Q6_K, T.Q8_0), 512), ((T.Q2_K, T.Q2_K, T.Q3_K), 256),
+                                         ((T.Q5_K, T.Q5_K, T.Q4_K), 256)],
+                         ids=["q4_k_m", "q8_0", "q6_k", "q2_k", "q5_k"])
+def test_grouped_prefill_computes_each_experts_rows(types, inter: int) -> None:
+    """Experts with many tokens take the gathered tiles (Q8_0, Q4_K, Q6_K), those with few the decode kernels'
+    pass; either way rounded(x) @ W.T, as the decode kernel gives it to float32 rounding."""
+    rng = np.random.default_rng(3)
+    raws, floats = expert_weights(rng, 6, 256, inter, types)
+    experts, counts = [4, 0, 2, 5, 1], [3, 1, 0, 21, 5]  # an expert with no tokens is skipped; 21: a partial tile
+    x = rng.standard_normal((sum(counts), 256)).astype(np.float32)
+    y = cpu.ffn_raw_int8_grouped(x, *raws, types, experts, counts)
+    assert y.shape == x.shape and y.dtype == np.float32
+    at = 0
+    for e, n in zip(experts, counts):
+        if n:
+            got = y[at:at + n]
+            alone = cpu.ffn_raw_int8_grouped(x[at:at + n], *raws, types, [e], [n])
+            assert np.array_equal(got, alone)  # the other experts of the call change nothing
+            decode = np.concatenate([cpu.ffn_raw_int8(x[t:t + 1], *raws, types, [e])[0] for t in range(at, at + n)])
+            assert np.abs(got - decode).max() / np.abs(decode).max() < 1e-5
+            want = ffn_reference(x[at:at + n], *(f[e] for f in floats), rounded)
+            assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+        at += n
+    with pytest.raises(ValueError, match="token counts"):
+        cpu.ffn_raw_int8_grouped(x, *raws, types, experts, [3, 1, 0, 21, 4])
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.Q6_K])
+def test_nan_and_infinite_activations_stay_visible(qtype: T) -> None:
+    """A NaN or infinite input makes its token's outputs NaN (rounding to 8 bits dropped a NaN: the group's scale
+    ignored it and the integer came out finite, so a model with NaN weights gave plausible logits)."""
+    from hybridmoe.quant import random_blocks
+    k_dim, rows = 512, 48
+    rng = np.random.default_rng(3)
+    w = random_blocks(qtype, rows * k_dim // 256 if qtype != T.Q8_0 else rows * k_dim // 32, rng).reshape(rows, -1)
+    x = rng.standard_normal((3, k_dim)).astype(np.float32)
+    clean = cpu.gemv_int8(x, w, qtype)
+    x[0, 100], x[1, 300] = np.nan, np.inf
+    y = cpu.gemv_int8(x, w, qtype)
+    assert np.isnan(y[:2]).all()
+    assert np.array_equal(y[2], clean[2])

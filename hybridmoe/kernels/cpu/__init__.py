@@ -10,6 +10,8 @@ Decode with 8-bit activations (x rounded per group of 32, as llama.cpp does), in
     gemv_int8(x, w_raw, ggml_type) -> [n, N]                    Q8_0, Q2_K-Q6_K, IQ4_XS
     ffn_raw_int8(x, gate, up, down, types, experts, routing_weights=None) -> [G, n, D] (or [n, D])
                                                                  a layer's stacked raw experts, one call
+    ffn_raw_int8_grouped(x, gate, up, down, types, experts, counts) -> [sum(counts), D]
+                                                                 prefill: each expert on its own rows, one call
 
 Decode at memory speed, after a one-time copy into a lane-interleaved layout (the "pinned RAM" tier):
     repack(w_raw, ggml_type, lanes=64, activations="f32") -> PackedWeight     same types
@@ -25,10 +27,18 @@ results within about 1e-2 relative of the exact ones, and `ffn_experts` runs all
 Grouped-query attention at decode (one token, float32, `attention.py`): q/k norm, rope, cache write, attention.
     gqa_decode(qkv, n_heads, q_norm, k_norm, eps, cos, sin, k_cache, v_cache, pos, scale) -> [H * D]
 
+Multi-head latent attention at decode (one token, float32, absorbed form, `mla.py`): latent norm, rope, cache write,
+attention over the cached latents.
+    mla_decode(q, kv, n_heads, kv_norm, eps, cos, sin, w_kv_b, latent_cache, pe_cache, pos, scale) -> [H * V]
+    mla_decode_raw(q, kv, n_heads, kv_norm, eps, cos, sin, k_b, v_b, ggml_type, latent_cache, pe_cache, pos,
+                   scale) -> [H * V]                         wkv_b as GGUF's attn_k_b / attn_v_b blocks
+
 RMSNorm of a few float32 rows, optionally after adding a residual (`norm.py`), in one call.
     rms_norm(x, weight, eps, residual=None) -> (x + residual, normalised)
 
-Softmax top-k routing of a few tokens (float32, `router.py`): logits, softmax, top k and weights in one call.
+Top-k routing of a few tokens (float32, `router.py`): logits, softmax or sigmoid, the group limit and bias of
+DeepSeek's routers, top k and weights in one call.
+    route_topk(x, router, top_k, renorm, scaling, *, sigmoid, bias, n_group, topk_group, top2_groups, masked)
     route_softmax(x, router, top_k, renorm, scaling) -> (ids [n, K], weights [n, K])
 
 Prefill (many tokens per expert): float32 tiles of W and torch.matmul; any type `hybridmoe.quant` knows.
@@ -50,11 +60,13 @@ from .target import use_full_vector_width
 use_full_vector_width()
 
 from .api import (GEMV_TYPES, RAW_INT8_TYPES, decode_route, dequantize, ffn_experts, ffn_experts_sum,  # noqa: E402
-                  ffn_packed, ffn_raw_int8, gemv, gemv_int8, gemv_packed, gqa_decode, matmul, repack, repack_experts,
-                  rms_norm, route_softmax, get_threads, set_threads)
+                  ffn_packed, ffn_raw_int8, ffn_raw_int8_grouped, gemv, gemv_int8, gemv_packed, get_threads,
+                  gqa_decode, matmul, mla_decode, mla_decode_raw, repack, repack_experts, rms_norm, route_softmax,
+                  route_topk, set_threads)
 from .repack import ACTIVATIONS, PACKED_TYPES, PackedExperts, PackedWeight  # noqa: E402
 
 __all__ = ["ACTIVATIONS", "GEMV_TYPES", "PACKED_TYPES", "RAW_INT8_TYPES", "PackedExperts", "PackedWeight",
-           "decode_route", "dequantize", "ffn_experts", "ffn_experts_sum", "ffn_packed", "ffn_raw_int8", "gemv",
-           "gemv_int8", "gemv_packed", "get_threads", "gqa_decode", "matmul", "repack", "repack_experts", "rms_norm",
-           "route_softmax", "set_threads"]
+           "decode_route", "dequantize", "ffn_experts", "ffn_experts_sum", "ffn_packed", "ffn_raw_int8",
+           "ffn_raw_int8_grouped", "gemv", "gemv_int8", "gemv_packed", "get_threads", "gqa_decode", "matmul",
+           "mla_decode", "mla_decode_raw", "repack", "repack_experts", "rms_norm", "route_softmax", "route_topk",
+           "set_threads"]

@@ -12,8 +12,10 @@ from hybridmoe.quant import dequantize as reference_dequantize
 from . import attention as attention_kernels
 from . import combine as combine_kernels
 from . import int8 as int8_kernels
+from . import mla as mla_kernels
 from . import norm as norm_kernels
 from . import packed as packed_kernels
+from . import raw_gemm as raw_gemm_kernels
 from . import raw_int8 as raw_int8_kernels
 from . import router as router_kernels
 from .checks import Array, activations, kernel_type, weights
@@ -73,13 +75,9 @@ def gemv_int8(x: Array, w_raw: np.ndarray, ggml_type: T | int) -> Array:
     return _like_input(y[0], x)
 
 
-def ffn_raw_int8(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, types: tuple, experts: list[int],
-                 routing_weights: np.ndarray | None = None) -> np.ndarray:
-    """Several experts of one layer on the same tokens, from the raw GGUF bytes, with 8-bit activations, in one
-    call: gate, up uint8 [E, I, row_bytes], down uint8 [E, D, row_bytes] (stacked expert tensors, e.g. mmap'd),
-    types their GGML types (RAW_INT8_TYPES) -> f32 [G, n, D], expert experts[g] in row g; with routing_weights
-    f32 [n, G], their weighted sum f32 [n, D] instead (the bits `layers.moe.combine` gives of the former). Each expert
-    agrees with `ffn_experts` of an int8 repack to float32 rounding."""
+def _raw_experts(x: Array, gate: np.ndarray, up: np.ndarray, down: np.ndarray, types: tuple,
+                 experts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked inputs of the raw 8-bit expert kernels -> (x as float32 numpy, expert ids, kinds)."""
     xa = activations(x)
     qtypes = [kernel_type(t, RAW_INT8_TYPES) for t in types]
     if len(qtypes) != 3:
@@ -97,8 +95,18 @@ def ffn_raw_int8(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarr
         raise ValueError(f"expert shapes do not fit: gate {gate.shape}, up {up.shape}, down {down.shape}")
     if len(experts) == 0 or min(experts) < 0 or max(experts) >= gate.shape[0]:
         raise ValueError(f"experts must be a non-empty list of ids below {gate.shape[0]}, got {experts}")
-    ids = np.asarray(experts, dtype=np.int64)
     kinds = np.array([raw_int8_kernels.KIND[q] for q in qtypes], dtype=np.int64)
+    return xa, np.asarray(experts, dtype=np.int64), kinds
+
+
+def ffn_raw_int8(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, types: tuple, experts: list[int],
+                 routing_weights: np.ndarray | None = None) -> np.ndarray:
+    """Several experts of one layer on the same tokens, from the raw GGUF bytes, with 8-bit activations, in one
+    call: gate, up uint8 [E, I, row_bytes], down uint8 [E, D, row_bytes] (stacked expert tensors, e.g. mmap'd),
+    types their GGML types (RAW_INT8_TYPES) -> f32 [G, n, D], expert experts[g] in row g; with routing_weights
+    f32 [n, G], their weighted sum f32 [n, D] instead (the bits `layers.moe.combine` gives of the former). Each expert
+    agrees with `ffn_experts` of an int8 repack to float32 rounding."""
+    xa, ids, kinds = _raw_experts(x, gate, up, down, types, experts)
     y = np.empty((ids.size, xa.shape[0], down.shape[1]), dtype=np.float32)
     if routing_weights is None:
         raw_int8_kernels.ffn(kinds, xa, gate, up, down, ids, y, _NO_ROWS, _NO_ROWS)
@@ -109,6 +117,24 @@ def ffn_raw_int8(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarr
     out = np.empty((xa.shape[0], down.shape[1]), dtype=np.float32)
     raw_int8_kernels.ffn(kinds, xa, gate, up, down, ids, y, w, out)
     return out
+
+
+def ffn_raw_int8_grouped(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, types: tuple,
+                         experts: list[int], counts: list[int]) -> np.ndarray:
+    """Prefill: each expert on its own tokens, all of a layer's in one call, from the raw GGUF bytes with 8-bit
+    activations: x f32 [sum(counts), D] holds counts[g] rows for expert experts[g], in that order -> f32 [sum(counts),
+    D], each row through its expert, x rounded as `ffn_raw_int8` rounds it (the sums in another order; an expert's
+    rows do not depend on the other experts of the call). Every weight row is read once for all of its expert's
+    tokens (`raw_gemm.py`)."""
+    xa, ids, kinds = _raw_experts(x, gate, up, down, types, experts)
+    if len(counts) != ids.size or min(counts) < 0 or sum(counts) != xa.shape[0]:
+        raise ValueError(f"{len(counts)} token counts summing to {sum(counts)} for {ids.size} experts and "
+                         f"{xa.shape[0]} rows of x")
+    starts = np.zeros(ids.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    y = np.empty((xa.shape[0], down.shape[1]), dtype=np.float32)
+    raw_gemm_kernels.ffn_grouped(kinds, xa, gate, up, down, ids, starts, y, numba.get_num_threads())
+    return y
 
 
 def decode_route(ggml_type: T | int) -> str:
@@ -323,17 +349,112 @@ def gqa_decode(qkv: torch.Tensor, n_heads: int, q_norm: torch.Tensor | None, k_n
     return torch.from_numpy(out)
 
 
+def _mla_dims(q: torch.Tensor, n_heads: int, latent_cache: torch.Tensor, pe_cache: torch.Tensor,
+              pos: int) -> tuple[int, int, int, int]:
+    """Checked (max_len, R, P, N) of an MLA decode step's inputs."""
+    if latent_cache.dim() != 2 or pe_cache.dim() != 2 or pe_cache.shape[0] != latent_cache.shape[0]:
+        raise ValueError(f"caches must be [max_len, R] and [max_len, P], got {list(latent_cache.shape)} and "
+                         f"{list(pe_cache.shape)}")
+    max_len, rank = latent_cache.shape
+    rope = pe_cache.shape[1]
+    if not 0 <= pos < max_len:
+        raise ValueError(f"position {pos} is outside a cache of {max_len}")
+    qk = q.numel() // max(1, n_heads)
+    if n_heads < 1 or qk * n_heads != q.numel() or qk <= rope or rope % 2:
+        raise ValueError(f"q of {q.numel()} values is not {n_heads} heads of a rope part of {rope} (even) and more")
+    return max_len, rank, rope, qk - rope
+
+
+def _mla_common(q, kv, n_heads, kv_norm, eps, cos, sin, latent_cache, pe_cache, dims) -> tuple:
+    """The float32 numpy views both MLA kernels take before their weights: q, kv, kv_norm, eps, cos, sin."""
+    max_len, rank, rope, nope = dims
+    return (_f32_contiguous("q", q, (n_heads, nope + rope), reshape=True),
+            _f32_contiguous("kv", kv, (rank + rope,), reshape=True), _f32_contiguous("kv_norm", kv_norm, (rank,)),
+            np.float32(eps), _f32_contiguous("cos", cos, (rope // 2,), reshape=True),
+            _f32_contiguous("sin", sin, (rope // 2,), reshape=True))
+
+
+def _mla_caches(latent_cache, pe_cache, dims) -> tuple:
+    max_len, rank, rope, _ = dims
+    return (_f32_contiguous("latent_cache", latent_cache, (max_len, rank)),
+            _f32_contiguous("pe_cache", pe_cache, (max_len, rope)))
+
+
+def mla_decode(q: torch.Tensor, kv: torch.Tensor, n_heads: int, kv_norm: torch.Tensor, eps: float,
+               cos: torch.Tensor, sin: torch.Tensor, w_kv_b: torch.Tensor, latent_cache: torch.Tensor,
+               pe_cache: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
+    """One decode step of multi-head latent attention, absorbed form (`mla.py`): q [H * (N + P)] (wq_b's output),
+    kv [R + P] (wkv_a's: latent, then rope key; rope pairs interleaved), any shapes of those sizes, as cos and sin
+    [P/2]; kv_norm [R] (the latent's RMSNorm weight), w_kv_b [H * (N + V), R]; latent_cache [max_len, R] and
+    pe_cache [max_len, P] of the token's slot, written at `pos`, whose keys 0..pos are attended to. All float32 on
+    the CPU. -> [H * V]."""
+    dims = _mla_dims(q, n_heads, latent_cache, pe_cache, pos)
+    rank, nope = dims[1], dims[3]
+    if w_kv_b.dim() != 2 or w_kv_b.shape[1] != rank or w_kv_b.shape[0] % n_heads:
+        raise ValueError(f"w_kv_b must be [{n_heads} * (N + V), {rank}], got {list(w_kv_b.shape)}")
+    v_dim = w_kv_b.shape[0] // n_heads - nope
+    if v_dim < 1:
+        raise ValueError(f"w_kv_b's {w_kv_b.shape[0]} rows leave no values after {n_heads} x {nope} key rows")
+    out = np.empty((n_heads, v_dim), dtype=np.float32)
+    mla_kernels.mla_decode(*_mla_common(q, kv, n_heads, kv_norm, eps, cos, sin, latent_cache, pe_cache, dims),
+                           _f32_contiguous("w_kv_b", w_kv_b, (n_heads, nope + v_dim, rank), reshape=True),
+                           *_mla_caches(latent_cache, pe_cache, dims), pos, np.float32(scale), out)
+    return torch.from_numpy(out).view(-1)
+
+
+def mla_decode_raw(q: torch.Tensor, kv: torch.Tensor, n_heads: int, kv_norm: torch.Tensor, eps: float,
+                   cos: torch.Tensor, sin: torch.Tensor, k_b: np.ndarray, v_b: np.ndarray, ggml_type: T | int,
+                   latent_cache: torch.Tensor, pe_cache: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
+    """mla_decode with wkv_b as GGUF's attn_k_b (uint8 [H, R, row bytes of N]) and attn_v_b (uint8 [H, V, row bytes
+    of R]) of one GEMV_TYPES type, dequantized row by row inside the kernel: mla_decode's result on the dequantized
+    weights (float32 activations), reading the file's bytes."""
+    dims = _mla_dims(q, n_heads, latent_cache, pe_cache, pos)
+    rank, nope = dims[1], dims[3]
+    qtype = kernel_type(ggml_type, GEMV_TYPES)
+    fmt = get_format(qtype)
+    for name, raw, rows, k_dim in (("k_b", k_b, rank, nope), ("v_b", v_b, None, rank)):
+        if (not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 3 or not raw.flags.c_contiguous
+                or raw.shape[0] != n_heads or (rows is not None and raw.shape[1] != rows)
+                or k_dim % fmt.block_size or raw.shape[2] != fmt.row_bytes(k_dim)):
+            raise ValueError(f"{name} must be C-contiguous uint8 [{n_heads}, {rows or 'V'}, rows of K = {k_dim} in "
+                             f"{qtype.name}], got {getattr(raw, 'shape', None)}")
+    out = np.empty((n_heads, v_b.shape[1]), dtype=np.float32)
+    mla_kernels.mla_decode_raw(*_mla_common(q, kv, n_heads, kv_norm, eps, cos, sin, latent_cache, pe_cache, dims),
+                               KIND[qtype], k_b, v_b, *_mla_caches(latent_cache, pe_cache, dims), pos,
+                               np.float32(scale), W32, out)
+    return torch.from_numpy(out).view(-1)
+
+
 def route_softmax(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: bool,
                   scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax top-k routing (`router.py`): x f32 [n, D], router f32 [E, D] on the CPU -> (ids [n, K] long, best
     first; weights [n, K] f32: the chosen scores, divided by their sum if renorm, times scaling)."""
+    return route_topk(x, router, top_k, renorm, scaling)
+
+
+def route_topk(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: bool, scaling: float, *,
+               sigmoid: bool = False, bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
+               top2_groups: bool = False, masked: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing in one call (`router.py`): x f32 [n, D], router f32 [E, D] on the CPU -> (ids [n, K] long, best
+    first; weights [n, K] f32). Scores are softmax or sigmoid of the logits; experts are chosen by score + bias
+    (f32 [E], optional), among the topk_group best of n_group groups (scored by their best, or with top2_groups
+    their two best, choice values; the other groups' values become `masked`); weights are the chosen scores,
+    divided by their sum if renorm, times scaling."""
     xa = activations(x)
-    if router.dim() != 2 or not 1 <= top_k <= router.shape[0]:
+    n_experts = router.shape[0] if router.dim() == 2 else 0
+    if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k {top_k} of a router of shape {list(router.shape)}")
-    w = _f32_contiguous("router", router, (router.shape[0], xa.shape[1]))
+    if (n_group < 1 or n_experts % n_group or not 1 <= topk_group <= n_group
+            or (top2_groups and n_experts < 2 * n_group)):
+        raise ValueError(f"{n_experts} experts cannot form {n_group} groups with {topk_group} kept")
+    if top_k > topk_group * (n_experts // n_group) and masked == float("-inf"):
+        raise ValueError(f"top_k {top_k} exceeds the experts of {topk_group} groups")
+    w = _f32_contiguous("router", router, (n_experts, xa.shape[1]))
+    b = _f32_contiguous("bias", bias, (n_experts,))
     ids = np.empty((xa.shape[0], top_k), dtype=np.int64)
     weights = np.empty((xa.shape[0], top_k), dtype=np.float32)
-    router_kernels.softmax_topk(xa, w, renorm, np.float32(scaling), ids, weights)
+    router_kernels.route(xa, w, b, sigmoid, n_group, topk_group, top2_groups, np.float32(masked), renorm,
+                         np.float32(scaling), ids, weights)
     return torch.from_numpy(ids), torch.from_numpy(weights)
 
 

@@ -29,6 +29,7 @@ from .simd import bits, bor, dpbusd, fma, fzero, izero, load_floats, load_i8_flo
 f32 = np.float32
 LANES = 16
 M4 = 0x0F0F0F0F  # low nibble of every byte
+FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 
 
 @njit(cache=True)
@@ -39,10 +40,14 @@ def quantize(x: np.ndarray, xq: np.ndarray, xd: np.ndarray, xqs: np.ndarray) -> 
     for t in range(n):
         for g in range(k_dim // 32):
             amax = f32(0.0)
+            finite = True
             for j in range(32):
-                amax = max(amax, abs(x[t, g * 32 + j]))
-            d = amax / f32(127.0)
-            inv = f32(127.0) / amax if amax > 0 else f32(0.0)
+                a = abs(x[t, g * 32 + j])
+                amax = max(amax, a)
+                finite &= a <= FLOAT32_MAX  # false for NaN and inf, which max() would drop
+            # a NaN or infinite input makes its group's scale NaN, so that every product it enters is NaN
+            d = amax / f32(127.0) if finite else f32(np.nan)
+            inv = f32(127.0) / amax if finite and amax > 0 else f32(0.0)
             for half in range(2):
                 isum = 0
                 for j in range(16):

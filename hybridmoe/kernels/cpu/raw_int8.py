@@ -423,3 +423,4 @@ def ffn(kinds: np.ndarray, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down
                       y[g, :, r])
     if w.size:
         weighted_sum(y, w, out)
+

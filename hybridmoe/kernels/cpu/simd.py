@@ -427,3 +427,69 @@ def q6_high(typingctx, qh, upper):
 def add(typingctx, a, b):
     """a + b (float vectors)."""
     return fvec(a, b), lambda context, builder, sig, args: builder.fadd(*args)
+
+
+def _lane_addresses(context, builder, array_type, array, start, stride, valid):
+    """<16 x i64> byte addresses of array[start + lane * stride] for lanes below `valid`; the lanes past it repeat
+    the last valid lane's address (rows past a matrix's end are read as its last row and their results dropped)."""
+    i64 = ir.IntType(64)
+    v64 = ir.VectorType(i64, 16)
+    data = context.make_array(array_type)(context, builder, array).data
+    base = builder.ptrtoint(builder.gep(data, [start]), i64)
+
+    def splat(value):
+        one = builder.insert_element(ir.Constant(v64, ir.Undefined), value, ir.Constant(I32, 0))
+        return builder.shuffle_vector(one, ir.Constant(v64, ir.Undefined), ir.Constant(I32x16, [0] * 16))
+
+    lanes = ir.Constant(v64, list(range(16)))
+    last = splat(builder.sub(builder.sext(valid, i64) if valid.type != i64 else valid, ir.Constant(i64, 1)))
+    lane = builder.select(builder.icmp_signed("<", lanes, last), lanes, last)
+    step = splat(builder.sext(stride, i64) if stride.type != i64 else stride)
+    return builder.add(splat(base), builder.mul(lane, step))
+
+
+def _gather(builder, addresses, element):
+    """The 16 values of type `element` (i32 or i16) at `addresses` (one masked gather, all lanes on)."""
+    vec = ir.VectorType(element, 16)
+    ptrs = builder.inttoptr(addresses, ir.VectorType(element.as_pointer(), 16))
+    mask = ir.VectorType(ir.IntType(1), 16)
+    name = f"llvm.masked.gather.v16i{element.width}.v16p0"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [ptrs.type, I32, mask, vec]), name)
+    return builder.call(fn, [ptrs, ir.Constant(I32, 1), ir.Constant(mask, [1] * 16), ir.Constant(vec, ir.Undefined)])
+
+
+@intrinsic
+def gather_words(typingctx, array, start, stride, valid):
+    """The 4 bytes at start + lane * stride of a uint8 array, as lane `lane`'s int32 word (16 rows of a matrix, one
+    word of each; lanes >= valid repeat lane valid - 1)."""
+    def codegen(context, builder, sig, args):
+        return _gather(builder, _lane_addresses(context, builder, sig.args[0], *args), I32)
+    return ivec(array, types.intp, types.intp, types.intp), codegen
+
+
+@intrinsic
+def gather_halves(typingctx, array, start, stride, valid):
+    """The little-endian float16 at start + lane * stride of a uint8 array, as float32 in lane `lane` (lanes >= valid
+    repeat lane valid - 1)."""
+    def codegen(context, builder, sig, args):
+        h = _gather(builder, _lane_addresses(context, builder, sig.args[0], *args), ir.IntType(16))
+        return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 16)), F32x16)
+    return fvec(array, types.intp, types.intp, types.intp), codegen
+
+
+@intrinsic
+def store_words(typingctx, array, index, v):
+    """The 16 words of v as 64 bytes of a uint8 array from `index` on."""
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _pointer(context, builder, sig.args[0], args[0], args[1], I32x16), align=1)
+    return types.none(array, types.intp, ivec), codegen
+
+
+@intrinsic
+def store_bytes(typingctx, array, index, v):
+    """The low byte of each of the 16 words of v as 16 bytes of a uint8 array from `index` on."""
+    def codegen(context, builder, sig, args):
+        b16 = ir.VectorType(ir.IntType(8), 16)
+        builder.store(builder.trunc(args[2], b16), _pointer(context, builder, sig.args[0], args[0], args[1], b16),
+                      align=1)
+    return types.none(array, types.intp, ivec), codegen

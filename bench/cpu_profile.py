@@ -1,0 +1,170 @@
+"""Where one CPU decode step goes, by component: each module kind's time (its own, children excluded) and how much
+of it is spent inside the numba kernels, for a GGUF file decoded on the CPU with the engine's default settings.
+
+    python bench/cpu_profile.py MODEL.gguf [--steps 64] [--prompt 128] [--threads 2] [--cpu-activations f32]
+
+Components: attention projections (quantized linears of the attention), attention core (MLA or GQA between them),
+router, routed experts, shared expert and dense MLPs, norms, output head, embedding, sampling (greedy argmax), and
+the rest of the step (Python and torch glue outside all of these). The timers add about a microsecond per wrapped
+call; the step time without them is printed too. Kernel time is the time inside numba-compiled calls; the goal of the
+CPU-only issue is that it is >= 90% of a step.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ORDER = ("attention projections", "attention core", "router", "routed experts", "shared expert / dense MLP", "norms",
+         "output head", "embedding", "sampling", "rest (Python, torch glue)")
+
+
+class Timers:
+    """Exclusive time per label (a call's time minus its labelled children's) and kernel time per label."""
+
+    def __init__(self):
+        self.own = defaultdict(float)
+        self.kernel = defaultdict(float)
+        self.stack: list[str] = []
+        self.kernel_depth = 0
+
+    def wrap(self, label: str, fn):
+        def timed(*args, **kwargs):
+            self.stack.append(label)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                self.stack.pop()
+                self.own[label] += dt
+                if self.stack:
+                    self.own[self.stack[-1]] -= dt
+        return timed
+
+    def wrap_kernel(self, fn):
+        def timed(*args, **kwargs):
+            if self.kernel_depth:
+                return fn(*args, **kwargs)
+            self.kernel_depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.kernel_depth -= 1
+                self.kernel[self.stack[-1] if self.stack else ORDER[-1]] += time.perf_counter() - t0
+        return timed
+
+
+def instrument(model, timers: Timers) -> None:
+    """Wrap the model's modules by kind and every numba dispatcher the CPU kernel wrappers call."""
+    import numba
+
+    from hybridmoe.layers.mlp import MLP
+    from hybridmoe.layers.norm import RMSNorm
+    from hybridmoe.models.common import MoE
+    attention_types = tuple(type(b.attn) for b in model.layers)
+    for name, m in model.named_modules():
+        if isinstance(m, attention_types):
+            m.forward = timers.wrap("attention core", m.forward)
+            for child_name, child in m.named_children():
+                if not isinstance(child, RMSNorm) and hasattr(child, "forward"):
+                    child.forward = timers.wrap("attention projections", child.forward)
+        elif isinstance(m, RMSNorm):
+            m.forward = timers.wrap("norms", m.forward)
+            m.add = timers.wrap("norms", m.add)
+        elif isinstance(m, MLP):
+            m.forward = timers.wrap("shared expert / dense MLP", m.forward)
+        elif isinstance(m, MoE):
+            m.route = timers.wrap("router", m.route)
+    model.output.forward = timers.wrap("output head", model.output.forward)
+    model.tok_embeddings.forward = timers.wrap("embedding", model.tok_embeddings.forward)
+    experts = model.experts
+
+    class TimedExperts:
+        def __init__(self):
+            self.call = timers.wrap("routed experts", experts.__call__)
+
+        def __call__(self, *args):
+            return self.call(*args)
+
+        def __getattr__(self, name):
+            if name == "start":
+                raise AttributeError(name)
+            return getattr(experts, name)
+
+    model.experts = TimedExperts()
+    # every call of a numba-compiled function from Python (calls between jitted functions do not pass here)
+    dispatcher = numba.core.registry.CPUDispatcher
+    dispatcher.__call__ = timers.wrap_kernel(dispatcher.__call__)
+
+def decode_steps(model, ids: list[int], n: int, sample, on_decode=lambda: None) -> float:
+    """Prefill ids, then n greedy decode steps; the decode time per step in seconds. on_decode() is called between
+    the two."""
+    from hybridmoe.layers.cache import Batch
+    cache = model.new_cache(1, len(ids) + n + 1)
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids]), Batch.make([0], [len(ids)], [0], "cpu"), cache, last_only=True)
+        tok = sample(logits[0])
+        on_decode()
+        t0 = time.perf_counter()
+        for step in range(n):
+            logits = model(torch.tensor([[tok]]), Batch.make([len(ids) + step], [1], [0], "cpu"), cache,
+                           last_only=True)
+            tok = sample(logits[0])
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-activations", default=None, help="default: the engine's default")
+    a = ap.parse_args()
+    import hybridmoe
+    from hybridmoe.kernels.cpu import set_threads
+    torch.set_num_threads(a.threads)
+    set_threads(a.threads)
+    kw = {} if a.cpu_activations is None else {"cpu_activations": a.cpu_activations}
+    model = hybridmoe.load(a.model, **kw).model
+    vocab = model.tok_embeddings.weight.shape[0]
+    ids = np.random.default_rng(1).integers(8, vocab, a.prompt).tolist()
+    timers = Timers()
+    argmax = lambda logits: int(logits.argmax())  # noqa: E731
+    decode_steps(model, ids, 4, argmax)  # compile and page in
+    plain = min(decode_steps(model, ids, a.steps, argmax) for _ in range(2))
+    instrument(model, timers)
+    sample = timers.wrap("sampling", argmax)
+
+    def reset():
+        timers.own.clear()
+        timers.kernel.clear()
+    step = decode_steps(model, ids, a.steps, sample, reset)
+    own, kernel = dict(timers.own), dict(timers.kernel)
+    own[ORDER[-1]] = own.get(ORDER[-1], 0.0) + step * a.steps - sum(own.values())
+    per = 1000.0 / a.steps
+    print(f"{a.model.name}: {a.steps} decode steps after a {a.prompt}-token prompt, {a.threads} threads, "
+          f"cpu_activations {a.cpu_activations or 'default'}")
+    print(f"step {1000 * plain:.2f} ms without timers ({1 / plain:.1f} tok/s), {1000 * step:.2f} ms with them\n")
+    print("| component | ms per token | of which kernels | share of step |")
+    print("|---|---|---|---|")
+    for name in ORDER:
+        t, k = own.get(name, 0.0), kernel.get(name, 0.0)
+        if t or k:
+            print(f"| {name} | {t * per:.3f} | {k * per:.3f} | {100 * t / (step * a.steps):.1f} % |")
+    k_all = sum(kernel.values())
+    print(f"| **step** | {step * 1000:.3f} | {k_all * per:.3f} | kernels {100 * k_all / (step * a.steps):.1f} % |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
