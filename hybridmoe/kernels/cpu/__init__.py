@@ -54,10 +54,13 @@ Optional, when llama-cpp-python is installed: ggml's own dot products, which qua
 A layer's decode experts as a C-callable task, for a CUDA graph's host node (`host_task.py`, imported on use).
 
 Importing this package lets numba use 512-bit vectors on AVX-512 CPUs (`target.py`); NUMBA_CPU_FEATURES overrides.
+It also keeps the compiled kernels in a cache named by a hash of their sources (~/.cache/hybridmoe/numba/, or under
+NUMBA_CACHE_DIR), so an upgrade never runs code compiled from older sources.
 """
-from .target import use_full_vector_width
+from .target import use_full_vector_width, use_source_keyed_cache
 
 use_full_vector_width()
+use_source_keyed_cache()
 
 from .api import (GEMV_TYPES, RAW_INT8_TYPES, decode_route, dequantize, ffn_experts, ffn_experts_sum,  # noqa: E402
                   ffn_packed, ffn_raw_int8, ffn_raw_int8_grouped, gemv, gemv_int8, gemv_packed, get_threads,

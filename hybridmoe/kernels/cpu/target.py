@@ -1,4 +1,4 @@
-"""The code generation target of the kernels: 512-bit vectors on AVX-512 CPUs.
+"""The code generation target of the kernels: 512-bit vectors on AVX-512 CPUs; where their compiled code is cached.
 
 LLVM's tuning for recent Intel server cores prefers 256-bit vectors (to spare the clock in mixed code); for these
 streaming kernels the full width is faster (Xeon, 16 threads: repacked Q4_K 35-39 -> 46-51 GB/s, see bench/RESULTS.md).
@@ -7,6 +7,10 @@ function of the process is defined, so it only takes effect if no other numba co
 if set, wins.
 """
 from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
 
 import llvmlite.binding as llvm
 import numba
@@ -21,3 +25,25 @@ def use_full_vector_width() -> bool:
         return False
     numba.config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
     return True
+
+
+def use_source_keyed_cache() -> str | None:
+    """Keep numba's compiled kernels under a directory named by a hash of these kernels' sources (and numba's
+    version). numba checks a cached function against its own file only, and a kernel's cached code includes the
+    functions it calls from other files: after an upgrade that changed one of those, the old code would run. A new
+    hash starts a fresh cache instead. Under NUMBA_CACHE_DIR if set, else the user's cache directory. -> the path,
+    or None where it could not be made (numba then keeps its default, beside the sources)."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256(numba.__version__.encode())
+    for path in sorted(here.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    base = Path(numba.config.CACHE_DIR or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    if not numba.config.CACHE_DIR:
+        base = base / "hybridmoe" / "numba"
+    path = base / digest.hexdigest()[:16]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    numba.config.CACHE_DIR = str(path)
+    return str(path)
