@@ -63,26 +63,30 @@ _MEM_OPS: dict[torch.device, bool] = {}
 
 
 def _stream_memory_ops(device: torch.device) -> bool:
-    """Whether the device's streams can write and wait for host words (tried once: a write, then a wait for it)."""
+    """Whether the device's streams can write and wait for host words, eagerly and inside a captured graph (tried
+    once: a write, then a wait for it; the graph's run writes another value)."""
     if device not in _MEM_OPS:
         word = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         stream = _side_stream(device)
         lib = _driver()
+
+        def write_and_wait(value: int) -> None:
+            _check(lib.cuStreamWriteValue32(stream.cuda_stream, word.data_ptr(), value, 0), "cuStreamWriteValue32")
+            _check(lib.cuStreamWaitValue32(stream.cuda_stream, word.data_ptr(), value, _WAIT_EQ),
+                   "cuStreamWaitValue32")
+
         try:
-            _check(lib.cuStreamWriteValue32(stream.cuda_stream, word.data_ptr(), 7, 0), "cuStreamWriteValue32")
-            _check(lib.cuStreamWaitValue32(stream.cuda_stream, word.data_ptr(), 7, _WAIT_EQ), "cuStreamWaitValue32")
+            write_and_wait(7)
             stream.synchronize()
-            _MEM_OPS[device] = int(word[0]) == 7
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                write_and_wait(9)
+            graph.replay()
+            torch.cuda.synchronize(device)
+            _MEM_OPS[device] = int(word[0]) == 9
         except RuntimeError:
             _MEM_OPS[device] = False
     return _MEM_OPS[device]
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One stream per device for every layer's CPU work (the layers run one after another)."""
-    if device not in _STREAMS:
-        _STREAMS[device] = torch.cuda.Stream(device)
-    return _STREAMS[device]
 
 
 class CpuExpertsNode:

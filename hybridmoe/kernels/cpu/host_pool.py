@@ -283,6 +283,11 @@ class HostPool:
                                                idle_spin_s, nap, yield_))
                         for i in range(workers)]
         self._yield = yield_
+        # Compile (or load) the workers' loop here, where an error can be raised: a thread that failed to start it
+        # would leave a stream waiting for ever. With STOP set it returns at once.
+        self.control[STOP] = 1
+        _worker(self.control.ctypes.data, self.table, 0, workers, self.ticks_per_s, idle_spin_s, nap, yield_)
+        self.control[STOP] = 0
         for t in self.threads:
             t.start()
 
