@@ -50,6 +50,10 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
                         "int8-all also rounds the inputs of attention and the output head on the CPU, faster still "
                         "but far less accurate (logits off by up to ~20%% on small random test models, as "
                         "llama.cpp's own)")
+    g.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="RAM the engine may use, page cache included, e.g. 24GiB (default: the memory cgroup's "
+                        "limit or the RAM available); GGUF experts beyond it are read from disk ahead of need, the "
+                        "most used kept in RAM (CPU engine)")
     g.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="decode eagerly instead of replaying captured CUDA graphs (slower; for debugging)")
@@ -61,6 +65,8 @@ def load_from_args(args):
     from . import load
     slots, tier, ctx = getattr(args, "expert_cache_slots", None), getattr(args, "experts_tier", "mmap"), args.ctx
     cost, margin = None, 2
+    budget = getattr(args, "memory_budget", None)
+    budget = _parse_size(budget, "--memory-budget") if budget is not None else None
     spec = getattr(args, "profile", None)
     if spec:
         from .hardware.profile import resolve
@@ -76,7 +82,7 @@ def load_from_args(args):
                 accelerator=getattr(args, "accelerator", None), devices=getattr(args, "devices", 1),
                 expert_cache_slots=slots, prefetch=not getattr(args, "no_prefetch", False), experts_tier=tier,
                 cost_model=cost, prefetch_margin=margin, cpu_activations=getattr(args, "cpu_activations", "f32"),
-                cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+                cuda_graphs=not getattr(args, "no_cuda_graphs", False), memory_budget=budget)
 
 
 def _sampling_opts(p: argparse.ArgumentParser) -> None:
@@ -353,9 +359,16 @@ def cmd_plan(args) -> int:
     else:
         cfg = read_config(args.model)
         fp = footprint_from_config(cfg, weight_bytes=wbytes, expert_bytes=wbytes)
-    plan = make_plan(fp, _hardware(args), PlanOptions(context=args.ctx, batch=args.batch,
-                                                      experts_tier=args.experts_tier,
-                                                      max_slots=args.expert_cache_slots))
+    hw, popts = _hardware(args), PlanOptions(context=args.ctx, batch=args.batch, experts_tier=args.experts_tier,
+                                             max_slots=args.expert_cache_slots)
+    plan = make_plan(fp, hw, popts)
+    if "disk" in plan.experts and not args.profile and str(args.model).endswith(".gguf"):
+        from dataclasses import replace
+
+        from .hardware.probe import measure_disk_read
+        rate = measure_disk_read(args.model)  # the disk that will serve the experts, not a profile's guess
+        if rate:
+            plan = make_plan(fp, replace(hw, disk_read_bytes_per_s=rate), popts)
     if (cfg.get("quantization_config") or {}).get("quant_method") == "fp8":
         plan.notes.append("FP8 checkpoints are widened to the run-time dtype on load; a GGUF at 4-5 bits per "
                           "weight needs about a third of these expert bytes")
@@ -370,6 +383,10 @@ def cmd_plan(args) -> int:
     e = plan.experts
     print(f"experts: {_fmt_bytes(e['bytes'])} in the {e['tier']} tier; {e['cache_slots_total']} cached on GPUs; "
           f"{plan.cpu_threads} CPU threads; prefetch margin {plan.prefetch_margin}; context {plan.context}")
+    if "disk" in e:
+        d = e["disk"]
+        print(f"disk tier: {_fmt_bytes(d['resident_bytes'])} of experts in RAM, {_fmt_bytes(d['read_per_token'])} read "
+              f"per token at {d['disk_read_bytes_per_s'] / 1e9:.2f} GB/s: ~{d['decode_tok_s']:.2g} tok/s decode")
     for note in plan.notes:
         print(f"note: {note}")
     for problem in plan.problems:

@@ -13,6 +13,7 @@ from ..layers.cache import Batch
 from ..models.graphs import DecodeGraphs
 from ..models.loader import LoadedModel, load_hf, read_config
 from ..formats.gguf import GGUFFile, hf_config
+from ..offload.disk import attach as attach_disk_tier
 from ..offload.plan import footprint_from_config, split_stages
 from ..offload.runtime import OffloadOptions, OffloadRuntime, activation_modes, make_store, stage_devices
 from .config import GenerationConfig
@@ -134,7 +135,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
          context: int | None = None, *, accelerator: str | None = None, devices: int = 1,
          expert_cache_slots: int | None = None, prefetch: bool = True, experts_tier: str = "mmap",
          cost_model=None, cpu_repack: bool = False, prefetch_margin: int = 2, cpu_activations: str = "f32",
-         cuda_graphs: bool = True) -> Engine:
+         cuda_graphs: bool = True, memory_budget: int | None = None) -> Engine:
     """Load a model directory (HF config.json + safetensors + tokenizer.json) or a GGUF file (`x.gguf`, or any part
     of a split `x-00001-of-0000N.gguf`). No path: the built-in demo model.
 
@@ -153,8 +154,13 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     decode, as llama.cpp does: faster, but logits move much more than with "int8" (bench/RESULTS.md), so it is
     never the default.
     `cuda_graphs` replays each layer's non-expert work at decode as a captured CUDA graph (much less host time per
-    token; attention then spans a masked window of keys, so results match eager decode within bf16 rounding)."""
+    token; attention then spans a masked window of keys, so results match eager decode within bf16 rounding).
+    `memory_budget` (GGUF on the CPU): bytes the process may hold, page cache included (None: the memory cgroup's
+    limit or the RAM available). Routed experts beyond it are read from disk ahead of need, the most used ones kept
+    in RAM (offload.disk); `prefetch` and `prefetch_margin` then steer the reads of predicted experts."""
     path = Path(path) if path is not None else DEMO_MODEL
+    if memory_budget is not None and memory_budget <= 0:
+        raise ConfigError(f"--memory-budget {memory_budget}: must be a positive number of bytes")
     if not path.exists():
         raise ConfigError(f"{path}: no such file or directory")
     dev = resolve_device(device)
@@ -168,6 +174,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
             raise ConfigError("--devices and --expert-cache-slots need --device cuda or --accelerator cpu")
         loaded = _load_gguf(path, dev, dt, experts_tier, cpu_activations=cpu_activations) if gguf \
             else load_hf(path, dev, dt)
+        if gguf and dev.type == "cpu":  # experts beyond the memory budget are read from disk ahead of need
+            attach_disk_tier(loaded.model, loaded.model.experts, memory_budget, prefetch, prefetch_margin)
     else:
         opts = OffloadOptions(accelerator, devices, expert_cache_slots, prefetch, prefetch_margin, experts_tier,
                               cpu_repack=cpu_repack, cpu_activations=cpu_activations)
