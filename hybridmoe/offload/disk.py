@@ -44,6 +44,7 @@ WINDOW_LAYERS = 2  # the window holds the layer computing and the next one's pre
 REPIN_STEPS = 16  # decode steps between choices of the resident set
 DECODE_TOKENS = 4  # up to this many tokens a layer's reads are awaited together (decode); more: streamed (prefill)
 MIB = 1 << 20
+MADV_DONTNEED = 4
 UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
 
 
@@ -88,6 +89,20 @@ def anon_bytes() -> int:
             return int(line.split()[1]) * 1024
     import psutil
     return psutil.Process().memory_info().rss
+
+
+def held_bytes(files: list[Path]) -> int:
+    """What this process keeps in memory besides the pages of `files` (the model): its own memory and the file
+    pages it has mapped from elsewhere (libraries' code, compiled kernels), which it keeps needing."""
+    names = {str(Path(f).resolve()) for f in files}
+    total, in_model = 0, False
+    for line in _read(Path("/proc/self/smaps")).splitlines():
+        head = line.split(maxsplit=5)
+        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping: address range, perms, offset, dev
+            in_model = len(head) == 6 and head[5] in names
+        elif line.startswith("Rss:") and not in_model:
+            total += int(line.split()[1]) * 1024
+    return total or anon_bytes()
 
 
 def memory_budget(explicit: int | None = None) -> int:
@@ -164,6 +179,8 @@ def _libc():
     for name in ("mlock", "munlock"):
         getattr(lib, name).argtypes = (ctypes.c_void_p, ctypes.c_size_t)
         getattr(lib, name).restype = ctypes.c_int
+    lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    lib.madvise.restype = ctypes.c_int
     return lib
 
 
@@ -215,7 +232,8 @@ def _kernels():
 
 
 QUEUED, READING, DONE, DROPPED = range(4)
-DEMAND, PREDICTED, PIN = range(3)  # priorities: what a layer needs now, the next layer's prediction, the resident set
+# Priorities: what a layer needs now, dropping what it has used, the next layer's prediction, the resident set.
+DEMAND, RELEASE, PREDICTED, PIN = range(4)
 
 
 @dataclass(eq=False)
@@ -227,6 +245,7 @@ class Job:
     used: bool = False  # consumed by its layer: its bytes leave the window when it is no longer read
     read: int = 0
     done: threading.Event = field(default_factory=threading.Event)
+    keys: list = field(default_factory=list)  # RELEASE: the experts to drop
 
 
 class Reader:
@@ -274,9 +293,12 @@ class Reader:
                 if job.state != QUEUED:  # taken already (an earlier entry), or dropped
                     continue
                 job.state = READING
+            if job.kind == RELEASE:
+                self._drop(job.keys)
+                continue
             fds_index, offsets, sizes, addrs = self.ranges.spans(job.key[0], [job.key[1]])
             if job.kind == PIN:
-                got = self._lock_pages(fds_index, offsets, sizes)
+                got = self._lock_pages(fds_index, offsets, sizes, addrs, buf, vec)
             else:
                 fds = np.array([self.fds[i] for i in fds_index], dtype=np.int64)
                 got = read(fds, offsets, sizes, addrs, buf, vec)
@@ -291,13 +313,28 @@ class Reader:
                     done(job)
             job.done.set()
 
-    def _lock_pages(self, fds, offsets, sizes) -> int:
-        """mlock one expert's ranges through the shared mappings (reading what is not in memory); -1 on refusal."""
+    def _lock_pages(self, fds, offsets, sizes, addrs, buf, vec) -> int:
+        """mlock one expert's ranges through the shared mappings; -1 on refusal. They are read first as the other
+        jobs read (mlock's own faults would read around each page, 8 MiB at a time on some disks)."""
+        read, _ = _kernels()
+        read(np.array([self.fds[i] for i in fds], dtype=np.int64), offsets, sizes, addrs, buf, vec)
         for fd, off, size in zip(fds, offsets, sizes):
             addr = self.maps[fd].ctypes.data + int(off)
             if _LIBC.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(int(size))) != 0:
                 return -1
         return int(sizes.sum())
+
+    def _drop(self, keys: list[tuple[int, int]]) -> None:
+        """Unmap these experts' whole pages from the engine's mapping and drop them from the page cache (pages that
+        are locked, or mapped elsewhere, stay)."""
+        page = mmap.PAGESIZE
+        for layer, e in keys:
+            fds, offsets, sizes, addrs = self.ranges.spans(layer, [e])
+            for fd, off, size, addr in zip(fds, offsets, sizes, addrs):
+                lo, hi = -(-int(addr) // page) * page, (int(addr) + int(size)) // page * page
+                if hi > lo:
+                    _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
+                    os.posix_fadvise(self.fds[fd], int(off) + lo - int(addr), hi - lo, os.POSIX_FADV_DONTNEED)
 
     def unlock(self, layer: int, e: int) -> None:
         fds, offsets, sizes, _ = self.ranges.spans(layer, [e])
@@ -369,6 +406,9 @@ class DiskTier:
         self.first = min(store.layers)
         self.served = [0, 0, 0]  # experts found in memory, read ahead of need, waited for
         self.wait_s = 0.0
+        self.computed: list[tuple[int, int]] = []  # experts of the layer running: released once it is done
+        self.unused: list[tuple[int, int]] = []  # read ahead in vain: released with them
+        self.tier_read = 0  # bytes the reader threads read (the rest of disk_bytes: page faults)
         self.notices = [plan.describe()]
         self._read0 = read_bytes()
         self.prefetcher = Prefetcher(model, margin, on_predict=self.predict) if prefetch else None
@@ -401,6 +441,8 @@ class DiskTier:
                 waiting = [self.jobs[(layer, e)] for e in missing]
             else:  # prefill: read in the order run_experts computes them, within the window (need() moves it on)
                 self.stream[layer] = missing
+        self._release(self.computed + self.unused)  # the previous layer's
+        self.computed, self.unused = [(layer, e) for e in experts], []
         if self.prefetcher is not None:
             self.prefetcher.record(layer, set(experts))
             if decode and layer + 1 in self.store.layers:
@@ -417,6 +459,9 @@ class DiskTier:
         order = self.stream.get(layer)
         if order is None:
             return
+        done = [key for key in self.computed if key[1] < e]
+        self._release(done)
+        self.computed = self.computed[len(done):]
         with self.reader.lock:
             for key, job in list(self.jobs.items()):
                 if key[0] == layer and key[1] < e:
@@ -507,9 +552,11 @@ class DiskTier:
 
     # -- bookkeeping (under the reader's lock) -------------------------------------------------------------------
     def _done(self, job: Job) -> None:
+        self.tier_read += job.read
         if job.kind != PIN:
             if job.used:
                 self.ahead -= job.nbytes
+                self._release([job.key])
             return
         if self.pinning.get(job.key) is job:
             del self.pinning[job.key]
@@ -531,7 +578,8 @@ class DiskTier:
         self.reader.submit(job, kind)  # a job asked for again more urgently is queued twice; it is read once
 
     def _use(self, job: Job) -> None:
-        """Its layer is done with this job: it leaves the window (now, or when its read ends)."""
+        """Its layer is done with this job: it leaves the window and its pages leave memory (now, or when its read
+        ends), whether its expert ran or was predicted in vain."""
         del self.jobs[job.key]
         job.used = True
         if job.state == QUEUED:
@@ -539,6 +587,8 @@ class DiskTier:
             job.done.set()
         if job.state != READING:
             self.ahead -= job.nbytes
+        if job.state == DONE:
+            self.unused.append(job.key)
 
     def _use_others(self, layer: int, needed: set[int]) -> None:
         """Layer `layer` starts: jobs of other layers are done with, and so are its predicted experts that it does
@@ -564,6 +614,14 @@ class DiskTier:
             if kind == 2:
                 missing.append(e)
         return missing
+
+    def _release(self, keys: list[tuple[int, int]]) -> None:
+        """Used experts that are not pinned leave memory at once (a reader thread drops them). The page cache then
+        stays below the budget instead of filling it, so that reads never wait for the kernel to reclaim memory (nor
+        evict the libraries' code); such an expert is read again if it is needed again."""
+        keys = [k for k in keys if k not in self.pinned]
+        if keys:
+            self.reader.submit(Job(keys[0], 0, RELEASE, keys=keys), RELEASE)
 
     def _top_up(self, layer: int) -> None:
         order = self.stream.get(layer)
@@ -598,7 +656,8 @@ def attach(model, experts, budget: int | None = None, prefetch: bool = True, mar
     total = sum(sum(t.nbytes for t in projs) for projs in store.layers.values())
     top_k = model.layers[min(store.layers)].ffn.spec.top_k
     window = WINDOW_LAYERS * (top_k + (margin if prefetch else 0)) * store.expert_nbytes()
-    plan = plan_budget(memory_budget(budget), anon_bytes(), total, window)
+    files = sorted({Path(t.file) for projs in store.layers.values() for t in projs})
+    plan = plan_budget(memory_budget(budget), held_bytes(files), total, window)
     if plan.fits:
         return None
     experts.disk = DiskTier(model, store, plan, prefetch, margin)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,34 @@ def test_reads_are_asked_for_and_stay_within_the_window(gguf):
     with tier.reader.lock:
         tier._use_others(2, set())  # layer 2 starts: the prediction for layer 1 is done with
     assert not tier.jobs and tier.ahead == 0
+
+
+def test_used_experts_leave_memory(gguf, tmp_path):
+    """Under the tier the page cache holds the pinned experts and the reads in flight, not what has been used: each
+    layer's experts are dropped once it has run (else the page cache fills the budget, and every read waits for
+    the kernel to reclaim memory)."""
+    copy = tmp_path / "m.gguf"  # no other engine of this process maps it
+    copy.write_bytes(gguf.read_bytes())
+    fd = os.open(copy, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    eng = hybridmoe.load(copy, memory_budget=1)
+    events = list(eng.generate(IDS[:12], temperature=0, max_tokens=6, ignore_eos=True))
+    tier = eng.model.experts.disk
+    routed = {(layer, e) for ev in events if isinstance(ev, hybridmoe.Stats)
+              for layer, c in ev.extra["expert_tokens"].items() for e in c}
+    for _ in range(100):  # the reader threads drop them
+        if not tier.reader.queue:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+
+    def in_memory(layer: int, e: int) -> bool:
+        _, _, sizes, addrs = tier.ranges.spans(layer, [e])
+        return tier._resident(addrs, sizes, tier._vec)
+    resident = [k for k in routed if in_memory(*k)]
+    assert len(routed) > 100 and len(resident) <= 2 * (4 + 2), resident  # two layers' (k + margin) at most
 
 
 def test_the_resident_set_is_the_most_used_experts(gguf, reference, tmp_path):
