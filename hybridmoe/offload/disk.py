@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelFileError
 from .popularity import read_popularity, write_popularity
 from .prefetch import Prefetcher
 
@@ -246,6 +246,7 @@ class Job:
     read: int = 0
     done: threading.Event = field(default_factory=threading.Event)
     keys: list = field(default_factory=list)  # RELEASE: the experts to drop
+    error: str | None = None  # why its read failed: the engine raises it instead of touching the pages
 
 
 class Reader:
@@ -266,7 +267,6 @@ class Reader:
         self.queue: list = []
         self.seq = itertools.count()
         self.closed = False
-        self.errors: list[str] = []
         self.max_pages = int(max(r[2].max() for r in ranges.layers.values())) // mmap.PAGESIZE + 2
         _kernels()  # compiled here, not in the first reader thread
         self.threads = [threading.Thread(target=self._work, name=f"hybridmoe-disk-{i}", daemon=True)
@@ -293,19 +293,14 @@ class Reader:
                 if job.state != QUEUED:  # taken already (an earlier entry), or dropped
                     continue
                 job.state = READING
-            if job.kind == RELEASE:
-                self._drop(job.keys)
-                continue
-            fds_index, offsets, sizes, addrs = self.ranges.spans(job.key[0], [job.key[1]])
-            if job.kind == PIN:
-                got = self._lock_pages(fds_index, offsets, sizes, addrs, buf, vec)
-            else:
-                fds = np.array([self.fds[i] for i in fds_index], dtype=np.int64)
-                got = read(fds, offsets, sizes, addrs, buf, vec)
-                if got < 0:  # the engine's own access to these pages meets the error; say where it came from
-                    i = -1 - got
-                    self.errors.append(f"{self.ranges.files[fds_index[i]]}: reading bytes {offsets[i]}.."
-                                       f"{offsets[i] + sizes[i]} failed (the file is shorter or the disk failed)")
+            try:
+                if job.kind == RELEASE:
+                    self._drop(job.keys)
+                    continue
+                got = self._run(job, buf, vec)
+            except Exception as e:  # noqa: BLE001 - a job that ends without a result would hang its waiter
+                got, job.error = -1, f"{self.ranges.files[0]}: reading expert {job.key[1]} of layer {job.key[0]} " \
+                                     f"failed ({type(e).__name__}: {e})"
             with self.lock:
                 job.read, job.state = max(0, got), DONE
                 done = self.on_done() if self.on_done is not None else None
@@ -313,11 +308,34 @@ class Reader:
                     done(job)
             job.done.set()
 
-    def _lock_pages(self, fds, offsets, sizes, addrs, buf, vec) -> int:
-        """mlock one expert's ranges through the shared mappings; -1 on refusal. They are read first as the other
-        jobs read (mlock's own faults would read around each page, 8 MiB at a time on some disks)."""
+    def _run(self, job: Job, buf, vec) -> int:
+        """Read one expert's ranges (and lock them, for a PIN job): bytes read, or -1 with job.error set, or -1
+        alone where mlock was refused."""
         read, _ = _kernels()
-        read(np.array([self.fds[i] for i in fds], dtype=np.int64), offsets, sizes, addrs, buf, vec)
+        fds_index, offsets, sizes, addrs = self.ranges.spans(job.key[0], [job.key[1]])
+        got = read(np.array([self.fds[i] for i in fds_index], dtype=np.int64), offsets, sizes, addrs, buf, vec)
+        if got < 0:
+            i = -1 - got
+            job.error = self._why(job, int(fds_index[i]), int(offsets[i]), int(sizes[i]))
+            return -1
+        if job.kind == PIN:  # read first as the others are: mlock's own faults read around each page, slowly
+            return self._lock_pages(fds_index, offsets, sizes)
+        return got
+
+    def _why(self, job: Job, f: int, off: int, size: int) -> str:
+        """One line on a failed read, from the same read done again by Python (which keeps errno)."""
+        where = f"{self.ranges.files[f]}: reading expert {job.key[1]} of layer {job.key[0]} (bytes {off}..{off + size})"
+        try:
+            end = os.fstat(self.fds[f]).st_size
+            if end < off + size:
+                return f"{where}: the file now ends at byte {end}; it was truncated or replaced while in use"
+            os.pread(self.fds[f], min(size, CHUNK), off)
+        except OSError as e:
+            return f"{where} failed: {e.strerror or e}; check the disk (dmesg) or copy the file again"
+        return f"{where} failed; check the disk (dmesg) or copy the file again"
+
+    def _lock_pages(self, fds, offsets, sizes) -> int:
+        """mlock one expert's ranges through the shared mappings; -1 on refusal."""
         for fd, off, size in zip(fds, offsets, sizes):
             addr = self.maps[fd].ctypes.data + int(off)
             if _LIBC.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(int(size))) != 0:
@@ -497,9 +515,8 @@ class DiskTier:
             q = self.prefetcher.summary()
             if q:
                 out["prefetch_recall"] = sum(v["recall_k_margin"] for v in q.values()) / len(q)
-        notices = self.notices + self.reader.errors
-        if notices:
-            out["notices"], self.notices, self.reader.errors = notices, [], []
+        if self.notices:
+            out["notices"], self.notices = self.notices, []
         return out
 
     # -- popularity and the resident set -------------------------------------------------------------------------
@@ -517,6 +534,7 @@ class DiskTier:
         before = len(self.pinned)
         for job in self._repin():
             job.done.wait()
+            _check(job)
         return len(self.pinned) - before
 
     def _step(self) -> None:
@@ -562,7 +580,7 @@ class DiskTier:
             del self.pinning[job.key]
         if job.read > 0:
             self.pinned.add(job.key)
-        elif not self.pin_refused:
+        elif job.error is None and not self.pin_refused:
             self.pin_refused = True
             self.notices.append(f"could not lock experts in RAM (mlock refused after {len(self.pinned)} experts; "
                                 "RLIMIT_MEMLOCK, see `ulimit -l`): the page cache keeps what it can")
@@ -604,6 +622,7 @@ class DiskTier:
         for e in experts:
             job = self.jobs.get((layer, e))
             if job is not None:
+                _check(job)
                 kind = (0 if job.read == 0 else 1) if job.state == DONE else 2
             elif (layer, e) in self.pinned:
                 kind = 0
@@ -634,7 +653,15 @@ class DiskTier:
         t0 = time.perf_counter()
         for job in jobs:
             job.done.wait()
+            _check(job)
         self.wait_s += time.perf_counter() - t0
+
+
+def _check(job: Job) -> None:
+    """A failed read stops the engine with its cause, before a kernel touches the pages (a truncated file's
+    missing pages would kill the process with SIGBUS)."""
+    if job.error is not None:
+        raise ModelFileError(job.error)
 
 
 def _raise_memlock() -> None:
@@ -647,6 +674,10 @@ def _raise_memlock() -> None:
             pass
 
 
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / MIB:.1f} MiB" if n >= MIB else f"{n} B"
+
+
 def attach(model, experts, budget: int | None = None, prefetch: bool = True, margin: int = 2) -> DiskTier | None:
     """Give a QuantExperts model the disk tier when its routed experts exceed the memory budget (None: this
     process's cgroup limit or the RAM available); None when they fit, and nothing changes."""
@@ -657,6 +688,12 @@ def attach(model, experts, budget: int | None = None, prefetch: bool = True, mar
     top_k = model.layers[min(store.layers)].ffn.spec.top_k
     window = WINDOW_LAYERS * (top_k + (margin if prefetch else 0)) * store.expert_nbytes()
     files = sorted({Path(t.file) for projs in store.layers.values() for t in projs})
+    if budget is not None:
+        other = sum(f.stat().st_size for f in files) - total  # attention, dense layers, embeddings, head
+        if budget < other + window:
+            raise ConfigError(f"--memory-budget {_size(budget)}: below the model's weights besides the routed "
+                              f"experts ({_size(other)}) plus the reads in flight ({_size(window)}); give at least "
+                              f"{_size(other + window)} (more keeps the most used experts in RAM)")
     plan = plan_budget(memory_budget(budget), held_bytes(files), total, window)
     if plan.fits:
         return None

@@ -22,6 +22,7 @@ from hybridmoe.offload.plan import GPU, Hardware, PlanOptions, footprint_from_gg
 from hybridmoe.offload.popularity import read_popularity, write_popularity
 
 IDS = list(range(10, 34))
+TIGHT = 16 << 20  # a budget far below the model's 58 MiB (and what the process holds), above its 5 MiB of other weights
 ROOT = Path(__file__).resolve().parents[2]
 # Qwen3-MoE with 64 experts of 256 per layer (Q4_K): 14 MiB of experts per layer.
 CONFIG = dict(model_type="qwen3_moe", vocab_size=384, hidden_size=512, intermediate_size=1024,
@@ -77,7 +78,7 @@ def test_the_disk_tier_changes_no_result(gguf, reference, prefetch):
     """A budget far below the model: every expert goes through the tier's reads (decode awaits a layer's, prefill
     streams them within the window); logits and greedy tokens are bit-identical to the run from RAM."""
     logits, tokens = reference
-    eng = hybridmoe.load(gguf, memory_budget=1, prefetch=prefetch)
+    eng = hybridmoe.load(gguf, memory_budget=TIGHT, prefetch=prefetch)
     tier = eng.model.experts.disk
     assert tier is not None and tier.plan.pin == 0 and not tier.plan.fits
     assert torch.equal(eng.logits(IDS), logits)
@@ -92,15 +93,13 @@ def test_the_disk_tier_changes_no_result(gguf, reference, prefetch):
 
 
 def test_reads_are_asked_for_and_stay_within_the_window(gguf):
-    eng = hybridmoe.load(gguf, memory_budget=1)
+    eng = hybridmoe.load(gguf, memory_budget=TIGHT)
     tier = eng.model.experts.disk
     eng.logits(IDS[:3])
     tier.predict(1, list(range(64)))  # a wide prediction: only a window's worth is read ahead
     assert 0 < tier.ahead <= tier.plan.window
     for job in list(tier.jobs.values()):
-        job.done.wait(30)
-    got = tier.reader.errors
-    assert not got
+        assert job.done.wait(30) and job.error is None
     with tier.reader.lock:
         tier._use_others(2, set())  # layer 2 starts: the prediction for layer 1 is done with
     assert not tier.jobs and tier.ahead == 0
@@ -110,13 +109,8 @@ def test_used_experts_leave_memory(gguf, tmp_path):
     """Under the tier the page cache holds the pinned experts and the reads in flight, not what has been used: each
     layer's experts are dropped once it has run (else the page cache fills the budget, and every read waits for
     the kernel to reclaim memory)."""
-    copy = tmp_path / "m.gguf"  # no other engine of this process maps it
-    copy.write_bytes(gguf.read_bytes())
-    fd = os.open(copy, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-    eng = hybridmoe.load(copy, memory_budget=1)
+    copy = _uncached_copy(gguf, tmp_path)
+    eng = hybridmoe.load(copy, memory_budget=TIGHT)
     events = list(eng.generate(IDS[:12], temperature=0, max_tokens=6, ignore_eos=True))
     tier = eng.model.experts.disk
     routed = {(layer, e) for ev in events if isinstance(ev, hybridmoe.Stats)
@@ -134,10 +128,74 @@ def test_used_experts_leave_memory(gguf, tmp_path):
     assert len(routed) > 100 and len(resident) <= 2 * (4 + 2), resident  # two layers' (k + margin) at most
 
 
+def _uncached_copy(gguf: Path, tmp_path: Path) -> Path:
+    """A copy of the file that no engine of this process maps, its pages dropped from the page cache."""
+    copy = tmp_path / "m.gguf"
+    copy.write_bytes(gguf.read_bytes())
+    fd = os.open(copy, os.O_RDONLY)
+    os.fsync(fd)  # dirty pages are not dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    return copy
+
+
+def test_a_budget_below_the_other_weights_is_a_one_line_error(gguf, capsys):
+    with pytest.raises(ConfigError, match=r"--memory-budget 1 B: below the model's weights besides the routed "
+                                          r"experts \(4.1 MiB\) plus the reads in flight \(2.5 MiB\); give at least"):
+        hybridmoe.load(gguf, memory_budget=1)
+    from hybridmoe.cli import main
+    capsys.readouterr()
+    code = main(["generate", str(gguf), "--device", "cpu", "--memory-budget", "1MiB", "-p", "Hello", "-n", "2"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error: --memory-budget 1.0 MiB: below"), err
+
+
+def test_a_read_error_stops_generation_with_one_line(gguf, tmp_path):
+    """A failed pread (here EBADF from a write-only descriptor, as EIO from a failing disk) ends the generation
+    with an Error event that names the file and the cause, before any kernel touches the pages."""
+    copy = _uncached_copy(gguf, tmp_path)
+    eng = hybridmoe.load(copy, memory_budget=TIGHT)
+    reader = eng.model.experts.disk.reader
+    good = reader.fds
+    reader.fds = [os.open(copy, os.O_WRONLY)]
+    os.close(good[0])
+    events = list(eng.generate(IDS[:5], temperature=0, max_tokens=4, ignore_eos=True))
+    errors = [e.message for e in events if isinstance(e, hybridmoe.Error)]
+    assert len(errors) == 1 and events[-1].reason == "error", events
+    assert errors[0].startswith(f"{copy}: reading expert ") and "Bad file descriptor" in errors[0]
+    assert "\n" not in errors[0]
+
+
+TRUNCATE = """
+import os, sys
+import hybridmoe
+path = sys.argv[1]
+eng = hybridmoe.load(path, memory_budget=16 << 20)
+os.truncate(path, os.path.getsize(path) - (20 << 20))  # the last layer's experts and some of the one before
+events = list(eng.generate(list(range(10, 15)), temperature=0, max_tokens=4, ignore_eos=True))
+print([e.message for e in events if isinstance(e, hybridmoe.Error)])
+"""
+
+
+def test_a_file_truncated_while_in_use_is_a_one_line_error(gguf, tmp_path):
+    """The file shrinks under a running engine: the tier's read meets its end and the generation ends with an
+    Error event, where touching the missing pages would kill the process (SIGBUS). In a child process, so that a
+    regression kills the child rather than the test run."""
+    copy = _uncached_copy(gguf, tmp_path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-c", TRUNCATE, str(copy)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, (p.returncode, p.stderr[-3000:])
+    errors = eval(p.stdout.strip().splitlines()[-1])
+    assert len(errors) == 1 and "it was truncated or replaced while in use" in errors[0], errors
+    assert errors[0].startswith(f"{copy}: reading expert ")
+
+
 def test_the_resident_set_is_the_most_used_experts(gguf, reference, tmp_path):
     """load_popularity locks the most used experts in RAM (as many as the budget's pin share holds), they count as
     served from memory, and results do not change."""
-    eng = hybridmoe.load(gguf, memory_budget=1)
+    eng = hybridmoe.load(gguf, memory_budget=TIGHT)
     tier = eng.model.experts.disk
     size = tier.ranges.expert_nbytes(0)
     tier.plan.pin = 5 * size  # room for five experts
