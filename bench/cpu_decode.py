@@ -40,7 +40,7 @@ EXPERT_TYPES = {"q4_k": (Q.Q4_K, Q.Q4_K, Q.Q4_K),
 
 def write_model(path: Path, layers: int, experts: str = "q4_k") -> Path:
     import tiny
-    from hybridmoe.formats.convert import _tokenizer
+    from hybridmoe.models.convert import _tokenizer
     rng = np.random.default_rng(0)
     tok_dir = Path(tempfile.mkdtemp())
     tiny.write_tokenizer(tok_dir)
@@ -88,7 +88,7 @@ def write_model(path: Path, layers: int, experts: str = "q4_k") -> Path:
 def bench_ours(path: Path, ids: list[int], n_decode: int, tier: str, activations: str = "f32") -> tuple[float, float]:
     import hybridmoe
     from hybridmoe.layers.cache import Batch
-    model = hybridmoe.load(path, experts_tier=tier, cpu_activations=activations).model
+    model = hybridmoe.load(path, device="cpu", experts_tier=tier, cpu_activations=activations).model
     cache = model.new_cache(1, len(ids) + n_decode + 1)
     with torch.inference_mode():
         model(torch.tensor([ids]), Batch.make([0], [len(ids)], [0], "cpu"), cache)  # warm-up: compile, page in, pack

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 import gguf_helpers as H  # noqa: E402
 import hybridmoe  # noqa: E402
-from hybridmoe.formats.convert import convert  # noqa: E402
+from hybridmoe.models.convert import convert  # noqa: E402
 from hybridmoe.layers.cache import Batch  # noqa: E402
 
 

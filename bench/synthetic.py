@@ -21,6 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 VOCAB = 384  # the test tokenizer's; a real vocabulary's head costs both engines alike
 
+# 8192 positions: a 4096-token prompt (bench/prefill_vs_llamacpp.py) fits the engine's context
 SHAPES = {
     "deepseek_v3": dict(model_type="deepseek_v3", vocab_size=VOCAB, hidden_size=7168, intermediate_size=18432,
                         moe_intermediate_size=2048, num_hidden_layers=5, num_attention_heads=128,
@@ -28,18 +29,18 @@ SHAPES = {
                         routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
                         v_head_dim=128, qk_nope_head_dim=128, topk_method="noaux_tc", n_group=8, topk_group=4,
                         num_experts_per_tok=8, first_k_dense_replace=1, norm_topk_prob=True, scoring_func="sigmoid",
-                        max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu"),
+                        max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu"),
     "qwen3_moe": dict(model_type="qwen3_moe", vocab_size=VOCAB, hidden_size=2048, intermediate_size=6144,
                       moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
                       head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
-                      max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6, hidden_act="silu"),
+                      max_position_embeddings=8192, rope_theta=1e6, rms_norm_eps=1e-6, hidden_act="silu"),
 }
 
 
 def write(shape: str, path: Path, layers: int | None = None, zipf: float = 0.0,
           expert_type: Q = Q.Q4_K, other_type: Q = Q.Q8_0, progress: bool = True) -> Path:
     import tiny
-    from hybridmoe.formats import synthetic
+    from hybridmoe.models import synthetic
     cfg = dict(SHAPES[shape])
     if layers:
         cfg["num_hidden_layers"] = layers

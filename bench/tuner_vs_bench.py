@@ -84,7 +84,7 @@ def get_profile(a, say) -> Profile:
     from hybridmoe.hardware.commands import TuneRequest, run_tune
     out = a.save_profile or str(Path(tempfile.mkdtemp()) / "machine.toml")
     say("profile: measuring this machine now (hybridmoe tune)")
-    path = run_tune(TuneRequest(str(a.model), out, budget_s=a.budget, context=a.ctx, batch=1), out=say,
+    path = run_tune(TuneRequest(str(a.model), out, budget_s=a.budget, context=a.ctx), out=say,
                     measure_engine=lambda model, acc: measure(model, acc, progress=say))
     return profiles.load(path)
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from .errors import HybridMoEError
+from .options import Accelerator, CpuActivations, GpuWeights, RunOptions, Tier, model_path
 
 EPILOG = """examples:
   hybridmoe chat                                   chat with the built-in demo model
@@ -17,32 +19,38 @@ EPILOG = """examples:
 """
 
 
-def _model_opts(p: argparse.ArgumentParser, optional: bool = False) -> None:
-    if optional:
-        p.add_argument("model", nargs="?", default=None,
-                       help="model directory (HF config.json + safetensors + tokenizer.json) or GGUF file; "
-                            "default: the demo model")
-    else:
-        p.add_argument("model", help="model directory (HF config.json + safetensors + tokenizer.json) or GGUF file "
-                                     "(x.gguf, or a part of a split x-00001-of-0000N.gguf)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+MODEL_HELP = ("model directory (HF config.json + safetensors + tokenizer.json) or GGUF file (x.gguf, or a part of a "
+              "split x-00001-of-0000N.gguf); `demo` or nothing: the built-in demo model")
+
+
+def _model_opts(p: argparse.ArgumentParser) -> None:
+    # Run options default to None here: RunOptions holds the defaults, and None tells a flag the user did not give
+    # (which a profile may then set) from one that they did.
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto, the GPU if torch sees "
+                                                  "one, else the CPU)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, "
                                                  "float32 on cpu)")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: min(4096, model's))")
 
 
+def _choices(mode) -> str:  # the values RunOptions checks, shown in --help
+    return "{" + ",".join(m.value for m in mode) + "}"
+
+
 def _offload_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("offload (routed experts in RAM, a GPU expert cache)")
-    g.add_argument("--accelerator", choices=("cuda", "cpu"), default=None,
-                   help="cuda (default with --device cuda), or cpu to run the offload engine with the CPU standing "
+    g.add_argument("--accelerator", default=None, metavar=_choices(Accelerator),
+                   help="cuda (default with a CUDA device), or cpu to run the offload engine with the CPU standing "
                         "in for the GPUs")
-    g.add_argument("--devices", type=int, default=1, help="GPUs to split the layers over (default: 1)")
+    g.add_argument("--devices", type=int, default=None, help="GPUs to split the layers over (default: 1)")
     g.add_argument("--expert-cache-slots", type=int, default=None,
                    help="GPU expert slots per device (default: as many as fit; 0 turns the cache off)")
-    g.add_argument("--no-prefetch", action="store_true", help="do not prefetch predicted experts")
-    g.add_argument("--experts-tier", choices=("mmap", "pinned"), default="mmap",
+    g.add_argument("--no-prefetch", dest="prefetch", action="store_const", const=False, default=None,
+                   help="do not prefetch predicted experts")
+    g.add_argument("--experts-tier", default=None, metavar=_choices(Tier),
                    help="host tier of the experts: mmap (page cache, default) or pinned (copied once to pinned RAM)")
-    g.add_argument("--cpu-activations", choices=("f32", "int8", "int8-all"), default="f32",
+    g.add_argument("--cpu-activations", default=None, metavar=_choices(CpuActivations),
                    help="GGUF experts decoded on the CPU: f32 is exact (default); int8 rounds activations to 8 "
                         "bits per group of 32 as llama.cpp does, several times faster, logits no longer exact (on "
                         "the mmap tier all but Q4_0 experts (Q2_K-Q6_K, Q8_0, IQ4_XS) are read in place, Q4_0 "
@@ -50,39 +58,46 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
                         "int8-all also rounds the inputs of attention and the output head on the CPU, faster still "
                         "but far less accurate (logits off by up to ~20%% on small random test models, as "
                         "llama.cpp's own)")
+    g.add_argument("--gpu-weights", default=None, metavar=_choices(GpuWeights),
+                   help="a GGUF's non-expert weights on the GPU: dequantized to --dtype (default), or quantized (the "
+                        "file's blocks: about half the VRAM at Q8_0, read by hybridmoe's own kernels)")
     g.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="RAM the engine may use, page cache included, e.g. 24GiB (default: the memory cgroup's "
                         "limit or the RAM available); GGUF experts beyond it are read from disk ahead of need, the "
                         "most used kept in RAM (CPU engine)")
-    g.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto")
-    g.add_argument("--no-cuda-graphs", action="store_true",
+    g.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto; "
+                   "its [plan] (as `hybridmoe tune` wrote it) sets what the flags above leave unset")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
                    help="decode eagerly instead of replaying captured CUDA graphs (slower; for debugging)")
 
 
-def load_from_args(args):
-    """The engine for a parsed command line (model, device, dtype, ctx, the offload options, and --profile, whose
-    plan and measured rates fill in what the command line leaves at its defaults)."""
-    from . import load
-    slots, tier, ctx = getattr(args, "expert_cache_slots", None), getattr(args, "experts_tier", "mmap"), args.ctx
-    cost, margin = None, 2
-    budget = getattr(args, "memory_budget", None)
-    budget = _parse_size(budget, "--memory-budget") if budget is not None else None
+RUN_FLAGS = {"device": "device", "dtype": "dtype", "ctx": "context", "accelerator": "accelerator",
+             "devices": "devices", "expert_cache_slots": "expert_cache_slots", "prefetch": "prefetch",
+             "experts_tier": "experts_tier", "cpu_activations": "cpu_activations", "cuda_graphs": "cuda_graphs",
+             "gpu_weights": "gpu_weights", "memory_budget": "memory_budget"}
+
+
+def run_options(args) -> RunOptions:
+    """The run options of a parsed command line: the flags given, then --profile's plan, then the defaults."""
+    explicit = {opt: getattr(args, dest) for dest, opt in RUN_FLAGS.items() if getattr(args, dest, None) is not None}
+    if "memory_budget" in explicit:
+        explicit["memory_budget"] = _parse_size(explicit["memory_budget"], "--memory-budget")
+    profile = None
     spec = getattr(args, "profile", None)
     if spec:
         from .hardware.profile import resolve
-        prof = resolve(spec)
-        cost = prof.cost
-        if slots is None and prof.plan.expert_cache_slots:
-            slots = min(prof.plan.expert_cache_slots)
-        if tier == "mmap" and prof.plan.experts_tier in ("mmap", "pinned"):
-            tier = prof.plan.experts_tier
-        ctx = ctx or prof.plan.context
-        margin = prof.plan.prefetch_margin or margin
-    return load(args.model, device=args.device, dtype=args.dtype, context=ctx,
-                accelerator=getattr(args, "accelerator", None), devices=getattr(args, "devices", 1),
-                expert_cache_slots=slots, prefetch=not getattr(args, "no_prefetch", False), experts_tier=tier,
-                cost_model=cost, prefetch_margin=margin, cpu_activations=getattr(args, "cpu_activations", "f32"),
-                cuda_graphs=not getattr(args, "no_cuda_graphs", False), memory_budget=budget)
+        profile = resolve(spec).run_options()
+    gpu = None
+    if profile and RunOptions.merged(explicit).offloaded is None:  # --device auto: does it find a GPU?
+        import torch
+        gpu = torch.cuda.is_available()
+    return RunOptions.merged(explicit, profile, gpu_available=gpu)
+
+
+def load_from_args(args):
+    """The engine for a parsed command line (model and run options)."""
+    from . import load
+    return load(args.model, options=run_options(args))
 
 
 def _sampling_opts(p: argparse.ArgumentParser) -> None:
@@ -107,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text, func in (("chat", "terminal chat with a live monitor (Textual)", cmd_chat),
                              ("repl", "plain line-based chat on stdin/stdout (scriptable)", cmd_repl)):
         p = sub.add_parser(name, help=text)
-        _model_opts(p, optional=True)
+        _model_opts(p)
         _offload_opts(p)
         p.add_argument("--system", default=None, help="system prompt")
         p.set_defaults(func=func)
@@ -131,16 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("plan", help="where layers, KV cache and experts would live on this (or a described) machine")
-    p.add_argument("model", help="model directory or its config.json (weights not needed), or a GGUF file")
+    p.add_argument("model", nargs="?", default=None, help="model directory or its config.json (weights not "
+                   "needed), or a GGUF file; `demo` or nothing: the built-in demo model")
     p.add_argument("--ctx", type=int, default=4096, help="context length to budget KV cache for (default: 4096)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: 1)")
-    p.add_argument("--gpus", default=None, help='describe GPUs instead of probing, e.g. "2x48GiB" or "80GiB,24GiB"')
+    p.add_argument("--gpus", default=None, help='describe GPUs instead of probing, e.g. "2x48GiB" or "80GiB,24GiB", or none')
     p.add_argument("--ram", default=None, help='describe host RAM instead of probing, e.g. "512GiB"')
     p.add_argument("--cores", type=int, default=None, help="CPU cores (default: probed)")
     p.add_argument("--experts-tier", choices=("auto", "pinned", "mmap"), default="auto",
                    help="host tier for experts (default: pinned if it fits in RAM, else mmap)")
     p.add_argument("--expert-cache-slots", type=int, default=None, help="cap on GPU expert slots per device")
-    p.add_argument("--dtype", default="bfloat16", help="dtype of the weights at run time (default: bfloat16)")
+    p.add_argument("--dtype", default=None, help="dtype of the weights at run time (default: bfloat16 with a GPU, "
+                   "float32 without, as the engine loads)")
+    p.add_argument("--gpu-weights", default="dequantized", metavar=_choices(GpuWeights),
+                   help="a GGUF's non-expert weights on the GPU: dequantized to --dtype (default) or quantized "
+                        "(as the file stores them)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--profile", default=None, help="plan for the machine a hardware profile describes: a shipped "
                    "name (rtx6000ada-x2, ...), a TOML file, or auto (this machine)")
@@ -152,12 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="architecture, parameters by category, bytes read per token (config only)")
-    p.add_argument("model", help="model directory or its config.json (weights not needed)")
+    p.add_argument("model", nargs="?", default=None, help="model directory or its config.json (weights not "
+                   "needed), or a GGUF file; `demo` or nothing: the built-in demo model")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("convert", help="write an HF model directory as one GGUF file (llama.cpp loads it too)")
-    p.add_argument("model", help="HF model directory (config.json + safetensors + tokenizer.json); BF16 or FP8")
+    p.add_argument("model", help="HF model directory (config.json + safetensors + tokenizer.json), BF16 or FP8; "
+                                 "`demo`: the built-in demo model")
     p.add_argument("out", help="output .gguf file")
     p.add_argument("--type", default="q8_0", choices=["q8_0", "q4_k_m", "bf16", "f32"],
                    help="routed experts' type; attention, shared and dense layers are q8_0 (bf16 / f32 with those "
@@ -172,19 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_chat(args) -> int:
     try:
-        from hybridmoe_tui.app import main as tui_main
+        from hybridmoe_tui.app import run_chat  # before loading: a missing UI fails in a second, not after a load
     except ImportError as e:
         raise HybridMoEError(f"the chat UI needs textual ({e}); install with: pip install textual") from None
-    return tui_main(args) or 0
+    if sys.stderr.isatty():
+        print(f"loading {args.model or 'the demo model'}…", file=sys.stderr, flush=True)
+    return run_chat(load_from_args(args), system=args.system) or 0
 
 
 def cmd_repl(args) -> int:
-    from .repl import main as repl_main
-    return repl_main(args) or 0
+    from .repl import run_repl
+    return run_repl(load_from_args(args), system=args.system) or 0
 
 
 def cmd_generate(args) -> int:
-    from . import Done, Error, GenerationConfig, Stats, Text
+    from . import Done, Error, GenerationConfig, Notice, Stats, Text
+    from .repl import ProgressLine, answer_events
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     cfg = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
@@ -198,13 +223,16 @@ def cmd_generate(args) -> int:
         events = engine.generate(prompt, cfg)
     channel, last_stats = "answer", None
     try:
-        for ev in events:
+        # a long prompt's progress on stderr; Ctrl-C stops at the next prompt chunk or token (twice: at once)
+        for ev in answer_events(events, engine, ProgressLine(sys.stderr, sys.stderr.isatty())):
             if isinstance(ev, Text):
                 if ev.channel != channel:
                     sys.stdout.write("<think>\n" if ev.channel == "reasoning" else "\n</think>\n")
                     channel = ev.channel
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
+            elif isinstance(ev, Notice):  # e.g. the expert cache shrank to fit; stdout keeps only the text
+                print(f"note: {ev.message}", file=sys.stderr, flush=True)
             elif isinstance(ev, Stats):
                 last_stats = ev
             elif isinstance(ev, Error):
@@ -237,24 +265,27 @@ def cmd_perplexity(args) -> int:
         if not path.is_file():
             raise HybridMoEError(f"--file {path}: no such file")
         if engine.tokenizer is None:
-            raise HybridMoEError(f"{engine.path}: no tokenizer.json; pass --tokens instead of --file")
+            raise HybridMoEError(f"{engine.path}: no tokenizer; pass --tokens instead of --file")
         ids = engine.tokenizer.encode(path.read_text(errors="replace"))
     if len(ids) < 2:
         raise HybridMoEError("need at least 2 tokens to score")
     nll, argmax = [], []
     window = engine.max_context
-    # Windows of the context length, each scored on its own (as llama.cpp's perplexity does).
-    for s in range(0, len(ids) - 1, window):
+    # Windows of the context length, each scored on its own (as llama.cpp's perplexity does): a token's history
+    # starts at its window's first token, so the first tokens of each window are scored with little context.
+    starts = [s for s in range(0, len(ids) - 1, window) if len(ids[s:s + window + 1]) >= 2]
+    if len(starts) > 1:
+        print(f"{len(ids)} tokens exceed the context of {window}: scored in {len(starts)} windows of up to {window} "
+              f"tokens, each on its own (no history across windows; raise --ctx for longer ones)", file=sys.stderr)
+    for s in starts:
         chunk = ids[s:s + window + 1]
-        if len(chunk) < 2:
-            break
         logp = torch.log_softmax(engine.logits(chunk[:-1]), dim=-1)
         target = torch.tensor(chunk[1:])
         nll += (-logp.gather(1, target[:, None])[:, 0]).tolist()
         argmax += logp.argmax(-1).tolist()
     mean = sum(nll) / len(nll)
     out = {"n_tokens": len(nll), "nll": mean, "ppl": float(torch.tensor(mean).exp()), "nll_per_token": nll,
-           "argmax": argmax}
+           "argmax": argmax, "window": window, "windows": len(starts)}
     if args.json:
         print(json.dumps(out))
     else:
@@ -277,8 +308,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_convert(args) -> int:
-    from .formats.convert import convert
-    out = convert(args.model, args.out, args.type, progress=True, tokenizer_pre=args.tokenizer_pre)
+    from .models.convert import convert
+    out = convert(model_path(args.model), args.out, args.type, progress=True, tokenizer_pre=args.tokenizer_pre)
     print(f"wrote {out} ({Path(out).stat().st_size / 2 ** 30:.2f} GiB)")
     return 0
 
@@ -286,11 +317,12 @@ def cmd_convert(args) -> int:
 def cmd_inspect(args) -> int:
     from .models.loader import read_config
     from .models.summary import summarize
-    if str(args.model).endswith(".gguf"):
+    model = model_path(args.model)
+    if model.suffix == ".gguf":
         from .models.summary import summarize_gguf
-        s = summarize_gguf(args.model)
+        s = summarize_gguf(model)
     else:
-        s = summarize(read_config(args.model))
+        s = summarize(read_config(model))
     if args.json:
         print(json.dumps(s, indent=1))
         return 0
@@ -330,7 +362,7 @@ def _hardware(args):
     gpus = hw.gpus
     if args.gpus:
         gpus = []
-        for part in args.gpus.split(","):
+        for part in ([] if args.gpus.strip().lower() in ("none", "0") else args.gpus.split(",")):
             count, _, size = part.partition("x") if "x" in part else ("1", "", part)
             try:
                 n = int(count)
@@ -348,25 +380,32 @@ def cmd_plan(args) -> int:
     from .engine.engine import DTYPES
     from .models.loader import read_config
     from .offload.plan import PlanOptions, footprint_from_config, footprint_from_gguf, make_plan
-    if args.dtype not in DTYPES:
-        raise HybridMoEError(f"--dtype {args.dtype!r}: use one of {', '.join(DTYPES)}")
+    hw = _hardware(args)
     if args.cluster:
         from .cluster_cli import run
-        return run(args, _hardware(args))
-    wbytes = 4 if DTYPES[args.dtype].itemsize == 4 else 2
-    if str(args.model).endswith(".gguf"):  # experts as the file stores them
-        cfg, fp = {}, footprint_from_gguf(args.model, weight_bytes=wbytes)
+        args.model = model_path(args.model)
+        return run(args, hw)
+    dtype = args.dtype or ("bfloat16" if hw.gpus else "float32")  # as the engine loads
+    if dtype not in DTYPES:
+        raise HybridMoEError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    wbytes = 4 if DTYPES[dtype].itemsize == 4 else 2
+    model = model_path(args.model)
+    if model.suffix == ".gguf":  # experts as the file stores them; without a GPU the other layers too
+        if args.gpu_weights not in {m.value for m in GpuWeights}:
+            raise HybridMoEError(f"--gpu-weights {args.gpu_weights!r}: use one of {_choices(GpuWeights)}")
+        as_stored = not hw.gpus or args.gpu_weights == GpuWeights.QUANTIZED
+        cfg, fp = {}, footprint_from_gguf(model, weight_bytes=wbytes, layers_as_stored=as_stored)
     else:
-        cfg = read_config(args.model)
+        cfg = read_config(model)
         fp = footprint_from_config(cfg, weight_bytes=wbytes, expert_bytes=wbytes)
-    hw, popts = _hardware(args), PlanOptions(context=args.ctx, batch=args.batch, experts_tier=args.experts_tier,
-                                             max_slots=args.expert_cache_slots)
+    popts = PlanOptions(context=args.ctx, batch=args.batch, experts_tier=args.experts_tier,
+                        max_slots=args.expert_cache_slots)
     plan = make_plan(fp, hw, popts)
-    if "disk" in plan.experts and not args.profile and str(args.model).endswith(".gguf"):
+    if "disk" in plan.experts and not args.profile and model.suffix == ".gguf":
         from dataclasses import replace
 
         from .hardware.probe import measure_disk_read
-        rate = measure_disk_read(args.model)  # the disk that will serve the experts, not a profile's guess
+        rate = measure_disk_read(model)  # the disk that will serve the experts, not a profile's guess
         if rate:
             plan = make_plan(fp, replace(hw, disk_read_bytes_per_s=rate), popts)
     if (cfg.get("quantization_config") or {}).get("quant_method") == "fp8":
@@ -398,14 +437,13 @@ def cmd_plan(args) -> int:
 # --- tune, bench, pull: hardware profiles, measurements and downloads (logic in hardware/, engine/bench.py, pull.py)
 def _add_hardware_commands(sub) -> None:
     p = sub.add_parser("tune", help="measure this machine, choose the fastest plan for a model, write a profile")
-    p.add_argument("model", nargs="?", default=None, help="model directory, config.json or GGUF file (optional: "
-                                                          "without it only the machine is measured)")
+    p.add_argument("model", nargs="?", default=None, help="model directory, config.json or GGUF file, or `demo` "
+                                                          "(optional: without it only the machine is measured)")
     p.add_argument("-o", "--output", default=None, help="profile to write (default: ./<gpus>.toml)")
     p.add_argument("--quick", action="store_true", help="measure nothing: take the rates from the matching "
                    "shipped profile (datasheet) or defaults")
     p.add_argument("--profile", default=None, help="tune for the machine this profile describes (nothing measured)")
     p.add_argument("--ctx", type=int, default=None, help="fix the context length (default: the tuner chooses)")
-    p.add_argument("--batch", type=int, default=None, help="fix the batch size (default: the tuner chooses)")
     p.add_argument("--dtype", default=None, help="run-time dtype (default: bfloat16 with a GPU, else float32)")
     p.add_argument("--quant", default=None, help="size an HF model as a GGUF quant would be, e.g. q4_k_m")
     p.add_argument("--budget", type=float, default=60.0, help="seconds for all measurements (default: 60)")
@@ -437,8 +475,9 @@ def cmd_tune(args) -> int:
 
     def measure_engine(model: str, accelerator: str):
         return measure(model, accelerator, progress=lambda s: print(f"  {s}", file=sys.stderr))
-    run_tune(TuneRequest(args.model, args.output, args.quick, args.profile, args.ctx, args.batch, args.dtype,
-                         args.quant, args.budget), measure_engine=measure_engine)
+    model = str(model_path(args.model)) if args.model else None
+    run_tune(TuneRequest(model, args.output, args.quick, args.profile, args.ctx, args.dtype, args.quant,
+                         args.budget), measure_engine=measure_engine)
     return 0
 
 
@@ -467,12 +506,14 @@ def cmd_pull(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    # Everything inside the try, so that Ctrl-C during the first imports (torch takes a second or two) ends
+    # quietly too.
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return args.func(args)
     except HybridMoEError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -483,6 +524,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): nothing more to say, and nobody to say it to
+        try:  # so that Python's own flush of stdout at exit does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
 
 
 if __name__ == "__main__":

@@ -9,9 +9,14 @@ class ModelFileError(HybridMoEError):
     """A model file is missing, truncated, corrupt or holds unexpected tensors."""
 
 
-class ConfigError(HybridMoEError):
-    """A config.json, profile or option is invalid or names something unsupported."""
+class ConfigError(HybridMoEError, ValueError):
+    """A config.json, profile or option is invalid or names something unsupported (a ValueError too, as invalid
+    settings are in Python)."""
 
 
 class ContextOverflowError(HybridMoEError):
     """A prompt or generation does not fit in the context window."""
+
+
+class EngineBusyError(HybridMoEError):
+    """A second generation was started in the thread whose earlier one is still open on the same engine."""

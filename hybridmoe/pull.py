@@ -11,8 +11,10 @@ import fnmatch
 import os
 import re
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 from .errors import HybridMoEError
 
@@ -61,8 +63,25 @@ def available_quants(files: list[RemoteFile]) -> list[str]:
     return sorted({q for f in _gguf_files(files) if (q := quant_of(f.path))})
 
 
+def check_remote_name(repo: str, path: str) -> None:
+    """A name from the Hub's listing becomes a path under the download folder: refuse one that is absolute, climbs
+    out with `..`, or holds control characters (which could also rewrite the terminal when printed)."""
+    p = PurePosixPath(path)
+    if (not path or p.is_absolute() or "\\" in path or ".." in p.parts or re.match(r"^[A-Za-z]:", path)
+            or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in path)):
+        raise HybridMoEError(f"{repo}: the file list names {path!r}, which is not a plain path inside the "
+                             "repository; refusing to download from it")
+
+
 def select(repo: str, files: list[RemoteFile], quant: str | None) -> Selection:
     """The files to fetch, or a one-line error naming what the repository does hold."""
+    sel = _select(repo, files, quant)
+    for f in sel.files:
+        check_remote_name(repo, f.path)
+    return sel
+
+
+def _select(repo: str, files: list[RemoteFile], quant: str | None) -> Selection:
     ggufs = _gguf_files(files)
     if quant is None:
         if ggufs:
@@ -137,12 +156,27 @@ def _hub_error(repo: str, e: Exception) -> HybridMoEError:
     return HybridMoEError(f"{repo}: the Hub answered {name}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
+def check_reachable(repo: str, endpoint: str, timeout_s: float = 5.0) -> None:
+    """One TCP connection to the Hub before any request: without a network the Hub's client retries for half a
+    minute, printing each try; this fails at once, in one line."""
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise HybridMoEError(f"{repo}: cannot reach the Hub at {endpoint} ({e.strerror or type(e).__name__}); "
+                             "check the network or proxy settings") from None
+
+
 def list_files(repo: str, revision: str | None = None) -> list[RemoteFile]:
     """Every file of the repository with its size."""
     if _offline():
         raise HybridMoEError(f"{repo}: offline mode (HF_HUB_OFFLINE is set), so the file list cannot be fetched; "
                              "unset it, or pass a local model path to the other commands")
     hub = _hub()
+    if not (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")):  # a proxy makes its own connections
+        from huggingface_hub import constants  # a submodule: the package's lazy attributes do not include it
+        check_reachable(repo, constants.ENDPOINT)
     try:
         items = hub.HfApi().list_repo_tree(repo, recursive=True, revision=revision)
         return [RemoteFile(i.path, getattr(i, "size", None)) for i in items if type(i).__name__ == "RepoFile"]

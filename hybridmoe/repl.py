@@ -1,27 +1,20 @@
 """`hybridmoe repl`: a line-based chat on stdin/stdout that works on a terminal and in a pipe.
 
-    python -m hybridmoe.repl [MODEL] [--device cuda] [--system TEXT] < questions.txt
+    hybridmoe repl [MODEL] [--device cuda] [--system TEXT] < questions.txt
 
 Conversation files written here are the same JSON the chat UI saves and loads.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import contextlib
+import signal
 import sys
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
+import threading
 from typing import TextIO
 
-from . import Done, Error, GenerationConfig, HybridMoEError, Stats, Text
+from . import Conversation, Done, Error, GenerationConfig, HybridMoEError, Notice, Progress, Stats, Text
+from .engine.conversation import parse_setting, settings_of
 
-FORMAT = "hybridmoe-conversation"
-ROLES = ("system", "user", "assistant")
-# Settings a user may change with /set (and that conversation files carry), with their parsers.
-SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "seed": int, "max_tokens": int,
-            "repetition_penalty": float}
 # C0/C1 control characters other than tab and newline.
 CONTROL = dict.fromkeys([*range(0x00, 0x09), *range(0x0b, 0x20), 0x7f, *range(0x80, 0xa0)], None)
 HELP = """commands:
@@ -36,76 +29,61 @@ HELP = """commands:
   \"\"\"               start and end multi-line input; Ctrl-C stops an answer"""
 
 
-def parse_setting(name: str, value: str):
-    """'/set seed none' -> None; other values are parsed by the setting's type. Raises ValueError (one line)."""
-    if name not in SETTINGS:
-        raise ValueError(f"unknown setting {name!r}; one of {', '.join(SETTINGS)}")
-    if name == "seed" and value.lower() in ("none", "random", ""):
-        return None
+@contextlib.contextmanager
+def stop_on_interrupt(engine):
+    """While an answer runs: the first Ctrl-C asks the engine to stop at the next boundary between prompt chunks or
+    tokens, so no forward pass is cut in half; a second one interrupts at once. (Signals reach the main thread
+    only; elsewhere Ctrl-C keeps its default.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+
+    def handler(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+        engine.stop()
+
+    old = signal.signal(signal.SIGINT, handler)
     try:
-        return SETTINGS[name](value)
-    except ValueError:
-        kind = "an integer" if SETTINGS[name] is int else "a number"
-        raise ValueError(f"{name} must be {kind}, not {value!r}") from None
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
-def settings_of(cfg: GenerationConfig) -> dict:
-    return {name: getattr(cfg, name) for name in SETTINGS}
+class ProgressLine:
+    """A long prompt's reading progress on stderr: one line rewritten in place on a terminal, a line per report
+    otherwise."""
+
+    def __init__(self, out: TextIO, tty: bool):
+        self.out, self.tty, self.shown = out, tty, False
+
+    def show(self, ev: Progress) -> None:
+        text = (f"reading the prompt: {ev.done}/{ev.total} tokens ({100 * ev.done // ev.total}%), "
+                f"{ev.done / max(ev.elapsed_s, 1e-9):.0f} tok/s")
+        self.out.write(f"\r\x1b[K{text}" if self.tty else f"{text}\n")
+        self.out.flush()
+        self.shown = self.tty
+
+    def clear(self) -> None:
+        if self.shown:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+            self.shown = False
 
 
-@dataclass
-class Conversation:
-    """Messages as the chat template wants them, plus what a saved chat needs to resume: system prompt, settings.
-    Assistant messages may carry "reasoning" (shown to the user, never sent back to the model)."""
-    messages: list[dict] = field(default_factory=list)
-    system: str | None = None
-    settings: dict = field(default_factory=dict)
-
-    def for_engine(self) -> list[dict]:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [{"role": m["role"], "content": m["content"]} for m in self.messages]
-
-    def save(self, path: str | Path) -> None:
-        """Write atomically: a crash mid-write leaves the old file, never half a file."""
-        path = Path(path).expanduser()
-        data = {"format": FORMAT, "version": 1, "system": self.system, "settings": self.settings,
-                "messages": self.messages}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, ensure_ascii=False, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Conversation":
-        """Our own files, or a bare JSON list of {"role", "content"} messages. Raises ValueError or OSError."""
-        path = Path(path).expanduser()
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a JSON conversation ({e})") from None
-        if isinstance(data, list):
-            data = {"messages": data}
-        if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
-            raise ValueError(f"{path}: expected an object with a \"messages\" list")
-        messages, system = [], data.get("system")
-        for i, m in enumerate(data["messages"]):
-            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-                raise ValueError(f"{path}: message {i} needs a role ({', '.join(ROLES)}) and a string content")
-            if m["role"] == "system":  # a leading system message in a bare list becomes the system prompt
-                system = m["content"]
+def answer_events(events, engine, progress: ProgressLine):
+    """An answer's events as a command line shows them: Progress on `progress` (not passed on, and its line cleared
+    before any other event), with Ctrl-C asking the engine to stop between chunks (stop_on_interrupt) meanwhile."""
+    with stop_on_interrupt(engine):
+        for ev in events:
+            if isinstance(ev, Progress):
+                progress.show(ev)
                 continue
-            messages.append({k: v for k, v in m.items() if k in ("role", "content", "reasoning")})
-        settings = data.get("settings") or {}
-        if not isinstance(settings, dict):
-            raise ValueError(f"{path}: \"settings\" must be an object")
-        return cls(messages, system if isinstance(system, str) else None,
-                   {k: v for k, v in settings.items() if k in SETTINGS})
+            progress.clear()
+            yield ev
+    progress.clear()
 
 
 class Repl:
@@ -121,6 +99,7 @@ class Repl:
         self.last_done: Done | None = None
         self.last_stats: Stats | None = None
         self.counters: dict[str, float] = {}
+        self.progress = ProgressLine(self.stderr, self.tty)
 
     # --- input ---
     def _readline(self, prompt: str) -> str:
@@ -192,7 +171,7 @@ class Repl:
         events = None
         try:
             events = self.engine.chat(self.conv.for_engine(), self.config)
-            for ev in events:
+            for ev in answer_events(events, self.engine, self.progress):
                 channel = self._handle(ev, parts, channel)
         except KeyboardInterrupt:
             # The interrupt may land inside the generator (it is then closed) or between events: in that case
@@ -212,6 +191,7 @@ class Repl:
             self.say(f"error: {e}")
         except Exception as e:  # a failing engine ends this answer, not the session
             self.say(f"error: {type(e).__name__}: {e}")
+        self.progress.clear()
         self._switch(channel, None)
         self.out("\n")
         answer, reasoning = "".join(parts["answer"]), "".join(parts["reasoning"])
@@ -239,8 +219,8 @@ class Repl:
                     self.counters[key] = self.counters.get(key, 0) + _total(ev.extra[key])
             if "prefetch_recall" in ev.extra:
                 self.counters["prefetch_recall"] = _mean(ev.extra["prefetch_recall"])
-            for notice in ev.extra.get("notices", ()):  # e.g. the offload engine shrank its cache to fit
-                self.say(f"note: {notice}")
+        elif isinstance(ev, Notice):  # e.g. the offload engine shrank its cache to fit
+            self.say(f"note: {ev.message}")
         elif isinstance(ev, Error):
             self.say(f"error: {ev.message}")
         elif isinstance(ev, Done):
@@ -333,26 +313,8 @@ def _mean(value) -> float:
     return float(sum(value.values()) / max(len(value), 1)) if isinstance(value, dict) else float(value)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Entry point of `hybridmoe repl`: load the model, then read and answer until /bye or the end of input."""
-    from .cli import load_from_args  # the same model and offload options as every other subcommand
-    try:
-        engine = load_from_args(args)
-    except (HybridMoEError, ValueError) as e:
-        print(f"hybridmoe: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+def run_repl(engine, system: str | None = None) -> int:
+    """`hybridmoe repl` on a loaded engine: read and answer until /bye or the end of input."""
     if sys.stdin.isatty() and sys.stdout.isatty():
         import readline  # noqa: F401  (line editing for input(); imported only on a terminal, where it is quiet)
-    return Repl(engine, system=getattr(args, "system", None)).run()
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """`python -m hybridmoe.repl ARGS` takes what `hybridmoe repl ARGS` takes."""
-    from .cli import build_parser
-    return build_parser().parse_args(["repl", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    return Repl(engine, system=system).run()

@@ -21,3 +21,24 @@ def tiny_models(tmp_path_factory):
         return built[name]
 
     return get
+
+
+# With -q (the README's command) pytest prints only dots; name each part of the suite as it starts, so that a slow
+# or stuck run shows where it is.
+_part = {"config": None, "name": None}
+
+
+def pytest_configure(config):
+    _part["config"] = config
+
+
+def pytest_runtest_logstart(nodeid, location):
+    config = _part["config"]
+    tr = config.pluginmanager.get_plugin("terminalreporter") if config.get_verbosity() < 0 else None
+    part = str(Path(location[0]).parent)
+    if tr is not None and part != _part["name"]:
+        _part["name"] = part
+        if tr._tw.width_of_current_line:  # close the line as pytest does between files: the percentage, then a break
+            tr._write_progress_information_filling_space()
+            tr.write("\n")
+        tr.write(f"{part} ")

@@ -4,9 +4,6 @@ Generation runs in a worker thread and reaches the UI only as posted messages, s
 screen and a failing one never takes the app down."""
 from __future__ import annotations
 
-import argparse
-import sys
-
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -15,8 +12,8 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, Static
 
-from hybridmoe import Done, Error, GenerationConfig, HybridMoEError, Stats, Text
-from hybridmoe.repl import Conversation, settings_of
+from hybridmoe import Conversation, Done, Error, GenerationConfig, Notice, Stats, Text
+from hybridmoe.engine.conversation import settings_of
 
 from .chat import AssistantMessage, PromptInput, UserMessage
 from .info import moe_layers, n_experts
@@ -62,6 +59,9 @@ class ChatApp(App):
         Binding("f2", "model_info", "Model"),
         Binding("f3", "settings", "Settings"),
         Binding("f4", "toggle_monitor", "Monitor"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+        # Not shown: Ctrl+C copies a selection in the prompt box, else stops an answer, clears the prompt, or quits.
+        Binding("ctrl+c", "interrupt", show=False, system=True),
     ]
 
     def __init__(self, engine, *, system: str | None = None, config: GenerationConfig | None = None,
@@ -165,8 +165,8 @@ class ChatApp(App):
         elif isinstance(ev, Stats):
             self.monitor.state.push(ev)
             self._stats_dirty = True
-            for notice in ev.extra.get("notices", ()):  # e.g. the offload engine shrank its cache to fit
-                self.notify(str(notice), severity="warning", timeout=8)
+        elif isinstance(ev, Notice):  # e.g. the offload engine shrank its cache to fit
+            self.notify(ev.message, severity="warning", timeout=8)
         elif isinstance(ev, Error):
             self.notify(ev.message, title="engine error", severity="error", timeout=8)
         elif isinstance(ev, Done):
@@ -205,6 +205,16 @@ class ChatApp(App):
         if self.generating:
             self.engine.stop()
             self.set_status("stopping…")
+
+    async def action_interrupt(self) -> None:
+        """Ctrl+C as in a terminal: stop the answer; else clear what is typed; else quit."""
+        prompt = self.query_one(PromptInput)
+        if self.generating:
+            self.action_stop()
+        elif prompt.text and not isinstance(self.screen, ModalScreen):
+            prompt.clear()
+        else:
+            await self.action_quit()
 
     async def action_regenerate(self) -> None:
         if self.conv.messages and self.conv.messages[-1]["role"] == "assistant":
@@ -284,16 +294,8 @@ class ChatApp(App):
             close()
 
 
-def main(args: argparse.Namespace) -> int:
-    """Entry point of `hybridmoe chat [MODEL]`: load the model, then run the app until the user quits."""
-    from hybridmoe.cli import load_from_args  # the same model and offload options as the other subcommands
-    if sys.stderr.isatty():
-        print(f"loading {args.model or 'the demo model'}…", file=sys.stderr, flush=True)
-    try:
-        engine = load_from_args(args)
-    except (HybridMoEError, ValueError) as e:
-        print(f"hybridmoe: {e}", file=sys.stderr)
-        return 1
-    app = ChatApp(engine, system=getattr(args, "system", None))
+def run_chat(engine, system: str | None = None) -> int:
+    """`hybridmoe chat` on a loaded engine: run the app until the user quits."""
+    app = ChatApp(engine, system=system)
     app.run()
     return app.return_code or 0

@@ -9,7 +9,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
 from hybridmoe import GenerationConfig
-from hybridmoe.repl import parse_setting
+from hybridmoe.engine.conversation import parse_setting
 
 from .info import model_facts, placement
 

@@ -149,9 +149,10 @@ def describe(engine) -> dict:
         params = summarize(engine.config)["params_total"]
     except Exception:  # a config summarize cannot read must not stop a benchmark
         params = sum(p.numel() for p in engine.model.parameters())
-    runtime = getattr(engine.model, "experts", None)
-    opts = getattr(runtime, "opts", None)
-    if opts is not None:
+    from ..offload.runtime import OffloadRuntime
+    runtime = engine.model.experts
+    if isinstance(runtime, OffloadRuntime):
+        opts = runtime.opts
         backend = "CUDA+CPU experts" if opts.accelerator == "cuda" else "CPU (offload, simulated GPUs)"
         devices = opts.devices
     else:

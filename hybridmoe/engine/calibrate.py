@@ -52,14 +52,14 @@ def measure(model: str | Path, accelerator: str, tokens: int = 32, reps: int = 5
     """Time the twins of `model` on `accelerator` ("cuda" or "cpu") with the kernels' current thread count."""
     import numba
 
-    from .. import load
+    from .engine import load
     cfg, types, other = model_types(model)
     say = progress or (lambda s: None)
     device = "cuda" if accelerator == "cuda" else "cpu"
     times: dict[tuple[int, bool], float] = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        from ..formats.synthetic import write_twin
+        from ..models.synthetic import write_twin
         for n in MOE_LAYERS:
             path = write_twin(cfg, n, Path(tmp) / f"twin{n}.gguf", types, other)
             for cached in (True, False):

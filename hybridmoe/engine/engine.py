@@ -2,36 +2,41 @@
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ..errors import ConfigError, ContextOverflowError
+from ..errors import ConfigError, ContextOverflowError, EngineBusyError
 from ..layers.attention import stack_qkv_projections
 from ..layers.cache import Batch
 from ..models.graphs import DecodeGraphs
 from ..models.loader import LoadedModel, load_hf, read_config
 from ..formats.gguf import GGUFFile, hf_config
+from ..offload.chunking import PREFILL_CHUNK
 from ..offload.disk import attach as attach_disk_tier
 from ..offload.plan import footprint_from_config, split_stages
-from ..offload.runtime import OffloadOptions, OffloadRuntime, activation_modes, make_store, stage_devices
+from ..offload.runtime import OffloadRuntime, activation_modes, make_store, stage_devices
+from ..options import DEMO_MODEL, Accelerator, GpuWeights, RunOptions, Tier, model_path
 from .config import GenerationConfig
 from .events import Event
 from .generate import generate_loop
 from .text import prompt_opens_think
 from .tokenizer import Tokenizer
 
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 DTYPES = {"float32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "f16": torch.float16}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto": the first CUDA GPU when torch sees one, else the CPU (as llama.cpp and ollama choose)."""
+    if str(device) == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but no CUDA GPU is visible to torch; use --device cpu")
@@ -40,7 +45,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
             raise ConfigError(f"--device cuda:{index}: only {torch.cuda.device_count()} GPU(s) visible")
         dev = torch.device("cuda", index)
     elif dev.type != "cpu":
-        raise ConfigError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
+        raise ConfigError(f"--device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev
 
 
@@ -62,7 +67,7 @@ class Engine:
     """A loaded model ready to generate. Build it with hybridmoe.load()."""
 
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer | None, path: Path, device: torch.device,
-                 dtype: torch.dtype, context: int | None = None):
+                 dtype: torch.dtype, context: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
         self.loaded, self.tokenizer, self.path = loaded, tokenizer, path
         self.model, self.args, self.config = loaded.model, loaded.args, loaded.config
         self.device, self.dtype = device, dtype
@@ -72,12 +77,19 @@ class Engine:
             limit = min(limit, int(sliding))  # past the window the reference attends differently
         self.max_context = min(context, limit) if context else min(limit, 4096)
         self.cancel = threading.Event()
+        self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass (on a GPU: sized from free VRAM)
+        # One model, one KV cache: generations and logits() from several threads take turns (see generate()).
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread holding _lock
 
     @property
     def model_type(self) -> str:
         return self.config["model_type"]
 
     def _tok(self) -> Tokenizer:
+        if self.tokenizer is None and self.path.suffix == ".gguf":  # only when the dependency is missing
+            raise ConfigError(f"{self.path}: a GGUF file's tokenizer runs through llama.cpp, which is not installed: "
+                              "pip install llama-cpp-python (or pass token ids)")
         if self.tokenizer is None:
             raise ConfigError(f"{self.path}: no tokenizer.json, so text cannot be generated; pass token ids instead")
         return self.tokenizer
@@ -90,9 +102,24 @@ class Engine:
             raise ContextOverflowError(f"{len(token_ids)} tokens exceed the context of {self.max_context}; "
                                        "raise --ctx or pass fewer tokens")
         self._check_ids(token_ids)
-        with torch.inference_mode():
+        with self._turn(), torch.inference_mode():
             batch = Batch.make([0], [len(token_ids)], None, self.device)
             return self.model(torch.tensor([token_ids], device=self.device), batch)[0]
+
+    @contextmanager
+    def _turn(self):
+        """Hold the engine for one generation or logits() call. Another thread waits its turn; the same thread,
+        with an earlier generation still open, gets an error instead of waiting for itself forever."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise EngineBusyError("this engine is already generating in this thread: finish the earlier generate() "
+                                  "or chat() iterator, or close() it, before starting another")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def _check_ids(self, token_ids: list[int]) -> None:
         vocab = self.args.vocab_size
@@ -103,7 +130,12 @@ class Engine:
     def generate(self, prompt_or_messages: str | list[dict] | list[int], config: GenerationConfig | None = None,
                  **overrides) -> Iterator[Event]:
         """Events for a completion of a plain prompt (str), of token ids (list of int), or of a conversation
-        (list of role/content dicts)."""
+        (list of role/content dicts).
+
+        One engine serves one generation at a time: iterators consumed in several threads take turns (each waits,
+        at its first event, until the one before has ended), so every answer is the one it would be alone. In one
+        thread, starting a second iteration while the first is still open raises EngineBusyError. To serve
+        concurrent requests, use a batch scheduler."""
         cfg = (config or GenerationConfig()).updated(**overrides)
         if isinstance(prompt_or_messages, str):
             return self._run(self._tok().encode(prompt_or_messages), cfg, prompt_opens_think(prompt_or_messages))
@@ -121,31 +153,35 @@ class Engine:
         return self._run(ids, cfg, prompt_opens_think(text))
 
     def _run(self, ids: list[int], cfg: GenerationConfig, in_think: bool) -> Iterator[Event]:
-        self.cancel.clear()
         eos = self.tokenizer.eos_ids if self.tokenizer else set(_as_ids(self.config.get("eos_token_id")))
-        return generate_loop(self.model, self.tokenizer, eos, ids, cfg, max_context=self.max_context, in_think=in_think,
-                             cancel=self.cancel)
+        with self._turn():
+            self.cancel.clear()  # a stop() meant for the generation before this one
+            yield from generate_loop(self.model, self.tokenizer, eos, ids, cfg, max_context=self.max_context,
+                                     in_think=in_think, cancel=self.cancel,
+                                     prefill_chunk=self.prefill_chunk)
 
     def stop(self) -> None:
-        """Ask a running generation to end after the current step (thread-safe)."""
+        """Ask a running generation to end after the current step: a token, or a chunk of the prompt (thread-safe)."""
         self.cancel.set()
 
 
-def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         context: int | None = None, *, accelerator: str | None = None, devices: int = 1,
-         expert_cache_slots: int | None = None, prefetch: bool = True, experts_tier: str = "mmap",
-         cost_model=None, cpu_repack: bool = False, prefetch_margin: int = 2, cpu_activations: str = "f32",
-         cuda_graphs: bool = True, memory_budget: int | None = None) -> Engine:
+def load(path: str | Path | None = None, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, context: int | None = None, *, options: RunOptions | None = None,
+         **settings) -> Engine:
     """Load a model directory (HF config.json + safetensors + tokenizer.json) or a GGUF file (`x.gguf`, or any part
-    of a split `x-00001-of-0000N.gguf`). No path: the built-in demo model.
+    of a split `x-00001-of-0000N.gguf`). No path (or "demo"): the built-in demo model.
 
-    With device="cuda" (or accelerator="cpu", which simulates the GPUs on the CPU) the routed experts stay on the
+    `options` (hybridmoe.RunOptions) holds every setting with its default; `device`, `dtype`, `context` and keyword
+    `settings` (any RunOptions field) override it. The device defaults to "auto": the first CUDA GPU when there is
+    one, else the CPU.
+
+    With a CUDA device (or accelerator="cpu", which simulates the GPUs on the CPU) the routed experts stay on the
     host and run through the offload engine: `devices` pipeline stages, `expert_cache_slots` GPU slots per device
     (None: as many as fit; 0: no cache), router-predicted `prefetch` of the top (k + `prefetch_margin`) experts,
-    and the host tier `experts_tier`
-    ("mmap" or "pinned"). `cost_model` (offload.scheduler.CostModel) holds the machine's measured rates; the
-    default is a conservative workstation's. `cpu_repack` (GGUF) gives CPU-served experts a lane-interleaved copy
-    that decodes faster; it sums in another order, so results then match within kernel tolerance.
+    and the host tier `experts_tier` ("mmap" or "pinned"). `cost_model` (offload.scheduler.CostModel) holds the
+    machine's measured rates; the default is a conservative workstation's. `cpu_repack` (GGUF) gives CPU-served
+    experts a lane-interleaved copy that decodes faster; it sums in another order, so results then match within
+    kernel tolerance.
     `cpu_activations` (GGUF): "f32" (exact) or "int8", which rounds x to 8 bits per group of 32 in the decode
     kernels of CPU experts, as llama.cpp does: several times less compute, and all CPU experts of a layer in one
     call per decode step, read in place on the mmap tier (Q2_K to Q6_K, Q8_0, IQ4_XS; layers of other
@@ -155,33 +191,51 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     never the default.
     `cuda_graphs` replays each layer's non-expert work at decode as a captured CUDA graph (much less host time per
     token; attention then spans a masked window of keys, so results match eager decode within bf16 rounding).
+    `cpu_threads` sets the threads of the CPU kernels and of torch (for the whole process).
+    `gpu_weights` (GGUF on CUDA): "dequantized" copies of the non-expert weights in `dtype`, or "quantized": the
+    file's blocks, read by hybridmoe's GEMV kernels at decode (about half the bytes and VRAM at Q8_0).
     `memory_budget` (GGUF on the CPU): bytes the process may hold, page cache included (None: the memory cgroup's
     limit or the RAM available). Routed experts beyond it are read from disk ahead of need, the most used ones kept
     in RAM (offload.disk); `prefetch` and `prefetch_margin` then steer the reads of predicted experts."""
-    path = Path(path) if path is not None else DEMO_MODEL
-    if memory_budget is not None and memory_budget <= 0:
-        raise ConfigError(f"--memory-budget {memory_budget}: must be a positive number of bytes")
+    given = {k: v for k, v in (("device", device), ("dtype", dtype), ("context", context)) if v is not None}
+    if isinstance(given.get("device"), torch.device):
+        given["device"] = str(given["device"])
+    try:
+        opts = (options or RunOptions()).updated(**given, **settings)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+    return _load(model_path(path), opts)
+
+
+def _load(path: Path, opts: RunOptions) -> Engine:
     if not path.exists():
         raise ConfigError(f"{path}: no such file or directory")
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    # --accelerator cpu: the CPU stands in for the GPUs, so "auto" does not go looking for one
+    dev = torch.device("cpu") if opts.device == "auto" and opts.accelerator == Accelerator.CPU \
+        else resolve_device(opts.device)
+    dt = resolve_dtype(opts.dtype, dev)
     gguf = path.suffix == ".gguf"
-    activation_modes(cpu_activations)  # an unknown mode is an error whatever the model
+    chunk = PREFILL_CHUNK
+    if opts.cpu_threads is not None:
+        from ..kernels.cpu import set_threads
+        set_threads(opts.cpu_threads)
+        torch.set_num_threads(opts.cpu_threads)
+    accelerator = opts.accelerator
     if accelerator is None and dev.type == "cuda":
-        accelerator = "cuda"
+        accelerator = Accelerator.CUDA
     if accelerator is None:
-        if devices != 1 or expert_cache_slots is not None:
+        if opts.devices != 1 or opts.expert_cache_slots is not None:
             raise ConfigError("--devices and --expert-cache-slots need --device cuda or --accelerator cpu")
-        loaded = _load_gguf(path, dev, dt, experts_tier, cpu_activations=cpu_activations) if gguf \
-            else load_hf(path, dev, dt)
+        loaded = _load_gguf(path, dev, dt, opts) if gguf else load_hf(path, dev, dt)
         if gguf and dev.type == "cpu":  # experts beyond the memory budget are read from disk ahead of need
-            attach_disk_tier(loaded.model, loaded.model.experts, memory_budget, prefetch, prefetch_margin)
+            attach_disk_tier(loaded.model, loaded.model.experts, opts.memory_budget, opts.prefetch,
+                             opts.prefetch_margin)
     else:
-        opts = OffloadOptions(accelerator, devices, expert_cache_slots, prefetch, prefetch_margin, experts_tier,
-                              cpu_repack=cpu_repack, cpu_activations=cpu_activations)
-        if accelerator == "cuda" and dev.type != "cuda":
+        opts = opts.updated(accelerator=accelerator)
+        devices = opts.devices
+        if accelerator == Accelerator.CUDA and dev.type != "cuda":
             raise ConfigError("--accelerator cuda needs --device cuda")
-        if accelerator == "cuda" and devices > torch.cuda.device_count():
+        if accelerator == Accelerator.CUDA and devices > torch.cuda.device_count():
             raise ConfigError(f"--devices {devices}: only {torch.cuda.device_count()} GPU(s) visible")
         stage_devs = stage_devices(opts)
         source = GGUFFile(path) if gguf else path
@@ -189,43 +243,45 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         stages = split_stages(list(fp.layer_bytes), devices)  # contiguous stages balanced by bytes
         layer_devs = [stage_devs[s] for s in stages]
         if gguf:
-            loaded = _load_gguf(source, stage_devs[0], dt, "mmap", layer_devs, cpu_activations, offloaded=True)
+            loaded = _load_gguf(source, stage_devs[0], dt, opts, layer_devs, offloaded=True)
         else:
             loaded = load_hf(path, stage_devs[0], dt, layer_devs, experts_device="cpu")
         model = loaded.model
-        ctx = context or 4096
+        ctx = opts.context or 4096
         kv = [ctx * sum(b for b, st in zip(fp.kv_bytes_per_token, stages) if st == s) for s in range(devices)]
-        model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, cost_model)
+        model.experts = OffloadRuntime(model, make_store(model.experts, opts), opts, stages, kv, opts.cost_model,
+                                       context=ctx)
+        chunk = model.experts.prefill_chunk
         dev = stage_devs[0]
     if dev.type == "cuda":
         stack_qkv_projections(loaded.model)  # fewer launches per decode step
-    if cuda_graphs and dev.type == "cuda":
+    if opts.cuda_graphs and dev.type == "cuda":
         loaded.model.decode_graphs = DecodeGraphs(loaded.model)
     tokenizer = getattr(loaded, "tokenizer", None)
     if not gguf and (path / "tokenizer.json").exists():
         tokenizer = Tokenizer(path, loaded.config)
-    return Engine(loaded, tokenizer, path, dev, dt, context)
+    return Engine(loaded, tokenizer, path, dev, dt, opts.context, chunk)
 
 
 # --- GGUF files (llama.cpp's format): non-expert weights dequantized, routed experts computed from their bytes ---
-def _load_gguf(path, dev: torch.device, dt: torch.dtype, experts_tier: str,
-               layer_devices: list[torch.device] | None = None, cpu_activations: str = "f32",
-               offloaded: bool = False) -> LoadedModel:
+def _load_gguf(path, dev: torch.device, dt: torch.dtype, opts: RunOptions,
+               layer_devices: list[torch.device] | None = None, offloaded: bool = False) -> LoadedModel:
     # offloaded: the experts go on to the offload engine's store, so here they are only carried, not repacked
     from ..models.gguf_loader import load_gguf
     from ..offload.quant_experts import QuantExperts
     from .gguf_tokenizer import GGUFTokenizer, llama_cpp_available
 
-    if experts_tier not in ("mmap", "pinned"):
-        raise ConfigError(f"--experts-tier {experts_tier!r} is not one of mmap, pinned")
-    experts_acts, linear_acts = activation_modes(cpu_activations)
-    loaded, experts = load_gguf(path, dev, dt, layer_devices, linear_acts)
+    experts_acts, linear_acts = activation_modes(opts.cpu_activations)
+    source = path if isinstance(path, GGUFFile) else GGUFFile(path)
+    loaded, experts = load_gguf(source, dev, dt, layer_devices, linear_acts,
+                                gpu_blocks=opts.gpu_weights == GpuWeights.QUANTIZED)
     # "pinned" (experts copied into RAM) is, for CPU-computed experts, the kernels' packed layout
-    packed = not offloaded and experts_tier == "pinned"
+    packed = not offloaded and opts.experts_tier == Tier.PINNED
     loaded.model.experts = QuantExperts(experts, tier="packed" if packed else "mmap",
                                         activations="f32" if offloaded else experts_acts)
     # Without llama-cpp-python the model still scores token ids; text needs its tokenizer.
-    file = path.path if isinstance(path, GGUFFile) else path
-    loaded.tokenizer = GGUFTokenizer(file, loaded.config.get("chat_template")) if llama_cpp_available() else None
+    file = source.path
+    loaded.tokenizer = GGUFTokenizer(file, loaded.config.get("chat_template"), source) \
+        if llama_cpp_available() else None
     return loaded
 # --- end GGUF ---

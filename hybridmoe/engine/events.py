@@ -25,6 +25,15 @@ class Stats:
 
 
 @dataclass(frozen=True, slots=True)
+class Progress:
+    """The prompt is being read: `done` of `total` tokens after `elapsed_s`. Yielded after each prefill chunk but
+    the last, once reading has taken more than about a second (a Stats event with phase "prefill" ends it)."""
+    done: int
+    total: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Notice:
     """Something the user should know that did not stop generation (e.g. the expert cache was shrunk)."""
     message: str
@@ -46,4 +55,4 @@ class Done:
     token_ids: tuple[int, ...] = ()  # every generated token, in order
 
 
-Event = Text | Stats | Notice | Error | Done
+Event = Text | Stats | Progress | Notice | Error | Done

@@ -11,29 +11,42 @@ from ..errors import HybridMoEError
 from ..layers.cache import Batch
 from ..models.common import Transformer
 from .config import GenerationConfig
-from .events import Done, Error, Event, Notice, Stats, Text
-from .sampler import make_sampler
+from .events import Done, Error, Event, Notice, Progress, Stats, Text
+from .sampler import NonFiniteLogits, make_sampler
 from .text import StopFilter, ThinkSplitter
 from .tokenizer import StreamDecoder, Tokenizer
 
 
+PROGRESS_AFTER_S = 1.0  # a prompt read for longer than this reports its progress after each chunk
+
+
 def expert_stats(model: Transformer) -> dict:
-    take = getattr(model.experts, "take_stats", None)
-    return take() if take else {}
+    return model.experts.take_stats()
 
 
 def with_memory_retry(fn, model: Transformer, notices: list[str]):
     """Run fn(); on GPU out-of-memory, let the offload engine give memory back (shrinking its expert cache) and
     retry, so an answer never dies mid-way for want of cache space."""
-    release = getattr(model.experts, "release_memory", None)
+    release = model.experts.release_memory
     while True:
         try:
             return fn()
         except torch.OutOfMemoryError:
-            msg = release() if release is not None else None
+            msg = release()
             if msg is None:
                 raise
             notices.append(msg)
+
+
+def nonfinite_cause(model: Transformer) -> str:
+    """The likely cause of NaN or infinite logits, for the error message (the config values that produce them
+    are refused on load, so what is left is the weights)."""
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if p.is_floating_point() and p.device.type != "meta" and not torch.isfinite(p).all():
+                return f"the weight {name} holds NaN or infinite values: the model file is damaged"
+    return ("no dense weight holds NaN or infinity, so the routed experts' weights are the likely cause (a damaged "
+            "file), or values too large for --dtype (try float32)")
 
 
 def generate_loop(model: Transformer, tok: Tokenizer | None, eos_ids: set[int], prompt_ids: list[int], cfg: GenerationConfig, *,
@@ -97,12 +110,26 @@ def generate_loop(model: Transformer, tok: Tokenizer | None, eos_ids: set[int], 
             for s in range(0, n_prompt, prefill_chunk):
                 chunk = prompt_ids[s:s + prefill_chunk]
                 logits = step([chunk], Batch.make([s], [len(chunk)], [0], device))
+                done = s + len(chunk)
+                if done < n_prompt:  # between chunks: report, and stop here if asked to
+                    elapsed = time.perf_counter() - t0
+                    if elapsed >= PROGRESS_AFTER_S:
+                        yield Progress(done, n_prompt, elapsed)
+                    if cancel is not None and cancel.is_set():
+                        yield from finish("cancelled")
+                        return
             prefill_rate = n_prompt / max(time.perf_counter() - t0, 1e-9)
             yield from stats_events("prefill", 0, 0.0)
             t_decode = time.perf_counter()
             pos = n_prompt
             while True:
-                token = sample(logits, history)  # host sync: the token decides what comes next
+                try:
+                    token = sample(logits, history)  # host sync: the token decides what comes next
+                except NonFiniteLogits:
+                    at = f"token {len(generated) + 1}" if generated else "the end of the prompt"
+                    yield Error(f"the model's logits are NaN or infinite at {at}; {nonfinite_cause(model)}")
+                    yield from finish("error")
+                    return
                 if token in eos_ids and not cfg.ignore_eos:
                     yield from finish("eos")
                     return

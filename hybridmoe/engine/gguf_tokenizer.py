@@ -1,15 +1,25 @@
 """The tokenizer stored in a GGUF file's metadata, run by llama.cpp itself (llama-cpp-python, vocabulary only), so
 that ids match llama.cpp's exactly. Same interface as tokenizer.Tokenizer; the chat template is the file's
-`tokenizer.chat_template`, rendered with our sandboxed ChatTemplate."""
+`tokenizer.chat_template`, rendered with our sandboxed ChatTemplate.
+
+llama.cpp ends the process on some damaged vocabularies instead of returning an error. So the metadata is checked
+first (formats.gguf_vocab), and each file's vocabulary is then loaded once in a child process that also tokenizes a
+sample and detokenizes every id: whatever still aborts there becomes a one-line error instead of exit 134."""
 from __future__ import annotations
 
 import ctypes
+import subprocess
 from pathlib import Path
 
 from ..errors import ConfigError, ModelFileError
-from ..formats.convert import quiet_llama_cpp
-from ..formats.gguf import split_parts
-from .tokenizer import ChatTemplate
+from ..formats import llama_child
+from ..models.convert import quiet_llama_cpp
+from ..formats.gguf import GGUFFile, split_parts
+from ..formats.gguf_vocab import check_vocab
+from .tokenizer import ChatTemplate, check_text
+
+PROBE_SECONDS = 300
+_probed: dict[tuple, str | None] = {}  # (path, size, mtime) -> the error, or None for a vocabulary that works
 
 
 def llama_cpp_available() -> bool:
@@ -24,12 +34,37 @@ def _llama():
         raise ConfigError("GGUF tokenizers run through llama.cpp: pip install llama-cpp-python") from None
 
 
+def probe_vocab(path: Path) -> None:
+    """Load the file's vocabulary in llama.cpp in a child process, once per file; raise ModelFileError if that
+    fails or kills the child."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _probed:
+        _probed[key] = _run_probe(path)
+    if _probed[key]:
+        raise ModelFileError(_probed[key])
+
+
+def _run_probe(path: Path) -> str | None:
+    try:
+        r = llama_child.run(["probe", str(path)], timeout=PROBE_SECONDS)
+    except subprocess.TimeoutExpired:
+        return f"{path}: llama.cpp did not finish reading the tokenizer in {PROBE_SECONDS} s; the vocabulary is damaged"
+    if r.returncode == 0:
+        return None
+    if r.returncode == llama_child.VOCAB_FAILED:
+        return f"{path}: llama.cpp cannot read the tokenizer in this file"
+    return f"{path}: llama.cpp fails on this file's tokenizer metadata ({llama_child.failure(r)}); the file is damaged"
+
+
 class GGUFTokenizer:
     """Text <-> ids, special tokens, end-of-generation ids, and the chat template of a GGUF model file."""
 
-    def __init__(self, path: str | Path, chat_template: str | None = None):
+    def __init__(self, path: str | Path, chat_template: str | None = None, file: GGUFFile | None = None):
         self.L = L = _llama()
         self.path = split_parts(Path(path))[0]  # llama.cpp reads a split model from its first part
+        check_vocab((file or GGUFFile(self.path)).metadata, self.path)
+        probe_vocab(self.path)
         params = L.llama_model_default_params()
         params.vocab_only = True
         self._model = L.llama_model_load_from_file(str(self.path).encode(), params)
@@ -57,7 +92,7 @@ class GGUFTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Special-token text (e.g. "<|im_start|>") is parsed as the special token, as tokenizers does."""
-        data = text.encode("utf-8")
+        data = check_text(text)
         n_max = len(data) + 8
         buf = (self.L.llama_token * n_max)()
         n = self.L.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special_tokens and self.add_bos, True)
@@ -69,6 +104,9 @@ class GGUFTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if not ids:
             return ""
+        if not all(0 <= i < self.vocab_size for i in ids):  # llama.cpp would end the process
+            raise ValueError(f"token id {next(i for i in ids if not 0 <= i < self.vocab_size)} is outside the "
+                             f"vocabulary (0..{self.vocab_size - 1})")
         arr = (self.L.llama_token * len(ids))(*ids)
         size = 16 * len(ids) + 64
         for _ in range(2):

@@ -1,6 +1,7 @@
 """Samplers are callables built by a factory: (logits [V] f32, history) -> token id."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -8,6 +9,10 @@ import torch
 from .config import GenerationConfig
 
 Sampler = Callable[[torch.Tensor, list[int]], int]
+
+
+class NonFiniteLogits(Exception):
+    """The model's logits hold NaN or infinity: there is no token to pick."""
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:
@@ -48,7 +53,15 @@ def make_sampler(cfg: GenerationConfig) -> Sampler:
     def sample(logits: torch.Tensor, history: list[int]) -> int:
         logits = apply_repetition_penalty(logits.float(), history, cfg.repetition_penalty)
         if cfg.greedy:
-            return int(logits.argmax())
+            # argmax picks a NaN or +inf wherever there is one, so its value tells whether all are finite;
+            # index and value come back in one host sync
+            i = logits.argmax()
+            value, token = torch.stack((logits[i].double(), i.double())).tolist()
+            if not math.isfinite(value):
+                raise NonFiniteLogits()
+            return int(token)
+        if not torch.isfinite(logits).all():  # host sync; multinomial would fail on NaN
+            raise NonFiniteLogits()
         probs = filter_logits(logits, cfg).softmax(-1).cpu()
         return int(torch.multinomial(probs, 1, generator=gen))
 

@@ -1,51 +1,40 @@
-"""Tokenizer (the `tokenizers` library) and chat templates rendered in a sandboxed jinja2 environment."""
+"""Tokenizer (the `tokenizers` library) and the chat template of an HF model directory."""
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import ConfigError, ModelFileError
+from .chat_template import ChatTemplate  # noqa: F401 (also imported from here)
 
 
-def _token_text(tok) -> str | None:
-    if isinstance(tok, dict):
-        return tok.get("content")
-    return tok
+def _token_text(tok, key: str, where: Path) -> str | None:
+    text = tok.get("content") if isinstance(tok, dict) else tok
+    if text is not None and not isinstance(text, str):
+        raise ModelFileError(f"{where}: {key} must be a string or an object with a string content")
+    return text
 
 
-def _as_list(x) -> list:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]
+def _ids(x, where: Path) -> list[int]:
+    items = [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        raise ModelFileError(f"{where}: eos_token_id must be a token id or a list of token ids, not {x!r}")
+    return items
 
 
-def _raise(message: str):
-    raise TemplateError(message)
-
-
-class ChatTemplate:
-    def __init__(self, source: str, where: str):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = _raise
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
-                                                                                    ensure_ascii=ensure_ascii)
-        try:
-            self.template = env.from_string(source)
-        except TemplateError as e:
-            raise ConfigError(f"{where}: chat_template does not parse ({e})") from None
-        self.where = where
-
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-        try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
-        except TemplateError as e:
-            raise ConfigError(f"{self.where}: chat_template failed: {e}") from None
+def check_text(text: str) -> bytes:
+    """The UTF-8 bytes of a prompt. Bytes that are not UTF-8 reach Python as lone surrogates (command-line
+    arguments, files read with surrogateescape); they are refused with a one-line error, not passed on as garbage."""
+    if not isinstance(text, str):
+        raise ValueError(f"the prompt must be text (str), not {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"code point U+{ord(bad):04X}"
+        raise ValueError(f"the prompt is not valid UTF-8 ({byte} at character {e.start}); pass UTF-8 text") from None
 
 
 class Tokenizer:
@@ -63,36 +52,48 @@ class Tokenizer:
         tc = self._json(d / "tokenizer_config.json")
         gc = self._json(d / "generation_config.json")
         config = config or {}
-        self.bos_token = _token_text(tc.get("bos_token"))
-        self.eos_token = _token_text(tc.get("eos_token"))
+        where = d / "tokenizer_config.json"
+        self.bos_token = _token_text(tc.get("bos_token"), "bos_token", where)
+        self.eos_token = _token_text(tc.get("eos_token"), "eos_token", where)
         self.add_bos = bool(tc.get("add_bos_token", False))
-        eos = set(_as_list(gc.get("eos_token_id")) + _as_list(config.get("eos_token_id")))
+        eos = set(_ids(gc.get("eos_token_id"), d / "generation_config.json") + _ids(config.get("eos_token_id"),
+                                                                                   d / "config.json"))
         if self.eos_token is not None and self.tk.token_to_id(self.eos_token) is not None:
             eos.add(self.tk.token_to_id(self.eos_token))
-        self.eos_ids = {int(i) for i in eos}
+        self.eos_ids = eos
         self.bos_id = self.tk.token_to_id(self.bos_token) if self.bos_token else None
         template = tc.get("chat_template")
         if isinstance(template, list):  # named templates: use "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
         jinja = d / "chat_template.jinja"
         if template is None and jinja.exists():
-            template = jinja.read_text()
-        self.chat_template = ChatTemplate(template, str(d / "tokenizer_config.json")) if template else None
+            try:
+                template = jinja.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ModelFileError(f"{jinja}: cannot be read ({e})") from None
+        if template is not None and not isinstance(template, str):
+            raise ModelFileError(f"{where}: chat_template must be a string, not {type(template).__name__}")
+        self.chat_template = ChatTemplate(template, str(where)) if template else None
 
     @staticmethod
     def _json(path: Path) -> dict:
         if not path.exists():
             return {}
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelFileError(f"{path}: invalid JSON ({e})") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as e:
+            raise ModelFileError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from None
+        if not isinstance(data, dict):
+            raise ModelFileError(f"{path}: expected a JSON object")
+        return data
 
     @property
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text)
         ids = self.tk.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids

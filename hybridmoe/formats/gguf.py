@@ -17,7 +17,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from ..errors import ConfigError, ModelFileError
-from .gguf_names import GATING_FUNCS, GGUF_KEYS, GGUF_MODEL_TYPES, GGUF_REQUIRED
+from .families import GGUF_KEYS, GGUF_MODEL_TYPES, GGUF_REQUIRED
+from .gguf_names import GATING_FUNCS
 
 SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -108,6 +109,7 @@ def _check_buffer(buf: memoryview, path: Path) -> None:
         qtype, offset = h.take("I", f"the type of {name!r}"), h.take("Q", f"the offset of {name!r}")
         infos.append((name, dims, qtype, offset))
     base = -(-h.pos // alignment) * alignment
+    spans = []
     for name, dims, qtype, offset in infos:
         try:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
@@ -120,6 +122,11 @@ def _check_buffer(buf: memoryview, path: Path) -> None:
         if end > len(buf):
             raise ModelFileError(f"{path}: truncated file: tensor {name!r} ends at byte {end} but the file has "
                                  f"{len(buf)} bytes; re-download it")
+        spans.append((base + offset, end, name))
+    spans.sort()
+    for (_, end, before), (start, _, name) in zip(spans, spans[1:]):
+        if start < end:  # two tensors sharing bytes: an edit of one would silently change the other
+            raise ModelFileError(f"{path}: corrupt tensor table: tensor {name!r} overlaps {before!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +232,15 @@ def _value(f: GGUFFile, key: str, ours: str, value) -> int | float | bool:
     raise ConfigError(f"{f.path}: metadata key {key!r} has value {value!r} of an unexpected type or range")
 
 
+def metadata_names(arch: str) -> dict[str, str]:
+    """config.json key -> the metadata key it comes from, for error messages about a GGUF file's values."""
+    rope = {"factor": "rope.scaling.factor", "original_max_position_embeddings": "rope.scaling.original_context_length",
+            "beta_fast": "rope.scaling.yarn_beta_fast", "beta_slow": "rope.scaling.yarn_beta_slow",
+            "mscale": "rope.scaling.yarn_log_multiplier", "mscale_all_dim": "rope.scaling.yarn_log_multiplier"}
+    return ({ours: f"{arch}.{key}" for key, ours in GGUF_KEYS.get(arch, {}).items()}
+            | {f"rope_scaling.{ours}": f"{arch}.{key}" for ours, key in rope.items()})
+
+
 def hf_config(f: GGUFFile) -> dict:
     """config.json keys for the model family of this file's architecture, from its metadata and tensor list."""
     arch = f.arch
@@ -241,17 +257,30 @@ def hf_config(f: GGUFFile) -> dict:
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
         if cfg[key] < 1:
             raise ConfigError(f"{f.path}: metadata for {key} is {cfg[key]}; it must be at least 1")
+    # As llama.cpp: the count must match the layers present (also keeps a corrupted count from building a huge
+    # module tree, and a smaller one from silently dropping layers).
     blocks = {int(m[1]) for m in map(re.compile(r"blk\.(\d+)\.").match, f.tensors) if m}
-    if cfg["num_hidden_layers"] > len(blocks):  # also keeps a corrupted count from building a huge module tree
-        raise ModelFileError(f"{f.path}: metadata {arch}.block_count is {cfg['num_hidden_layers']} but the file "
-                             f"has tensors for {len(blocks)} layers")
+    count = cfg["num_hidden_layers"]
+    if len(blocks) != count or blocks and max(blocks) != count - 1:  # distinct numbers >= 0: they are 0..count-1
+        have = f"layers {min(blocks)} to {max(blocks)} ({len(blocks)} in all)" if blocks else "no layers"
+        raise ModelFileError(f"{f.path}: metadata {arch}.block_count is {count} but the file has tensors for "
+                             f"{have}; the file is damaged or was written wrongly")
+    nextn = f.get(f"{arch}.nextn_predict_layers", 0)  # multi-token-prediction layers, counted in block_count
+    if not isinstance(nextn, int) or isinstance(nextn, bool) or not 0 <= nextn < count:
+        raise ConfigError(f"{f.path}: metadata {arch}.nextn_predict_layers is {nextn!r}; it must be a whole number "
+                          f"below block_count ({count})")
+    cfg["num_hidden_layers"] = count - nextn
+    tokens = f.get("tokenizer.ggml.tokens")
+    n_tokens = len(tokens) if isinstance(tokens, list) else None
     if "vocab_size" not in cfg:
-        tokens = f.get("tokenizer.ggml.tokens")
         embd = f.tensors.get("token_embd.weight")
-        cfg["vocab_size"] = len(tokens) if isinstance(tokens, list) else embd.shape[0] if embd else None
+        cfg["vocab_size"] = n_tokens if n_tokens is not None else embd.shape[0] if embd else None
         if not cfg["vocab_size"]:
             raise ConfigError(f"{f.path}: vocabulary size unknown (no {arch}.vocab_size, tokenizer.ggml.tokens "
                               "or token_embd.weight)")
+    elif n_tokens is not None and n_tokens != cfg["vocab_size"]:  # ids past the tokenizer's list abort llama.cpp
+        raise ModelFileError(f"{f.path}: metadata {arch}.vocab_size is {cfg['vocab_size']} but "
+                             f"tokenizer.ggml.tokens has {n_tokens} tokens")
     cfg["tie_word_embeddings"] = "output.weight" not in f
     if isinstance(f.get("tokenizer.chat_template"), str):
         cfg["chat_template"] = f.get("tokenizer.chat_template")

@@ -3,6 +3,7 @@
 Tensor names follow llama.cpp (`blk.{i}.attn_q_a.weight`). Routed experts are stored stacked, one tensor per
 projection and layer (`blk.{i}.ffn_gate_exps.weight`, [E, I, D]); they map to `layers.{i}.experts.{gate|up|down}`.
 A target ending in `:part` is one piece of a tensor we assemble (MLA's `attn_k_b` + `attn_v_b` -> `wkv_b`).
+The pieces here are shared by several families; formats/families.py puts together each family's tables.
 """
 from __future__ import annotations
 
@@ -45,24 +46,11 @@ GGUF_GQA = {
     "blk.{i}.attn_k_norm.weight": "layers.{i}.attn.k_norm.weight",
 }
 
-# GGUF architecture -> (our model family's model_type, tensor table)
-GGUF_TENSORS = {
-    "deepseek2": GGUF_COMMON | GGUF_MLA,
-    "qwen3moe": GGUF_COMMON | GGUF_GQA,
-    "llama": GGUF_COMMON | GGUF_GQA,
-}
-
-# llama.cpp's converter reorders the rows of Q and K of llama-arch models so that its rope rotates adjacent pairs;
-# ours rotates halves, so these rows are put back (our name -> config key holding the head count of that tensor).
-GGUF_ROPE_PERMUTED = {
-    "llama": {"layers.{i}.attn.wq.weight": "num_attention_heads", "layers.{i}.attn.wk.weight": "num_key_value_heads"},
-}
-
 # Tensors a file may carry that we do not use: llama-3 rope factors, and multi-token-prediction heads.
 GGUF_IGNORED = (r"rope_freqs\.weight", r"blk\.\d+\.nextn\..*")
 
-# Metadata `{arch}.<key>` -> config.json key. Keys marked required must be present.
-_SHARED_KEYS = {
+# Metadata `{arch}.<key>` -> config.json key: the keys every architecture has.
+SHARED_KEYS = {
     "context_length": "max_position_embeddings",
     "embedding_length": "hidden_size",
     "block_count": "num_hidden_layers",
@@ -75,49 +63,5 @@ _SHARED_KEYS = {
     "expert_feed_forward_length": "moe_intermediate_size",
 }
 
-GGUF_KEYS = {
-    "deepseek2": _SHARED_KEYS | {
-        "vocab_size": "vocab_size",
-        "attention.q_lora_rank": "q_lora_rank",
-        "attention.kv_lora_rank": "kv_lora_rank",
-        "attention.key_length": "key_length",
-        "attention.value_length": "value_length",
-        "attention.key_length_mla": "key_length_mla",
-        "attention.value_length_mla": "value_length_mla",
-        "rope.dimension_count": "qk_rope_head_dim",
-        "expert_shared_count": "n_shared_experts",
-        "leading_dense_block_count": "first_k_dense_replace",
-        "expert_group_count": "n_group",
-        "expert_group_used_count": "topk_group",
-        "expert_weights_scale": "routed_scaling_factor",
-        "expert_weights_norm": "norm_topk_prob",
-        "expert_gating_func": "expert_gating_func",
-    },
-    "qwen3moe": _SHARED_KEYS | {
-        "attention.head_count_kv": "num_key_value_heads",
-        "attention.key_length": "head_dim",
-    },
-    "llama": _SHARED_KEYS | {
-        "attention.head_count_kv": "num_key_value_heads",
-        "attention.key_length": "head_dim",
-        "vocab_size": "vocab_size",
-    },
-}
-
-GGUF_REQUIRED = {
-    "deepseek2": ("embedding_length", "block_count", "attention.head_count", "attention.kv_lora_rank",
-                  "rope.dimension_count", "attention.layer_norm_rms_epsilon"),
-    "qwen3moe": ("embedding_length", "block_count", "attention.head_count", "expert_count", "expert_used_count",
-                 "expert_feed_forward_length", "attention.layer_norm_rms_epsilon"),
-    "llama": ("embedding_length", "block_count", "attention.head_count", "expert_count", "expert_used_count",
-              "feed_forward_length", "attention.layer_norm_rms_epsilon"),
-}
-
-GGUF_MODEL_TYPES = {"qwen3moe": "qwen3_moe", "llama": "mixtral"}  # deepseek2: v3 or v2, from the gating function
-
 # llama.cpp's `expert_gating_func` values
 GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
-
-# Our model_type -> GGUF architecture, for the converter.
-ARCH_OF_MODEL_TYPE = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "qwen3_moe": "qwen3moe",
-                      "mixtral": "llama"}

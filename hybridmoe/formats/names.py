@@ -1,4 +1,5 @@
-"""HF tensor names -> ours, as data. `{i}` is a layer index and `{e}` an expert index.
+"""HF tensor names -> ours, as data. `{i}` is a layer index and `{e}` an expert index. The pieces here are shared by
+several families; formats/families.py puts together each family's table.
 
 Our names follow the module tree of models/common.py; routed experts are `layers.{i}.experts.{e}.{gate|up|down}`
 and are handed to an Experts object rather than to the module tree.
@@ -60,12 +61,6 @@ HF_MIXTRAL_MOE = {
     "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight": "layers.{i}.experts.{e}.gate",
     "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight": "layers.{i}.experts.{e}.up",
     "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight": "layers.{i}.experts.{e}.down",
-}
-
-HF_TABLES = {
-    "deepseek_v3": HF_COMMON | HF_MLA | HF_DEEPSEEK_MOE,
-    "qwen3_moe": HF_COMMON | HF_GQA | HF_QWEN_MOE,
-    "mixtral": HF_COMMON | HF_GQA | HF_MIXTRAL_MOE,
 }
 
 # Buffers some checkpoints carry that hold nothing we need.

@@ -10,7 +10,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -57,8 +57,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise ModelFileError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFileError(f"{path}: corrupt safetensors header ({e})") from None
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ModelFileError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise ModelFileError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + n
@@ -67,22 +69,52 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
+            dtype, shape, (begin, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ModelFileError(f"{path}: corrupt header entry for tensor {name!r}") from None
-        if dtype not in DTYPES:
+        if not (isinstance(shape, list) and all(_count(d) for d in shape) and _count(begin) and _count(end)):
+            raise ModelFileError(f"{path}: corrupt header entry for tensor {name!r} (shape {shape!r}, data_offsets "
+                                 f"{meta['data_offsets']!r}: whole numbers >= 0 expected)")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ModelFileError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        shape = tuple(shape)
         numel = 1
         for s in shape:
             numel *= s
-        if end - begin != numel * DTYPES[dtype][1] or begin < 0:
+        if end - begin != numel * DTYPES[dtype][1]:
             raise ModelFileError(f"{path}: tensor {name!r} has {end - begin} bytes, expected {numel * DTYPES[dtype][1]} for shape {list(shape)}")
         if base + end > size:
             raise ModelFileError(
                 f"{path}: truncated file: tensor {name!r} ends at byte {base + end} but the file has {size} bytes; "
                 "re-download this shard")
         out[name] = TensorInfo(name, path, dtype, shape, base + begin, end - begin)
+    _check_layout(out.values(), base, path)
     return out
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_layout(infos, base: int, path: Path) -> None:
+    """As the safetensors library requires: tensors tile the data section in order, without overlap or gap, so
+    that no two tensors share bytes (an edit to one would silently change the other)."""
+    at = base
+    for info in sorted(infos, key=lambda i: (i.start, i.nbytes)):
+        if info.start != at:
+            what = "overlaps the tensor before it" if info.start < at else f"leaves a gap of {info.start - at} bytes"
+            raise ModelFileError(f"{path}: corrupt header: tensor {info.name!r} {what} (it starts at byte "
+                                 f"{info.start}, the data before it ends at {at})")
+        at = info.start + info.nbytes
+
+
+def _check_shard_name(fname: str, index: Path) -> None:
+    """A shard is a .safetensors file inside the model directory: the index must not lead the loader elsewhere."""
+    p = PurePosixPath(fname)
+    if (p.is_absolute() or "\\" in fname or ".." in p.parts or not fname.endswith(".safetensors")
+            or any(ord(c) < 32 or ord(c) == 127 for c in fname)):
+        raise ModelFileError(f"{index}: weight_map names the file {fname!r}; shards must be .safetensors files "
+                             "inside the model directory")
 
 
 class SafetensorsFiles:
@@ -94,8 +126,13 @@ class SafetensorsFiles:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ModelFileError(f"{index}: corrupt index ({e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
+                raise ModelFileError(f"{index}: corrupt index ({type(e).__name__}: {e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                           for k, v in weight_map.items()):
+                raise ModelFileError(f"{index}: corrupt index (weight_map must map tensor names to file names)")
+            for fname in set(weight_map.values()):
+                _check_shard_name(fname, index)
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))

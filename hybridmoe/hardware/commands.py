@@ -27,7 +27,6 @@ class TuneRequest:
     quick: bool = False
     profile: str | None = None  # tune for the machine this profile describes
     context: int | None = None
-    batch: int | None = None
     dtype: str | None = None  # None: bfloat16 with a GPU, float32 without (as the engine loads)
     quant: str | None = None
     budget_s: float = 60.0
@@ -133,7 +132,7 @@ def run_tune(req: TuneRequest, out=print, say=None, measure_engine=None) -> Path
         # mmap-tier copies run at the measured pageable rate where known, else about half the pinned one
         pageable = min(1.0, spec.h2d_pageable_bytes_per_s / cost.h2d_bytes_per_s) or 0.5
         result = tune(fp, hw, cost, expert_flops(cfg), int(cfg.get("max_position_embeddings") or 4096),
-                      TuneOptions(context=req.context, batch=req.batch, pageable_factor=pageable,
+                      TuneOptions(context=req.context, pageable_factor=pageable,
                                   cpu_curve=got.cpu_by_threads if got else {}, engine=eng))
         out(f"\nplan for {Path(req.model).name} ({fp.expert_host_total / 2 ** 30:.2f} GiB of routed experts):")
         out(format_rows(result.rows))

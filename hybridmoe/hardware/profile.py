@@ -142,13 +142,29 @@ class Profile:
         h = self.hardware
         return Hardware(tuple(g.as_gpu() for g in h.gpus), int(h.ram_total_gib * GiB),
                         int(h.ram_available_gib * GiB), h.cpu_cores, self.cost.h2d_bytes_per_s,
-                        self.cost.cpu_bytes_per_s, h.disk_read_bytes_per_s)
+                        self.cost.cpu_bytes_per_s, h.disk_read_bytes_per_s, self.cost.gpu_flops)
 
     def plan_options(self) -> PlanOptions:
         p = self.plan
         return PlanOptions(context=p.context, batch=p.batch, experts_tier=p.experts_tier,
                            max_slots=max(p.expert_cache_slots) if p.expert_cache_slots else None,
                            prefetch_margin=p.prefetch_margin)
+
+
+    def run_options(self) -> dict:
+        """What this profile sets for a run (RunOptions fields): its [plan] as `hybridmoe tune` chose it, and its
+        cost constants. The plan's batch is not among them: generation runs one sequence."""
+        p = self.plan
+        out = {"cost_model": self.cost, "context": p.context, "prefetch_margin": p.prefetch_margin}
+        if p.experts_tier != "auto":
+            out["experts_tier"] = p.experts_tier
+        if p.cpu_threads:
+            out["cpu_threads"] = p.cpu_threads
+        if p.devices:
+            out["devices"] = p.devices
+        if p.expert_cache_slots:
+            out["expert_cache_slots"] = min(p.expert_cache_slots)
+        return out
 
 
 SECTIONS = {f.name: f for f in fields(Profile)}
@@ -271,7 +287,9 @@ def save(profile: Profile, path: str | Path, header: list[str] = (), comments: d
     text = dumps(profile, header, comments)
     loads(text, path)  # never write a file that would not load back
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    from ..formats.atomic import staged
+    with staged(path) as tmp:  # a failed write leaves an existing profile as it was
+        tmp.write_text(text)
     return path
 
 

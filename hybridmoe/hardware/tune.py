@@ -32,10 +32,12 @@ STEP_OVERHEAD_S = 0.5e-3  # sampling and the Python loop, per decode step
 @dataclass(slots=True)
 class TuneOptions:
     context: int | None = None  # None: the tuner chooses
-    batch: int | None = None
+    batch: int | None = None  # None: 1, as generation runs one sequence (batches arrive with the server)
     min_context: int = 4096
     max_context: int = 163840  # also capped by the model's max_position_embeddings
-    batches: tuple[int, ...] = (1, 2, 4, 8)
+    # Sizes searched when batch is None. Only 1 while generation runs one sequence: a plan for a larger batch
+    # would only budget KV cache for rows that never run, shrinking the expert cache.
+    batches: tuple[int, ...] = (1,)
     margins: tuple[int, ...] = (0, 1, 2, 4, 8)
     speed_tolerance: float = 0.05  # speed given up, at most, for a longer context
     batch_floor: float = 0.8  # a larger batch may slow each sequence to this fraction of batch 1
@@ -333,7 +335,8 @@ def explain(fp, hw, ch: Choice, opts, why_threads, no_prefetch: Prediction, by_c
         + ", ".join(str(x) for x in sorted(by_ctx)))
     rows.append(("context", str(c), why))
     b = pred.batch
-    why = "fixed by --batch" if opts.batch else (
+    why = "fixed by the caller" if opts.batch else (
+        "generation runs one sequence at a time" if opts.batches == (1,) else
         "a larger batch would slow each sequence too much or gain little" if b == 1 else
         f"{pred.aggregate_tok_s:.2f} tok/s in all, each sequence at {pred.tok_s:.2f}")
     rows.append(("batch", str(b), why))

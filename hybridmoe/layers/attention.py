@@ -8,6 +8,7 @@ from torch import nn
 from ..kernels import cpu as ck
 from .cache import Batch, LayerCache
 from .norm import RMSNorm
+from .gpu_quant_linear import GpuQuantLinear
 from .quant_linear import QuantLinear
 from .rope import apply_rope
 
@@ -44,6 +45,8 @@ class GQAttention(nn.Module):
             return False
         if all(isinstance(p, QuantLinear) for p in projs):
             stacked = QuantLinear.stack(projs)
+        elif all(isinstance(p, GpuQuantLinear) for p in projs):
+            stacked = GpuQuantLinear.stack(projs)
         elif all(type(p) is nn.Linear for p in projs):
             stacked = _stacked_linear(projs)
         else:

@@ -133,6 +133,11 @@ class Experts(Protocol):
         stats event."""
         ...
 
+    def release_memory(self) -> str | None:
+        """After a GPU out-of-memory error: give memory back (a smaller expert cache) and say what was done, or None
+        where there is nothing to give back."""
+        ...
+
 
 class HostPlacedExperts:
     """The Experts defaults for implementations that place every layer's experts on the host after a sync."""
@@ -152,6 +157,9 @@ class HostPlacedExperts:
 
     def ran_device(self, layer: int) -> None:
         raise RuntimeError(f"layer {layer}'s experts are placed on the host")
+
+    def release_memory(self) -> None:
+        return None
 
 
 def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

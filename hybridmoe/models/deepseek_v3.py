@@ -9,9 +9,10 @@ from ..layers.mla import MLA, MLAShape
 from ..layers.mlp import MLP
 from ..layers.moe import RouterSpec
 from ..layers.rope import Rope, yarn_mscale
+from ..formats.families import DEEPSEEK_V3
 from .common import Block, MoE, Transformer, check_act, need, rope_from_config
 
-MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+NAMES = DEEPSEEK_V3  # its registration: HF and GGUF names, metadata keys
 
 
 @dataclass(frozen=True, slots=True)

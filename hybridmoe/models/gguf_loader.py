@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFileError
-from ..formats.gguf import GGUFFile, GGUFTensor, hf_config
-from ..formats.gguf_names import GGUF_IGNORED, GGUF_ROPE_PERMUTED, GGUF_TENSORS
+from ..formats.families import GGUF_ROPE_PERMUTED, GGUF_TENSORS
+from ..formats.gguf import GGUFFile, GGUFTensor, hf_config, metadata_names
+from ..formats.gguf_names import GGUF_IGNORED
 from ..formats.names import NameMap
 from ..quant import dequantize, get_format
-from .loader import F32_PARAMS, LoadedModel, model_args, param_device
+from .loader import F32_PARAMS, LoadedModel, model_args, param_device, tie_output
 
 LAYER = re.compile(r"blk\.(\d+)\.")
 PROJ_SHAPES = {"gate": lambda inter, dim: (inter, dim), "up": lambda inter, dim: (inter, dim),
@@ -73,6 +74,25 @@ def keep_quantized(model, found: dict[str, GGUFTensor], permuted, activations: s
     stack_qkv_projections(model)
 
 
+def keep_quantized_on_gpu(model, found: dict[str, GGUFTensor], permuted) -> None:
+    """On CUDA, linear layers whose type the GPU kernels take keep their GGUF blocks on their layer's device
+    (GpuQuantLinear) instead of the dequantized copies the state dict put there (freed here)."""
+    from ..layers.gpu_quant_linear import GpuQuantLinear
+    for name, module in list(model.named_modules()):
+        t = found.get(name + ".weight")
+        if (not isinstance(module, torch.nn.Linear) or t is None or name.endswith(_DENSE_ONLY)
+                or module.weight.device.type != "cuda" or not GpuQuantLinear.supports(t.qtype)):
+            continue
+        raw = torch.from_numpy(np.ascontiguousarray(t.raw))
+        heads = next((h for p, h in permuted if p.match(name + ".weight")), None)
+        if heads is not None:  # whole rows move, so the blocks can be permuted as they are
+            raw = unpermute_rope_rows(raw, heads)
+        bias = module.bias.detach() if module.bias is not None else None
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf,
+                GpuQuantLinear(raw.to(module.weight.device), t.qtype, module.out_features, module.in_features, bias))
+
+
 def _split_shapes(args) -> dict[str, tuple[int, ...]]:
     m = args.mla
     return {"k_b": (m.n_heads, m.kv_lora_rank, m.nope_dim), "v_b": (m.n_heads, m.v_dim, m.kv_lora_rank)}
@@ -83,14 +103,14 @@ ExpertTensors = dict[int, tuple[GGUFTensor, GGUFTensor, GGUFTensor]]  # layer ->
 
 def load_gguf(path: str | Path | GGUFFile, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
               layer_devices: list[torch.device] | None = None,
-              linear_activations: str = "f32") -> tuple[LoadedModel, ExpertTensors]:
+              linear_activations: str = "f32", gpu_blocks: bool = False) -> tuple[LoadedModel, ExpertTensors]:
     """The model with every non-expert weight filled, and its routed experts as raw GGUF tensors (the caller sets
     `model.experts`). layer_devices: one device per layer (pipeline stages; default all on `device`).
     linear_activations: "f32", or "int8" to round the inputs of the CPU's quantized linear layers to 8 bits at
-    decode (layers.quant_linear)."""
+    decode (layers.quant_linear). gpu_blocks: linear layers on CUDA keep their GGUF blocks (GpuQuantLinear)."""
     gf = path if isinstance(path, GGUFFile) else GGUFFile(path)
     cfg = hf_config(gf)
-    family, args = model_args(cfg, f"{gf.path} (GGUF metadata)")
+    family, args = model_args(cfg, f"{gf.path} (GGUF metadata)", metadata_names(gf.arch))
     with torch.device("meta"):
         model = family.build(args)
     names = NameMap(GGUF_TENSORS[gf.arch], ignored=GGUF_IGNORED)
@@ -156,11 +176,11 @@ def load_gguf(path: str | Path | GGUFFile, device: str | torch.device = "cpu", d
                 w = unpermute_rope_rows(w, heads)
         return w.to(device=param_device(ours, devices), dtype=want)
 
-    model.load_state_dict({k: fetch(k) for k in params}, assign=True, strict=True)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    elif all(d.type == "cpu" for d in devices):
+    tie_output(model, {k: fetch(k) for k in params}, args, devices)
+    if not args.tie_embeddings and all(d.type == "cpu" for d in devices):
         keep_quantized(model, found, permuted, linear_activations)
+    elif gpu_blocks:
+        keep_quantized_on_gpu(model, found, permuted)
     model.layer_devices = list(devices) if layer_devices else None
     experts = {i: tuple(found[f"layers.{i}.experts.{p}"] for p in PROJ_SHAPES) for i in model.moe_layers()}
     for t in (t for projs in experts.values() for t in projs):

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from ..layers.attention import GQAttention
 from ..layers.moe import RouterSpec
 from ..layers.rope import Rope
+from ..formats.families import MIXTRAL
 from .common import Block, MoE, Transformer, check_act, need, rope_from_config
 
-MODEL_TYPES = ("mixtral",)
+NAMES = MIXTRAL  # its registration: HF and GGUF names, metadata keys
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,10 @@ from ..layers.attention import GQAttention
 from ..layers.mlp import MLP
 from ..layers.moe import RouterSpec
 from ..layers.rope import Rope
+from ..formats.families import QWEN3_MOE
 from .common import Block, MoE, Transformer, check_act, need, rope_from_config
 
-MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
+NAMES = QWEN3_MOE  # its registration: HF and GGUF names, metadata keys
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,7 +80,8 @@ def summarize(cfg: dict) -> dict:
 def summarize_gguf(path) -> dict:
     """As summarize(), with bytes as the GGUF file stores them (quantized), from the header and tensor table."""
     from ..formats.gguf import GGUFFile, hf_config
-    from ..formats.gguf_names import GGUF_IGNORED, GGUF_TENSORS
+    from ..formats.families import GGUF_TENSORS
+    from ..formats.gguf_names import GGUF_IGNORED
     from ..formats.names import NameMap
     from ..kernels.cpu import decode_route
     f = GGUFFile(path)

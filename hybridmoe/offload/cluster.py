@@ -140,7 +140,7 @@ def model_shape(cfg: dict, as_released: bool = False) -> ModelShape:
         kv_heads=0 if mla else args.n_kv_heads, head_dim=0 if mla else args.head_dim,
         mla_latent=mla.kv_lora_rank + mla.rope_dim if mla else 0, experts=s["routed_experts"],
         top_k=s["experts_per_token"], moe_inter=args.moe_inter_dim, dense_inter=args.inter_dim if dense else 0,
-        shared_inter=(getattr(args, "n_shared_experts", 0) or 0) * args.moe_inter_dim,
+        shared_inter=(cfg.get("n_shared_experts") or 0) * args.moe_inter_dim,
         tied_embeddings=args.tie_embeddings, params_active=s["params_active"], bytes=dict(s["bytes"]))
 
 

@@ -10,12 +10,17 @@ the shared expert; then the CPU experts run in the calling thread (numba's kerne
 while the GPU works through its queue, and their outputs reach the device in one copy. Every expert's output lands
 in a fixed [token, k] position and is combined in a fixed order, so results do not depend on where an expert ran,
 the cache size, prefetching, or timing.
+
+One-token steps inside the decode graphs (`start_device`) take no host sync: where the CPU computes a layer's
+missing experts (8-bit activations, the file's bytes) they run in a host node on the GPU stream, and where a cache
+holds part of the layer's experts a slot table on the device says which ones the GPU computes; the cache then
+changes only between steps (`_finish_step`), from the ids the step leaves in host buffers.
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -24,11 +29,12 @@ from ..kernels import cpu as ck
 from ..layers.moe import combine, expert_positions, positions_on, to_device
 from .cache import SlotCache
 from .scheduler import CostModel
+from .stream import AHEAD_USED, LayerStream, held_by, prefill_layer, shares
 
 
 REUSED = 2.0  # decayed use count: an expert used in most of the last few steps
-# Copies into the cache that a stage starts per decode step of graph-run layers (`_admit_landing`): the CPU computes a
-# missing expert sooner than PCIe copies it, so a copy pays only by reuse, and from the mmap tier it holds the host
+# Copies into the cache that a stage starts per decode step (`_admit_hot`, `_admit_landing`): the CPU computes a missing
+# expert sooner than PCIe copies it, so a copy pays only by reuse, and from the mmap tier it holds the host meanwhile
 ADMIT_PER_STEP = 4
 
 
@@ -120,6 +126,8 @@ class OffloadExperts:
         self.admitted: dict[DeviceSlots, int] = {}  # copies started per stage at this step boundary
         self.device_steps: list[int] = []  # device-only layers run since the last stats, read lazily
         self.generation = 0  # bumped when slot buffers are reallocated: captured graphs must be dropped
+        self.streams: dict[int, LayerStream] = {}  # stage -> its staging for streamed prefill (add_streams)
+        self.expert_parallel = True  # a streamed layer's copies go over every stage's GPU, not only its own
 
     # -- the Experts protocol ---------------------------------------------------------------------------------
     def __call__(self, layer, x, ids, weights):
@@ -133,6 +141,9 @@ class OffloadExperts:
         N, K = ids.shape
         if N > 1 and dev.grouped_prefill and self.graph_resident(layer):
             return self._start_resident_prefill(dev, layer, x, ids, weights)
+        stream = self.streams.get(self.layer_stage[layer])
+        if N > 1 and dev.grouped_prefill and stream is not None:
+            return self._start_streamed(dev, stream, layer, x, ids, weights)
         ids_host = ids.cpu()  # host sync: the one per MoE layer; placement is decided on the host
         if N == 1:  # decode: K distinct experts, kept in k order
             pos, routed = None, dict.fromkeys(ids_host[0].tolist(), 1)
@@ -296,6 +307,121 @@ class OffloadExperts:
         parts[order] = ys
         self.stats.gpu_s += time.perf_counter() - t0
         return lambda: combine(parts.view(N, K, -1), weights, x.dtype)
+
+    # -- streamed prefill (offload.stream) ---------------------------------------------------------------------
+    def add_streams(self, rows: list[int]) -> None:
+        """Give each stage with rows[stage] > 0 its double-buffered staging for streamed prefill (fewer rows where
+        the device cannot hold them; none if it cannot hold one)."""
+        for s, (dev, n) in enumerate(zip(self.stages, rows)):
+            while n > 0:
+                try:
+                    self.streams[s] = LayerStream(self.store, dev.device, n, dev.copy_stream)
+                    break
+                except torch.OutOfMemoryError:
+                    n //= 2
+
+    def _start_streamed(self, dev: DeviceSlots, stream: LayerStream, layer: int, x, ids, weights):
+        """Several tokens through a layer whose experts are not all in slots, streamed (offload.stream): the tokens
+        sorted by expert on the device and only the counts on the host (the layer's one host sync); cached experts
+        from their slots, experts copied ahead from staging, the rest split between the CPU (few-token experts,
+        computed in finish() while the GPU works) and large copies into staging; one grouped call per buffer.
+        Then, if the chunk used most of the uncached experts, the next layer of the stage is copied ahead. With
+        several GPUs (expert_parallel), each streams a share of the copies over its own link and computes it."""
+        N, K = ids.shape
+        E = self.store.n_experts[layer]
+        counts = torch.bincount(ids.flatten(), minlength=E).tolist()  # host sync: the layer's one
+        used = [e for e, c in enumerate(counts) if c]
+        if self.on_routed is not None:
+            self.on_routed(layer, set(used))
+        counters = self._count_use(layer, [(e, counts[e]) for e in used])
+        cache = dev.cache
+        n_uncached = sum(cache.lookup((layer, e)) is None for e in range(E))
+        cached: dict[int, int] = {}
+        for e in used:
+            key = (layer, e)
+            cache.touch(key, 1)
+            slot = cache.lookup(key)
+            if slot is not None:
+                cache.pin(key)
+                cached[e] = slot
+        streams = self._layer_streams(stream)
+        held = held_by(streams, layer)
+        staged = [e for e in used if e not in cached and e in held]
+        missing = [e for e in used if e not in cached and e not in held]
+        nbytes, flops = self.store.expert_nbytes(), self.store.flops_per_token()
+        # the GPU's experts run grouped (no launch per expert), their copies spread over every stream's link
+        cost = replace(self.cost, launch_s=0.0, h2d_bytes_per_s=self.cost.h2d_bytes_per_s * len(streams))
+        busy_cached = sum(cost.gpu_s(counts[e], nbytes, flops) for e in cached)
+        busy = busy_cached + sum(cost.gpu_s(counts[e], nbytes, flops) for e in staged)
+        to_cpu = cost.split([counts[e] for e in missing], nbytes, flops, busy)
+        # the CPU's share had nothing been copied ahead: the next layer's copy ahead leaves it that share
+        uncached = [counts[e] for e in used if e not in cached]
+        hypothetical = cost.split(uncached, nbytes, flops, busy_cached) if staged else to_cpu
+        cpu_share = sum(hypothetical) / len(uncached) if uncached else 0.0
+        on_cpu = [e for e, cpu in zip(missing, to_cpu) if cpu]
+        copy = shares([e for e, cpu in zip(missing, to_cpu) if not cpu], len(streams))
+        counters.hits += len(cached)
+        counters.misses += len(used) - len(cached)
+        counters.cpu += len(on_cpu)
+        counters.copies += sum(map(len, copy))
+        # the cache takes staged experts hotter than its coldest: copied from staging on the device, not again
+        admit = {}
+        for e in [e for e in staged if held[e][0] == 0] + copy[0]:
+            got = cache.admit((layer, e)) if cache.n_slots else None
+            if got is not None:
+                admit[e] = got[0]
+                # the decode graphs' slot tables (partly cached layers): their device copies are refreshed at the
+                # step's end (take_stats), after the copy from staging queued below
+                if got[1] is not None:
+                    self._set_slot(got[1], -1)
+                self._set_slot((layer, e), got[0])
+        if dev.copy_stream is not None:  # slots filled ahead (prefetch, admissions) must have landed
+            torch.cuda.current_stream(dev.device).wait_stream(dev.copy_stream)
+        t0 = time.perf_counter()
+        work = prefill_layer(streams, layer, x, ids, counts, cached, dev.buffers, copy, on_cpu, admit)
+        self.stats.bytes_copied += work.nbytes
+        # Copying ahead from the mmap tier keeps the host busy filling bounce pieces: after the CPU's experts then
+        ahead = n_uncached and len(used) - len(cached) >= AHEAD_USED * n_uncached
+        if ahead and self.store.tier != "mmap":
+            self._copy_ahead_layer(dev, streams, layer, cpu_share)
+        self.stats.gpu_s += time.perf_counter() - t0
+
+        def finish() -> torch.Tensor:
+            if on_cpu:
+                t0 = time.perf_counter()
+                xs = work.x_cpu.split([counts[e] for e in on_cpu])
+                work.put_cpu(torch.cat([self.store.compute_host(layer, e, xe) for e, xe in zip(on_cpu, xs)]))
+                self.stats.cpu_s += time.perf_counter() - t0
+            if ahead and self.store.tier == "mmap":
+                self._copy_ahead_layer(dev, streams, layer, cpu_share)
+            # No admission of CPU-served experts here (`_admit_hot`): the staged ones were admitted above, from
+            # the device, with the slot tables kept in step; a CPU-served one would cross PCIe again
+            self._release(dev, layer, list(cached.items()), [])
+            return combine(work.parts.view(N, K, -1), weights, x.dtype)
+
+        return finish
+
+    def _layer_streams(self, own: LayerStream) -> list[LayerStream]:
+        """The streams a layer's prefill copies over: its own device's first, then (expert_parallel) every other
+        GPU's, each with its own link."""
+        return [own] + ([st for st in self.streams.values() if st is not own] if self.expert_parallel else [])
+
+    def _copy_ahead_layer(self, dev: DeviceSlots, streams: list[LayerStream], layer: int, cpu_share: float) -> None:
+        """Copy the stage's next MoE layer's uncached experts into staging now, before its routing is known (the
+        chunk used most of this layer's uncached experts: offload.stream, 5.), a share over each stream, all but
+        the last cpu_share of them (the CPU's, as the cost model split this layer)."""
+        stage = self.layer_stage[layer]
+        later = [m for m in self.store.n_experts if self.layer_stage[m] == stage and m > layer]
+        if not later:
+            return
+        nxt = min(later)
+        experts = [e for e in range(self.store.n_experts[nxt]) if dev.cache.lookup((nxt, e)) is None]
+        experts = experts[:len(experts) - round(cpu_share * len(experts))]
+        for stream, share in zip(streams, shares(experts, len(streams))):
+            copied, nbytes = stream.ahead(nxt, share)
+            if copied:
+                self.stats.layers.setdefault(nxt, LayerCounters()).copies += len(copied)
+                self.stats.bytes_copied += nbytes
 
     def _resident_host(self, dev: DeviceSlots, layer: int) -> list[int]:
         """The slot of each expert of a resident layer, on the host (resident_slots: the same on the device)."""

@@ -4,11 +4,14 @@ width. Pure arithmetic: it loads no weights, so it answers "will it fit, and how
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+
+from .chunking import ExpertLayer, activation_bytes_per_token, predicted_prefill_tok_s, size_prefill
 
 GiB = 1 << 30
 DISK_EFFICIENCY = 0.8  # of the disk's sequential read rate, reached by the disk tier at decode (bench/RESULTS.md)
 DISK_HEADROOM = 1 << 28  # RAM kept free beside a disk tier (as offload.disk does): KV cache, activations
+PREFILL_PROMPTS = (512, 4096, 8192)  # prompt lengths whose prefill rate the plan predicts
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +28,9 @@ class Footprint:
     kv_bytes_per_token: tuple[int, ...]
     top_k: int
     expert_bytes_by_layer: tuple[int, ...] | None = None  # all experts of each layer, when types differ by layer
+    act_bytes_per_token: int = 0  # a prefill token's activations on its GPU (offload.chunking)
+    expert_flops_per_token: float = 0.0  # one expert's gate, up and down for one token
+    dense_flops_per_token: float = 0.0  # everything else a token's forward pass multiplies (attention, shared, head)
 
     @property
     def expert_host_total(self) -> int:
@@ -49,6 +55,7 @@ class Hardware:
     h2d_bytes_per_s: float = 25e9
     cpu_read_bytes_per_s: float = 50e9
     disk_read_bytes_per_s: float = 2e9
+    gpu_flops: float = 100e12  # the GPUs' grouped matrix products at prefill (bf16)
 
 
 @dataclass(slots=True)
@@ -78,6 +85,9 @@ class DevicePlan:
     bytes_slots: int
     expert_slots: int
     layers: list[int]
+    prefill_chunk: int = 0  # prompt tokens per forward pass
+    staging_rows: int = 0  # expert rows per staging buffer (two buffers) for streamed prefill; 0: all cached
+    bytes_prefill: int = 0  # staging buffers and a chunk's activations
 
 
 @dataclass(slots=True)
@@ -91,6 +101,8 @@ class Plan:
     batch: int
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    prefill_chunk: int = 0  # the smallest device's chunk, which the engine uses
+    prefill_tok_s: dict[int, float] = field(default_factory=dict)  # prompt tokens -> predicted prefill tokens/s
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -127,14 +139,25 @@ def make_plan(fp: Footprint, hw: Hardware, opts: PlanOptions | None = None) -> P
                      f"{hw.disk_read_bytes_per_s / 1e9:.2f} GB/s: about {disk['decode_tok_s']:.2g} tok/s at decode "
                      "(uniform routing; popular experts kept in RAM make it faster)")
     threads = max(1, hw.cpu_cores)
-    if not hw.gpus:
+    if not hw.gpus:  # the other weights and the KV cache live in RAM too, beside pinned experts or the page cache
+        rest = fp.embed_bytes + fp.head_bytes + sum(fp.layer_bytes)
+        kv = sum(fp.kv_bytes_per_token) * tokens
+        need = rest + kv + (host_total if tier == "pinned" else 0)
+        if need > hw.ram_available:
+            fixes = [f"a smaller --ctx (KV takes {kv / GiB:.1f} GiB at {opts.context})"] if kv > rest / 4 else []
+            fixes += ["a GGUF file with smaller types", "a machine with more RAM or a GPU"]
+            problems.append(f"RAM: the weights other than routed experts ({rest / GiB:.1f} GiB) and the KV cache "
+                            f"({kv / GiB:.1f} GiB at context {opts.context})"
+                            + (f" and pinned experts ({host_total / GiB:.1f} GiB)" if tier == "pinned" else "")
+                            + f" need {need / GiB:.1f} GiB but {hw.ram_available / GiB:.1f} GiB is available: "
+                            f"{(need - hw.ram_available) / GiB:.1f} GiB short; to fit: " + ", or ".join(fixes))
         experts = {"tier": tier, "bytes": host_total, "cache_slots_total": 0} | ({"disk": disk} if disk else {})
         return Plan(not problems, [], experts, threads,
                     0, opts.context, opts.batch, problems, notes + ["no GPU: everything runs on the CPU"])
 
     per_layer = [w + kv * tokens for w, kv in zip(fp.layer_bytes, fp.kv_bytes_per_token)]
     stages = split_stages(per_layer, len(hw.gpus))
-    devices = []
+    devices, rooms = [], []
     for s, gpu in enumerate(hw.gpus):
         layers = [i for i in range(n_layers) if stages[i] == s]
         weights = sum(fp.layer_bytes[i] for i in layers)
@@ -146,12 +169,20 @@ def make_plan(fp: Footprint, hw: Hardware, opts: PlanOptions | None = None) -> P
             problems.append(f"GPU {s} ({gpu.name}) needs {(weights + kv) / GiB:.1f} GiB for layers "
                             f"{layers[0]}-{layers[-1]} (weights {weights / GiB:.1f}, KV {kv / GiB:.1f} at context "
                             f"{opts.context}) but has {usable / GiB:.1f} GiB usable: {-room / GiB:.1f} GiB short")
-        stage_experts = sum(fp.experts_per_layer[i] for i in layers)
-        slots = max(0, min(stage_experts, room // max(1, fp.expert_slot_bytes)))
-        if opts.max_slots is not None:
-            slots = min(slots, opts.max_slots)
-        devices.append(DevicePlan(gpu.name, gpu.bytes_total, weights, kv, slots * fp.expert_slot_bytes, slots,
-                                  layers))
+        devices.append(DevicePlan(gpu.name, gpu.bytes_total, weights, kv, 0, 0, layers))
+        rooms.append(room)
+    # As the runtime sizes them: where one GPU streams experts at prefill, every GPU takes a share (expert parallel)
+    for stream in (False, True):
+        for d, room in zip(devices, rooms):
+            sizes = size_prefill(room, stage_experts=sum(fp.experts_per_layer[i] for i in d.layers),
+                                 layer_experts=max(fp.experts_per_layer), slot_bytes=fp.expert_slot_bytes,
+                                 per_token=fp.act_bytes_per_token, context=opts.context, max_slots=opts.max_slots,
+                                 stream=stream)
+            d.expert_slots, d.bytes_slots = sizes.slots, sizes.slots * fp.expert_slot_bytes
+            d.prefill_chunk, d.staging_rows = sizes.chunk, sizes.staging_rows
+            d.bytes_prefill = sizes.staging_bytes + sizes.activation_bytes
+        if len(devices) == 1 or not any(d.staging_rows for d in devices):
+            break
     if problems and any("short" in p for p in problems):
         short = [p for p in problems if "short" in p]
         fixes = []
@@ -165,8 +196,49 @@ def make_plan(fp: Footprint, hw: Hardware, opts: PlanOptions | None = None) -> P
     frac = total_slots / max(1, sum(fp.experts_per_layer))
     notes.append(f"GPU expert cache: {total_slots} slots ({100 * frac:.0f}% of all experts)")
     margin = 0 if frac >= 1 else opts.prefetch_margin
+    chunk = min(d.prefill_chunk for d in devices)
+    # with the mmap tier, the share of the experts' bytes that RAM cannot hold is read from disk at every chunk
+    disk_share = max(0.0, 1 - hw.ram_available / host_total) if tier == "mmap" and host_total else 0.0
+    links = max(1, sum(1 for d in devices if d.staging_rows))  # each streaming GPU copies over its own link
+    rates = {n: predicted_prefill_tok_s(n, chunk, _expert_layers(fp, devices), fp.top_k, fp.expert_flops_per_token,
+                                        links * hw.h2d_bytes_per_s, links * hw.gpu_flops, disk_share,
+                                        hw.disk_read_bytes_per_s, fp.dense_flops_per_token)
+             for n in PREFILL_PROMPTS} if fp.top_k and fp.expert_flops_per_token else {}
+    if rates:
+        bound = _prefill_bound(fp, devices, chunk, hw, disk_share, links)
+        notes.append(f"prefill: chunks of {chunk} tokens; predicted {rates[PREFILL_PROMPTS[-1]]:.0f} tok/s for a "
+                     f"{PREFILL_PROMPTS[-1]}-token prompt ({bound})")
     experts = {"tier": tier, "bytes": host_total, "cache_slots_total": total_slots} | ({"disk": disk} if disk else {})
-    return Plan(not problems, devices, experts, threads, margin, opts.context, opts.batch, problems, notes)
+    return Plan(not problems, devices, experts, threads, margin, opts.context, opts.batch, problems, notes, chunk,
+                rates)
+
+
+def _expert_layers(fp: Footprint, devices: list[DevicePlan]) -> list[ExpertLayer]:
+    """What each MoE layer's prefill copies and computes, with the share of its GPU's experts that GPU caches."""
+    out = []
+    for d in devices:
+        experts = sum(fp.experts_per_layer[i] for i in d.layers)
+        for i in d.layers:
+            if fp.experts_per_layer[i]:
+                nbytes = (fp.expert_bytes_by_layer[i] if fp.expert_bytes_by_layer is not None
+                          else fp.experts_per_layer[i] * fp.expert_host_bytes)
+                out.append(ExpertLayer(fp.experts_per_layer[i], nbytes, min(1.0, d.expert_slots / max(1, experts))))
+    return out
+
+
+def _prefill_bound(fp: Footprint, devices: list[DevicePlan], chunk: int, hw: Hardware, disk: float,
+                   links: int) -> str:
+    """Why the prediction is what it is: per chunk, the expert bytes that cross PCIe (and come from disk) and the
+    compute, both shared by the streaming GPUs."""
+    layers = _expert_layers(fp, devices)
+    copy = sum((1 - lay.cached) * (1 - (1 - fp.top_k / lay.experts) ** chunk) * lay.nbytes for lay in layers)
+    flops = chunk * (fp.top_k * fp.expert_flops_per_token * len(layers) + fp.dense_flops_per_token)
+    over = f"{links} links of " if links > 1 else ""
+    from_disk = (f", {100 * disk:.0f}% of it from disk at {hw.disk_read_bytes_per_s / 1e9:.1f} GB/s = "
+                 f"{disk * copy / hw.disk_read_bytes_per_s:.2f} s" if disk else "")
+    return (f"per chunk {copy / GiB:.1f} GiB of experts over {over}PCIe at {hw.h2d_bytes_per_s / 1e9:.0f} GB/s = "
+            f"{copy / (links * hw.h2d_bytes_per_s):.2f} s{from_disk}, compute {flops / (links * hw.gpu_flops):.2f} s "
+            f"at {hw.gpu_flops / 1e12:.0f} TFLOP/s per GPU")
 
 
 def disk_tier(fp: Footprint, hw: Hardware) -> dict | None:
@@ -208,16 +280,24 @@ def footprint_from_config(cfg: dict, weight_bytes: float = 2.0, expert_bytes: fl
     kv = tuple(int(sum(math.prod(s) for s in b.attn.cache_shapes()) * kv_bytes) for b in model.layers)
     embed = int(model.tok_embeddings.weight.numel() * weight_bytes)
     head = 0 if args.tie_embeddings else int(model.output.weight.numel() * weight_bytes)
+    top_k = args.router.top_k if getattr(args, "router", None) else 0
+    dense = 2.0 * (sum(p.numel() for b in model.layers for p in b.parameters()) + model.output.weight.numel())
     return Footprint(cfg.get("model_type", "?"), layer_bytes, embed, head,
                      tuple(args.n_routed_experts if i in moe else 0 for i in range(args.n_layers)),
-                     per_expert, per_expert, kv, args.router.top_k if getattr(args, "router", None) else 0)
+                     per_expert, per_expert, kv, top_k, None, activation_bytes_per_token(dim, inter, top_k),
+                     6.0 * dim * inter, dense)
 
 
-def footprint_from_gguf(path, weight_bytes: float = 2.0, kv_bytes: int = 2) -> Footprint:
+def footprint_from_gguf(path, weight_bytes: float = 2.0, kv_bytes: int = 2,
+                        layers_as_stored: bool = False) -> Footprint:
     """Sizes from a GGUF file's header: experts as stored (host and slots hold the blocks), the other weights at
-    `weight_bytes` per parameter (they are widened to bf16 on the GPU)."""
+    `weight_bytes` per parameter (they are widened to bf16 on the GPU), or as stored (layers_as_stored: the CPU
+    runs them quantized)."""
     from ..formats.gguf import GGUFFile, hf_config
     f = GGUFFile(path)
+    if layers_as_stored:
+        rest = [t for name, t in f.tensors.items() if "_exps." not in name and len(t.shape) > 1]
+        weight_bytes = sum(t.nbytes for t in rest) / max(1, sum(math.prod(t.shape) for t in rest))
     base = footprint_from_config(hf_config(f), weight_bytes=weight_bytes, kv_bytes=kv_bytes)
     per_layer: dict[int, int] = {}
     for name, t in f.tensors.items():
@@ -227,5 +307,4 @@ def footprint_from_gguf(path, weight_bytes: float = 2.0, kv_bytes: int = 2) -> F
     by_layer = tuple(per_layer.get(i, 0) for i in range(len(base.layer_bytes)))
     # a slot must hold the largest layer's expert (Q4_K_M gives some layers' down projections Q6_K)
     per_expert = max((b // n for b, n in zip(by_layer, base.experts_per_layer) if n), default=0)
-    return Footprint(base.name, base.layer_bytes, base.embed_bytes, base.head_bytes, base.experts_per_layer,
-                     per_expert, per_expert, base.kv_bytes_per_token, base.top_k, by_layer)
+    return replace(base, expert_slot_bytes=per_expert, expert_host_bytes=per_expert, expert_bytes_by_layer=by_layer)

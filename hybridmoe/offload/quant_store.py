@@ -100,6 +100,9 @@ class QuantStore:
                 self.rows[layer] = self._pack_layer(layer, pin)
         self.packed: dict[int, tuple] = {}  # layer -> repacked gate, up, down (kernels.cpu.PackedExperts)
         self.grouped_mm_ok: dict[torch.device, bool] = {}  # whether torch._grouped_mm ran there (tried once)
+        # Block types whose grouped prefill reads the blocks in the matrix product (kernels.gpu.grouped_gemm, gate
+        # and up fused) instead of dequantizing into bf16 first; empty until measured faster on a GPU.
+        self.quant_gemm: set = set()
 
     def _pack_layer(self, layer: int, pin: bool) -> torch.Tensor:
         E = self.n_experts[layer]
@@ -221,6 +224,48 @@ class QuantStore:
             slots[slot, :lay.nbytes].copy_(row)
         return sum(lay.sizes)
 
+    # -- streamed prefill (offload.stream): a staging buffer holds a run of a layer's experts, rows packed ------
+    def new_staging(self, n: int, device: torch.device) -> torch.Tensor:
+        """A flat buffer for n expert rows of any layer; `staged` views it with the layer's own row width, so a
+        run of consecutive experts fills consecutive bytes and crosses in one copy."""
+        return self.new_slots(n, device).view(-1)
+
+    def staged(self, staging: torch.Tensor, layer: int) -> torch.Tensor:
+        """The staging buffer as slots of `layer`: uint8 [rows, the layer's row bytes]."""
+        nb = self.layouts[layer].nbytes
+        return staging[:staging.numel() // nb * nb].view(-1, nb)
+
+    def copy_experts(self, staging: torch.Tensor, row: int, layer: int, first: int, n: int, bounce=None) -> int:
+        """Experts first .. first + n - 1 of `layer` into staging rows row .. row + n - 1 -> bytes copied. The
+        pinned tier's rows are one copy; the mmap tier's are gathered from the file into `bounce` (pinned pieces,
+        offload.stream.Bounce) and sent from there, or written in place when the staging buffer is on the host."""
+        dst = self.staged(staging, layer)[row:row + n]
+        if layer in self.rows:
+            dst.copy_(self.rows[layer][first:first + n], non_blocking=True)
+        elif bounce is not None:
+            bounce.send(dst, lambda out, a: self._fill_rows(out, layer, first + a))
+        elif dst.device.type == "cpu":
+            self._fill_rows(dst, layer, first)
+        else:
+            rows = torch.empty(dst.shape, dtype=torch.uint8)
+            self._fill_rows(rows, layer, first)
+            dst.copy_(rows)
+        return n * sum(self.layouts[layer].sizes)
+
+    def _fill_rows(self, out: torch.Tensor, layer: int, first: int) -> None:
+        """out uint8 [m, the layer's row bytes] on the host <- experts first .. first + m - 1 from the file, each
+        projection of the run as one strided copy (the padding between parts is never read)."""
+        m, lay = out.shape[0], self.layouts[layer]
+        for t, off, size in zip(self.layers[layer], lay.offsets, lay.sizes):
+            src = torch.from_numpy(np.ascontiguousarray(t.raw[first:first + m]).reshape(m, size))
+            out[:, off:off + size].copy_(src)
+
+    def copy_staged_to_slots(self, slots: torch.Tensor, slot_ids: torch.Tensor, staging: torch.Tensor,
+                             rows: torch.Tensor, layer: int) -> None:
+        """Cache admissions at prefill: staged rows (already on the device) into cache slots, one gather-scatter."""
+        nb = self.layouts[layer].nbytes
+        slots[slot_ids, :nb] = self.staged(staging, layer)[rows]
+
     def compute_slot(self, slots: torch.Tensor, slot: int, layer: int, x: torch.Tensor) -> torch.Tensor:
         lay = self.layouts[layer]
         if slots.device.type == "cuda":
@@ -254,7 +299,8 @@ class QuantStore:
 
         On CUDA, when some expert has more tokens than the GEMV kernels take (or with grouped=True: CPU tensors under
         TRITON_INTERPRET=1), the experts go in chunks whose bf16 weights fit in scratch_bytes: per chunk, one
-        dequantization launch and one grouped matrix product per projection. Otherwise each expert runs as
+        dequantization launch and one grouped matrix product per projection (or, for types in `quant_gemm`, one
+        product straight from the blocks, gate and up in one launch). Otherwise each expert runs as
         compute_slot runs it (at a few tokens, the GEMV kernels read the raw weights once and write no bf16 copy).
         """
         if not slot_ids or len(slot_ids) != len(counts) or sum(counts) != x.shape[0]:
@@ -267,14 +313,18 @@ class QuantStore:
         lay = self.layouts[layer].gpu
         if lay is None:
             raise ValueError(f"layer {layer}'s expert types have no GPU kernel")
+        blocks = self.quant_gemm & set(gk.QUANT_GEMM_TYPES)
+        fused = lay.gate_type == lay.up_type and lay.gate_type in blocks  # from the blocks, no scratch
+        down = lay.down_type in blocks
         per_expert = self.inter * self.dim  # values of one projection
-        chunk = max(1, min(MAX_GROUPS, scratch_bytes // (2 * per_expert)))
+        chunk = len(slot_ids) if fused and down else max(1, min(MAX_GROUPS, scratch_bytes // (2 * per_expert)))
         starts = list(range(0, len(slot_ids), chunk))
         # Group ends count from each chunk's first row. Slot ids and ends reach the device in one copy that does
         # not wait for the queue.
         ends = [n for a in starts for n in itertools.accumulate(counts[a:a + chunk])]
         meta = to_device(torch.tensor(slot_ids + ends, dtype=torch.int32), x.device)
-        scratch = torch.empty(min(chunk, len(slot_ids)) * per_expert, dtype=torch.bfloat16, device=x.device)
+        scratch = None if fused and down else torch.empty(min(chunk, len(slot_ids)) * per_expert,
+                                                          dtype=torch.bfloat16, device=x.device)
         xb = x.to(torch.bfloat16)
         ys, row = [], 0
         for a in starts:
@@ -282,8 +332,12 @@ class QuantStore:
             ids, offs, n = meta[a:b], meta[len(slot_ids) + a:len(slot_ids) + b], ends[b - 1]
             group = (slots, ids, lay, offs, counts[a:b], scratch)
             xs = xb[row:row + n]
-            h = F.silu(self._grouped_proj(xs, "gate", *group)) * self._grouped_proj(xs, "up", *group)
-            ys.append(self._grouped_proj(h, "down", *group))
+            if fused:
+                h = gk.grouped_gate_up(xs, slots, ids, counts[a:b], lay)
+            else:
+                h = F.silu(self._grouped_proj(xs, "gate", *group)) * self._grouped_proj(xs, "up", *group)
+            ys.append(gk.grouped_gemm(h, slots, ids, counts[a:b], lay, "down") if down
+                      else self._grouped_proj(h, "down", *group))
             row += n
         return (torch.cat(ys) if len(ys) > 1 else ys[0]).to(x.dtype)
 

@@ -3,12 +3,14 @@ router-predicted prefetch, and the cost model. `accelerator="cpu"` runs all of i
 the GPUs, which is how CI tests it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
+from ..options import Accelerator, CpuActivations, RunOptions, Tier
+from .chunking import PREFILL_CHUNK, activation_bytes_per_token, size_prefill
+from .expert_store import ExpertStore
 from .experts import OffloadExperts
 from .popularity import read_popularity, write_popularity
 from .prefetch import Prefetcher
@@ -16,21 +18,17 @@ from .scheduler import CostModel
 from .store import DenseStore
 
 
-CPU_ACTIVATIONS = ("f32", "int8", "int8-all")
-
-
-def activation_modes(cpu_activations: str) -> tuple[str, str]:
+def activation_modes(cpu_activations: CpuActivations | str) -> tuple[str, str]:
     """--cpu-activations -> the activations of (the repacked routed experts' kernels, the other quantized linear
     layers' on the CPU). "int8" rounds only the experts' inputs to 8 bits; "int8-all" also those of attention and
     the output head, which costs far more accuracy (bench/RESULTS.md)."""
-    if cpu_activations not in CPU_ACTIVATIONS:
-        raise ConfigError(f"--cpu-activations {cpu_activations!r}: use one of {', '.join(CPU_ACTIVATIONS)}")
-    return ("f32" if cpu_activations == "f32" else "int8"), ("int8" if cpu_activations == "int8-all" else "f32")
+    mode = CpuActivations(cpu_activations)  # RunOptions has checked it
+    return ("f32" if mode == CpuActivations.F32 else "int8"), ("int8" if mode == CpuActivations.INT8_ALL else "f32")
 
 
-def make_store(experts, opts: "OffloadOptions"):
+def make_store(experts, opts: RunOptions) -> ExpertStore:
     """The host tier for a model's experts: float weights (HF) or raw GGUF blocks."""
-    pin = opts.experts_tier == "pinned" and torch.cuda.is_available()
+    pin = opts.experts_tier == Tier.PINNED and torch.cuda.is_available()
     if hasattr(experts, "weights"):  # LocalExperts
         return DenseStore(experts.weights, opts.experts_tier, pin=pin)
     from .quant_store import QuantStore
@@ -39,52 +37,23 @@ def make_store(experts, opts: "OffloadOptions"):
                       activations=activation_modes(opts.cpu_activations)[0])
 
 
-@dataclass(slots=True)
-class OffloadOptions:
-    accelerator: str = "cuda"  # "cuda", or "cpu" to simulate the GPUs on the CPU
-    devices: int = 1  # pipeline stages (GPUs, or simulated ones)
-    expert_cache_slots: int | None = None  # per device; None: from the plan; 0: no cache
-    prefetch: bool = True
-    prefetch_margin: int = 2
-    experts_tier: str = "mmap"  # "pinned" (copied once into pinned RAM) or "mmap" (page cache)
-    decay: float = 0.95
-    cpu_repack: bool = False  # GGUF experts: lane-interleaved copies for faster CPU decode (not bit-identical)
-    cpu_activations: str = "f32"  # GGUF on the CPU: "int8" rounds the repacked experts' x to 8 bits (faster),
-    # "int8-all" also the other quantized linear layers' (faster still, less accurate)
-
-    def __post_init__(self):
-        if self.accelerator not in ("cpu", "cuda"):
-            raise ValueError(f"--accelerator {self.accelerator!r}: use cpu or cuda")
-        if not 1 <= self.devices <= 16:
-            raise ValueError("--devices must be between 1 and 16")
-        if self.expert_cache_slots is not None and self.expert_cache_slots < 0:
-            raise ValueError("--expert-cache-slots must be >= 0")
-        if self.experts_tier not in ("pinned", "mmap"):
-            raise ValueError(f"--experts-tier {self.experts_tier!r}: use pinned or mmap")
-        activation_modes(self.cpu_activations)  # raises on an unknown mode
-        if self.prefetch_margin < 0:
-            raise ValueError("prefetch margin must be >= 0")
-
-
-def stage_devices(opts: OffloadOptions) -> list[torch.device]:
-    if opts.accelerator == "cpu":
+def stage_devices(opts: RunOptions) -> list[torch.device]:
+    if opts.accelerator == Accelerator.CPU:
         return [torch.device("cpu")] * opts.devices
     return [torch.device("cuda", i) for i in range(opts.devices)]
-
-
-def cuda_slots_that_fit(store, device: torch.device, reserve: int, kv_bytes: int) -> int:
-    """Slots that fit in what is free on `device` now that its weights are loaded."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(0, (free - reserve - kv_bytes) // max(1, store.slot_nbytes()))
 
 
 class OffloadRuntime:
     """Owns the offload machinery attached to one model; the generate loop takes its stats once per step."""
 
-    def __init__(self, model, store, opts: OffloadOptions, stages: list[int],
-                 kv_bytes: list[int] | None = None, cost: CostModel | None = None, vram_reserve: int = 3 << 29):
+    DECAY = 0.95  # of the expert cache's use counts per step
+
+    def __init__(self, model, store, opts: RunOptions, stages: list[int],
+                 kv_bytes: list[int] | None = None, cost: CostModel | None = None, vram_reserve: int = 3 << 29,
+                 context: int = 4096):
         """store: a DenseStore or QuantStore holding every MoE layer's experts. stages: the stage of every layer.
-        kv_bytes: per stage, the KV cache the context will need (kept free when sizing the cache from free VRAM)."""
+        kv_bytes: per stage, the KV cache the context will need (kept free when sizing the cache from free VRAM).
+        On a GPU the free VRAM also sizes the prefill chunk and the streamed prefill's staging (offload.chunking)."""
         self.model, self.opts = model, opts
         self.notices: list[str] = []
         devices = stage_devices(opts)
@@ -92,12 +61,26 @@ class OffloadRuntime:
         counts = store.n_experts
         kv_bytes = kv_bytes or [0] * len(devices)
         per_stage = [sum(n for layer, n in counts.items() if stages[layer] == s) for s in range(len(devices))]
-        slots = []
-        for s, dev in enumerate(devices):
+        top_k = model.layers[model.moe_layers()[0]].ffn.spec.top_k
+        per_token = activation_bytes_per_token(store.dim, store.inter, top_k)
+        layer_experts = max(counts.values())
+        free = [torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 0 for dev in devices]
+
+        def sizes(s: int, stream: bool) -> tuple[int, int, int]:
+            """(slots, staging rows, chunk) of stage s; stream: keep staging, another GPU streams."""
             n = per_stage[s] if opts.expert_cache_slots is None else min(opts.expert_cache_slots, per_stage[s])
-            if dev.type == "cuda":
-                n = min(n, cuda_slots_that_fit(self.store, dev, vram_reserve, kv_bytes[s]))
-            slots.append(n)
+            if devices[s].type != "cuda":
+                return n, (layer_experts if stream or n < per_stage[s] else 0), PREFILL_CHUNK
+            got = size_prefill(free[s] - vram_reserve - kv_bytes[s], stage_experts=per_stage[s],
+                               layer_experts=layer_experts, slot_bytes=store.slot_nbytes(), per_token=per_token,
+                               context=context, max_slots=n, stream=stream)
+            return got.slots, got.staging_rows, got.chunk
+
+        plan = [sizes(s, False) for s in range(len(devices))]
+        if len(devices) > 1 and any(rows for _, rows, _ in plan):  # every GPU takes a share of the streaming
+            plan = [sizes(s, True) for s in range(len(devices))]
+        slots, staging, chunks = (list(v) for v in zip(*plan))
+        self.prefill_chunk = min(chunks)  # tokens per prefill forward pass (the generate loop's chunk)
         # Prefetch pays only where a cache holds some but not all of its stage's experts; its ring then holds one
         # step's predictions (top k + margin). Not from the mmap tier to a real GPU: copies from pageable memory
         # block the host, which would stall the step they are meant to overlap.
@@ -109,10 +92,9 @@ class OffloadRuntime:
                       and cost_model.place(1, store.expert_nbytes(), store.flops_per_token(), False) == "cpu")
         prefetching = (opts.prefetch and not host_nodes
                        and any(0 < n < per_stage[s] for s, n in enumerate(slots)))
-        top_k = model.layers[model.moe_layers()[0]].ffn.spec.top_k
         ring = prefetching and (opts.accelerator == "cpu" or opts.experts_tier == "pinned")
         n_ahead = top_k + opts.prefetch_margin if ring else 0
-        self.experts = OffloadExperts(self.store, {i: stages[i] for i in counts}, devices, slots, cost, opts.decay,
+        self.experts = OffloadExperts(self.store, {i: stages[i] for i in counts}, devices, slots, cost, self.DECAY,
                                       n_ahead, top_k)
         for s, st in enumerate(self.experts.stages):
             if st.shrunk_from is not None:
@@ -120,6 +102,7 @@ class OffloadRuntime:
                                     f"using {st.cache.n_slots}")
         slots = [st.cache.n_slots for st in self.experts.stages]
         self.slots = slots
+        self.experts.add_streams(staging)
         # When a stage's cache holds all of its experts, fill it now: generation then never copies.
         full = {s for s in range(len(devices)) if slots[s] and slots[s] == per_stage[s]}
         self.experts.warm([(layer, e) for layer, n in counts.items() if stages[layer] in full for e in range(n)])

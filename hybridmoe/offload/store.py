@@ -110,9 +110,29 @@ class DenseStore:
         return torch.stack([self.compute_slot(slots, s, layer, x) for s in slot_ids])
 
     def compute_slots_prefill(self, slots: SlotBuffers, slot_ids: list[int], layer: int, x: torch.Tensor,
-                              counts: list[int]) -> torch.Tensor:
-        """Each slot's expert on its own tokens (x holds counts[g] rows for slot_ids[g], in that order)."""
+                              counts: list[int], *, grouped: bool | None = None) -> torch.Tensor:
+        """Each slot's expert on its own tokens (x holds counts[g] rows for slot_ids[g], in that order). Float
+        experts always run one matrix product each (`grouped` is QuantStore's)."""
         return torch.cat([self.compute_slot(slots, s, layer, xe) for s, xe in zip(slot_ids, x.split(counts))])
+
+    # -- streamed prefill (offload.stream); float experts are copied one by one (GGUF experts go as runs) -------
+    def new_staging(self, n: int, device: torch.device) -> SlotBuffers:
+        return self.new_slots(n, device)
+
+    @staticmethod
+    def staged(staging: SlotBuffers, layer: int) -> SlotBuffers:
+        return staging
+
+    def copy_experts(self, staging: SlotBuffers, row: int, layer: int, first: int, n: int, bounce=None) -> int:
+        """Experts first .. first + n - 1 of `layer` into staging rows row .. row + n - 1 -> bytes copied."""
+        return sum(self.copy_to_slot(staging, row + i, layer, first + i) for i in range(n))
+
+    @staticmethod
+    def copy_staged_to_slots(slots: SlotBuffers, slot_ids: torch.Tensor, staging: SlotBuffers, rows: torch.Tensor,
+                             layer: int) -> None:
+        """Cache admissions at prefill: staged experts (already on the device) into cache slots."""
+        for dst, src in ((slots.gate, staging.gate), (slots.up, staging.up), (slots.down, staging.down)):
+            dst[slot_ids] = src[rows]
 
     @staticmethod
     def graph_slots(slots: SlotBuffers, layer: int) -> bool:

@@ -161,5 +161,6 @@ def test_offload_flags_reach_load(capsys, tiny_models, monkeypatch):
                        "--expert-cache-slots", "2", "--no-cuda-graphs", "--cpu-activations", "int8",
                        "--experts-tier", "pinned", "--temperature", "0")
     assert code == 0
-    assert seen["cuda_graphs"] is False and seen["cpu_activations"] == "int8"
-    assert seen["expert_cache_slots"] == 2 and seen["experts_tier"] == "pinned" and seen["prefetch"] is True
+    o = seen["options"]
+    assert o.cuda_graphs is False and o.cpu_activations == "int8"
+    assert o.expert_cache_slots == 2 and o.experts_tier == "pinned" and o.prefetch is True

@@ -13,7 +13,7 @@ needs_llama = pytest.mark.skipif(not H.HAVE_LLAMA, reason="llama-cpp-python is n
 def gguf_models(tmp_path_factory):
     """(family, kind) -> (HF directory, GGUF path). kind: f32 (our converter), q8_0 / q4_k_m (llama.cpp's
     quantizer on that f32 file). Built once per session on first use."""
-    from hybridmoe.formats.convert import convert
+    from hybridmoe.models.convert import convert
     built: dict = {}
 
     def get(family: str, kind: str = "f32") -> tuple[Path, Path]:

@@ -1,10 +1,15 @@
 """Bad GGUF input gives one of our errors, naming the key or tensor and the file; never a traceback or a hang."""
+import os
+import re
 import struct
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_llama
 from gguf import GGMLQuantizationType as T
 from gguf_helpers import rewrite
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +24,7 @@ from hybridmoe.models.gguf_loader import load_gguf
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, tiny_models):
     """A tiny DeepSeek-V3 (64 wide) at q8_0: small enough to rewrite many times."""
-    from hybridmoe.formats.convert import convert
+    from hybridmoe.models.convert import convert
     return convert(tiny_models("deepseek_v3"), tmp_path_factory.mktemp("small") / "m.gguf", "q8_0", progress=False)
 
 
@@ -119,3 +124,108 @@ def test_mutated_headers_give_only_our_errors(small, data):
             load_gguf(path)
         except HybridMoEError:
             pass
+
+
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    """In a child process, so that an abort (exit 134) fails the test instead of ending the test run."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", GGML_NO_BACKTRACE="1")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def damaged_vocab(small, tmp_path, kind: str) -> Path:
+    f = GGUFFile(small)
+    tokens = list(f.get("tokenizer.ggml.tokens"))
+    if kind == "duplicate":  # one changed byte: two ids share a text
+        tokens[100] = tokens[101]
+        return rewrite(small, tmp_path / "dup.gguf", kv={"tokenizer.ggml.tokens": tokens})
+    # a SentencePiece ("llama") vocabulary without byte tokens: llama.cpp throws through its C API on any text
+    return rewrite(small, tmp_path / "spm.gguf", kv={"tokenizer.ggml.model": "llama", "tokenizer.ggml.merges": None})
+
+
+@needs_llama
+@pytest.mark.parametrize("kind, want", [("duplicate", "tokenizer.ggml.tokens holds '.*' twice"),
+                                        ("spm", "lacks the byte token <0x00>")])
+def test_damaged_vocabulary_is_one_line_not_an_abort(small, tmp_path, kind, want):
+    """llama.cpp's vocabulary loader aborts the whole process on these (exit 134), for `generate` and for
+    hybridmoe.load() in a user's program."""
+    path = damaged_vocab(small, tmp_path, kind)
+    r = run_python("import sys, hybridmoe\ntry:\n    hybridmoe.load(sys.argv[1])\n"
+                   "except hybridmoe.ModelFileError as e:\n    print(e)\n    sys.exit(7)", str(path))
+    assert r.returncode == 7, r.stderr[-2000:]
+    assert re.search(want, r.stdout) and str(path) in r.stdout
+    r = run_python("import sys; from hybridmoe.cli import main; sys.exit(main(sys.argv[1:]))", "generate", str(path),
+                   "-p", "hello", "-n", "2")
+    assert r.returncode == 1, r.stderr[-2000:]
+    err = r.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and re.search(want, err)
+
+
+@needs_llama
+def test_a_vocabulary_llama_cpp_still_aborts_on_is_caught_in_the_child(small, tmp_path, monkeypatch):
+    """Whatever the checks miss, the child process that loads the vocabulary first turns into one line."""
+    from hybridmoe.engine import gguf_tokenizer
+    monkeypatch.setattr(gguf_tokenizer, "check_vocab", lambda meta, where: None)
+    path = damaged_vocab(small, tmp_path, "duplicate")
+    with pytest.raises(ModelFileError, match=r"dup.gguf: llama.cpp fails on this file's tokenizer metadata \(it "
+                                             r"crashed with SIGABRT\)"):
+        gguf_tokenizer.GGUFTokenizer(path)
+
+
+@pytest.mark.parametrize("count", [1, 2, 4, 2 ** 31 - 1])
+def test_block_count_must_match_the_layers_present(tmp_path, small, count):
+    """block_count 2 used to drop a layer silently, 1 to end in StopIteration, 4 in a missing-tensor error."""
+    f = rewrite(small, tmp_path / "b.gguf", kv={"deepseek2.block_count": count})
+    with pytest.raises(ModelFileError, match=rf"b.gguf: metadata deepseek2.block_count is {count} but the file has "
+                                             r"tensors for layers 0 to 2 \(3 in all\)"):
+        hybridmoe.load(f)
+
+
+@pytest.mark.parametrize("key, value, want", [
+    ("deepseek2.expert_used_count", 0, "deepseek2.expert_used_count is 0; it must be a whole number of at least 1"),
+    ("deepseek2.rope.freq_base", 0.0, "deepseek2.rope.freq_base is 0.0; it must be a finite number above 1"),
+    ("deepseek2.rope.freq_base", -1.0, "deepseek2.rope.freq_base is -1.0"),
+    ("deepseek2.attention.layer_norm_rms_epsilon", -1.0, "deepseek2.attention.layer_norm_rms_epsilon is -1.0"),
+    ("deepseek2.expert_weights_scale", -2.5, "deepseek2.expert_weights_scale is -2.5"),
+    ("deepseek2.rope.scaling.factor", float("nan"), "deepseek2.rope.scaling.factor is nan"),
+])
+def test_metadata_values_out_of_range_name_the_key(tmp_path, small, key, value, want):
+    """These ended in NaN logits and empty text with exit 0, or in a foreign exception at the first forward."""
+    f = rewrite(small, tmp_path / "k.gguf", kv={key: value})
+    with pytest.raises(ConfigError, match=re.escape(want)) as e:
+        hybridmoe.load(f)
+    assert "k.gguf (GGUF metadata)" in str(e.value)
+
+
+def test_vocab_size_must_match_the_tokenizer(tmp_path, small):
+    f = rewrite(small, tmp_path / "v.gguf", kv={"deepseek2.vocab_size": 400})
+    with pytest.raises(ModelFileError, match="deepseek2.vocab_size is 400 but tokenizer.ggml.tokens has 384 tokens"):
+        hybridmoe.load(f)
+
+
+def test_nan_weights_end_in_an_error_event_naming_the_tensor(tmp_path, small):
+    """NaN in the file's weights: every logit is NaN. That was 4 empty tokens and `stop: length`."""
+    norm = GGUFFile(small).tensors["blk.1.attn_norm.weight"]
+    bad = np.full(norm.shape, np.nan, dtype=np.float32)
+    f = rewrite(small, tmp_path / "nan.gguf", tensors={"blk.1.attn_norm.weight": bad})
+    events = list(hybridmoe.load(f).generate(list(range(5, 15)), max_tokens=4, temperature=0))
+    errors = [e for e in events if isinstance(e, hybridmoe.Error)]
+    assert len(errors) == 1 and "NaN or infinite" in errors[0].message
+    assert "layers.1.attn_norm.weight" in errors[0].message
+    assert events[-1].reason == "error" and events[-1].completion_tokens == 0
+
+
+def test_overlapping_tensors_are_refused(tmp_path, small):
+    """A tensor table whose offsets make two tensors share bytes used to load, the one tensor read as the other."""
+    data = bytearray(small.read_bytes())
+
+    def offset_field(name: bytes) -> int:
+        at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+        return at + 4 + 8 * struct.unpack_from("<I", data, at)[0] + 4  # past the rank, the shape and the type
+    gate = struct.unpack_from("<Q", data, offset_field(b"blk.1.ffn_gate_exps.weight"))[0]
+    struct.pack_into("<Q", data, offset_field(b"blk.1.ffn_up_exps.weight"), gate)
+    bad = tmp_path / "o.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=r"o.gguf: corrupt tensor table: tensor 'blk.1.ffn_(up|gate)_exps.weight' "
+                                             r"overlaps"):
+        hybridmoe.load(bad)

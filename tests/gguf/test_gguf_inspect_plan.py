@@ -41,3 +41,19 @@ def test_plan_gguf_slots_hold_the_blocks(gguf_models, capsys):
     f = GGUFFile(path)
     expert_bytes = sum(t.nbytes for n, t in f.tensors.items() if "_exps." in n)
     assert abs(p["experts"]["bytes"] - expert_bytes) <= expert_bytes * 0.02
+
+
+def test_plan_counts_non_expert_weights_kept_as_blocks(gguf_models, capsys):
+    """--gpu-weights quantized: the GPU holds the file's blocks of the other layers, not bfloat16 copies."""
+    _, path = gguf_models("qwen3_moe", "q4_k_m")
+    plans = {}
+    for mode in ("dequantized", "quantized"):
+        capsys.readouterr()
+        assert main(["plan", str(path), "--gpus", "1x1GiB", "--ram", "8GiB", "--gpu-weights", mode, "--json"]) in (0, 3)
+        plans[mode] = json.loads(capsys.readouterr().out)
+    f = GGUFFile(path)
+    stored = sum(t.nbytes for n, t in f.tensors.items() if "_exps." not in n)
+    weights = {m: sum(d["bytes_weights"] for d in p["devices"]) for m, p in plans.items()}
+    assert weights["quantized"] < weights["dequantized"]
+    assert abs(weights["quantized"] - stored) <= stored * 0.05
+    assert main(["plan", str(path), "--gpu-weights", "fp4"]) != 0

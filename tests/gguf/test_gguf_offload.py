@@ -74,7 +74,7 @@ def test_cuda_decode_with_every_expert_resident_is_one_graph(gguf_models, tmp_pa
     """Every expert in a GPU slot: a decode step replays one captured graph for all layers, the experts' slots
     looked up on the device. Logits and greedy tokens as the CPU gives them, within kernel tolerance (prefill
     experts on a GPU run as bfloat16 matrix products)."""
-    from hybridmoe.formats.convert import convert
+    from hybridmoe.models.convert import convert
     hf, _ = gguf_models(family)
     path = convert(hf, tmp_path / "q8_0.gguf", "q8_0", progress=False)
     ref = hybridmoe.load(path)
@@ -117,7 +117,7 @@ def test_cuda_decode_with_no_expert_cache_is_one_graph(gguf_models, tmp_path, fa
     """No expert in VRAM: each MoE layer's experts run on the CPU through a host node inside the step's graph (no
     host sync per layer), so a decode step is one graph replay, with the greedy tokens the CPU gives with the same
     8-bit activations."""
-    from hybridmoe.formats.convert import convert
+    from hybridmoe.models.convert import convert
     hf, _ = gguf_models(family)
     path = convert(hf, tmp_path / "q8_0.gguf", "q8_0", progress=False)
     ref = hybridmoe.load(path, cpu_activations="int8")
@@ -165,7 +165,7 @@ def test_cuda_partly_cached_decode_is_one_graph(gguf_models, tmp_path, family):
     """Part of the experts in VRAM: the step is still one graph (slot table on the device, host node for the rest),
     hot experts land in the cache between steps, and each step's logits stay those of the CPU with 8-bit
     activations within kernel tolerance (the GPU computes its experts without rounding x)."""
-    from hybridmoe.formats.convert import convert
+    from hybridmoe.models.convert import convert
     from hybridmoe.layers.cache import Batch
     hf, _ = gguf_models(family)
     path = convert(hf, tmp_path / "q8_0.gguf", "q8_0", progress=False)
@@ -185,3 +185,24 @@ def test_cuda_partly_cached_decode_is_one_graph(gguf_models, tmp_path, family):
     graphs = model.decode_graphs
     assert graphs.enabled and graphs.captured and graphs.spans() == [range(len(model.layers))]
     assert hits > 0 and all(n.slots is not None for n in model.experts.experts.cpu_nodes.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_cuda_non_expert_weights_kept_as_blocks(gguf_models, tmp_path, family):
+    """--gpu-weights quantized: the linear layers on the GPU hold the file's Q8_0 blocks (GpuQuantLinear), the
+    decode graphs still capture whole steps, and the logits and greedy tokens are those of the CPU run within
+    kernel tolerance."""
+    from hybridmoe.models.convert import convert
+    from hybridmoe.layers.gpu_quant_linear import GpuQuantLinear
+    hf, _ = gguf_models(family)
+    path = convert(hf, tmp_path / "q8_0.gguf", "q8_0", progress=False)
+    ref = hybridmoe.load(path, device="cpu")
+    want = ref.logits(IDS)
+    tokens = list(ref.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids
+    eng = hybridmoe.load(path, device="cuda", dtype="float32", gpu_weights="quantized")
+    assert any(isinstance(m, GpuQuantLinear) for m in eng.model.modules())
+    got = eng.logits(IDS).cpu()
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-2
+    assert list(eng.generate(IDS[:6], temperature=0, max_tokens=12, ignore_eos=True))[-1].token_ids == tokens
+    assert eng.model.decode_graphs.enabled and eng.model.decode_graphs.captured

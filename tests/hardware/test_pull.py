@@ -125,3 +125,31 @@ def test_hub_errors_become_one_line():
     assert "no such repository" in str(PL._hub_error("a/b", RepositoryNotFoundError("404")))
     assert "cannot reach" in str(PL._hub_error("a/b", ConnectError("dns")))
     assert "disk filled" in str(PL._hub_error("a/b", OSError(28, "No space left on device")))
+
+
+@pytest.mark.parametrize("bad", ["../../../home/user/.bashrc-Q4_K_M.gguf", "/etc/cron.d/x-Q4_K_M.gguf",
+                                 "a/../../x-Q4_K_M.gguf", "x\x1b[2J-Q4_K_M.gguf", "x\r-Q4_K_M.gguf",
+                                 "C:/Windows/x-Q4_K_M.gguf", "a\\..\\..\\x-Q4_K_M.gguf"])
+def test_listing_names_outside_the_folder_or_with_control_characters_are_refused(bad, tmp_path):
+    """The listing comes from the network: a name must stay inside the download folder and print as it is."""
+    listing = [PL.RemoteFile("x-Q8_0.gguf", 10), PL.RemoteFile(bad, 10)]
+    lines = []
+    with pytest.raises(HybridMoEError, match="not a plain path inside the repository") as e:
+        PL.pull("evil/repo", "Q4_K_M", tmp_path, dry_run=True, out=lines.append, lister=lambda repo, rev: listing,
+                free_bytes=1 << 40)
+    assert repr(bad) in str(e.value) and "\n" not in str(e.value) and not lines
+    assert PL.select("evil/repo", listing, "Q8_0").files == [listing[0]]  # a bad name not picked does no harm
+
+
+def test_minimum_hub_version_checks_names_on_write():
+    """setup.cfg asks for a huggingface_hub that also refuses such names itself when it writes a file."""
+    import configparser
+    from pathlib import Path
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[2] / "setup.cfg")
+    req = next(r for r in cfg["options"]["install_requires"].split("\n") if r.startswith("huggingface_hub"))
+    assert tuple(int(x) for x in req.split(">=")[1].split(".")) >= (1, 26)
+    from huggingface_hub._local_folder import _validate_relative_filename
+    for bad in ("../x.gguf", "/etc/x.gguf"):
+        with pytest.raises(ValueError):
+            _validate_relative_filename(bad)

@@ -137,3 +137,15 @@ def test_cli_tune_without_a_model_and_with_a_described_machine(capsys, tmp_path)
     assert len(prof.plan.expert_cache_slots) == 4 and prof.plan.experts_tier == "pinned"
     assert main(["tune", str(DATA), "--quick", "--quant", "q9_z"]) == 1
     assert "q4_k_m" in capsys.readouterr().err
+
+
+def test_the_tuner_plans_one_sequence():
+    """Generation runs one sequence: a plan for a larger batch would only budget KV cache for rows that never run
+    (this small model on an H100 used to get batch 8)."""
+    tiny = dict(V3, num_hidden_layers=4, n_routed_experts=16, moe_intermediate_size=64, hidden_size=256,
+                intermediate_size=512, vocab_size=1000, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32)
+    from hybridmoe.offload.plan import footprint_from_config
+    prof = P.load(P.find("h100-x1"))
+    res = tune(footprint_from_config(tiny), prof.hardware_for_plan(), prof.cost, expert_flops(tiny), 4096)
+    assert res.choice.prediction.batch == 1 and res.choice.plan.batch == 1
+    assert dict((r[0], r[1]) for r in res.rows)["batch"] == "1"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridmoe.formats.synthetic import twin_config, write_twin
+from hybridmoe.models.synthetic import twin_config, write_twin
 from hybridmoe.hardware import profile as P
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "tuner_vs_bench.py"

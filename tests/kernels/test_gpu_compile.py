@@ -48,6 +48,14 @@ def cases() -> list[tuple]:
     out.append((rms_norm_kernel, {"x": "*bf16", "res": "*bf16", "total": "*fp32", "w": "*fp32", "out": "*fp32",
                                   "D": "i32", "eps": "fp32"}, {"BLOCK": 128, "HAS_RES": False},
                 "norm-bf16-x-fp32-weight"))
+    from hybridmoe.kernels.gpu.moe_gemm import BLOCK_M, BLOCK_N, grouped_kernel
+    for act in ("bf16", "fp32"):
+        for fused in (False, True):
+            out.append((grouped_kernel, {"x": f"*{act}", "w": "*u8", "w2": "*u8", "y": "*bf16", "ids": "*i32",
+                                         "tiles": "*i32", **{k: "i32" for k in ("n_kb", "N", "row_bytes",
+                                                                                "stride_we", "stride_x", "stride_y")}},
+                        {"FUSED": fused, "BM": BLOCK_M, "BN": BLOCK_N, "BF16": True},
+                        f"moe-gemm-q4_k-{act}{'-gate-up' if fused else ''}"))
     return out
 
 

@@ -46,7 +46,7 @@ def run(eng, ids: list[int], fused: bool, monkeypatch) -> tuple[torch.Tensor, to
 @pytest.mark.parametrize("name", FAMILIES)
 def test_models_agree_with_and_without_the_gpu_kernels(tiny_models, monkeypatch, name, dtype):
     eng = hybridmoe.load(tiny_models(name), device=DEVICE, dtype=dtype)
-    ids = tokens(24, seed=7)
+    ids = tokens(12, seed=7)  # 6 decode steps: each costs Triton-interpreter launches on the CPU
     with_kernels = run(eng, ids, True, monkeypatch)
     without = run(eng, ids, False, monkeypatch)
     for got, want in zip(with_kernels, without):

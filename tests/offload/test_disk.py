@@ -15,7 +15,7 @@ import torch
 import hybridmoe
 import tiny
 from hybridmoe.errors import ConfigError
-from hybridmoe.formats import synthetic
+from hybridmoe.models import synthetic
 from hybridmoe.models import gguf_loader
 from hybridmoe.offload import disk
 from hybridmoe.offload.plan import GPU, Hardware, PlanOptions, footprint_from_gguf, make_plan

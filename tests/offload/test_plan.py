@@ -67,3 +67,25 @@ def test_cli_plan_json_and_exit_code(capsys, tmp_path):
     assert main(["plan", str(tmp_path), "--gpus", "1x8GiB", "--ram", "64GiB"]) == 3
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["plan", str(tmp_path), "--gpus", "two"]) == 1
+
+
+def test_without_a_gpu_the_other_weights_and_kv_must_fit_in_ram():
+    """DeepSeek-V3 on a 22 GiB machine without a GPU: the experts may stream from disk, but attention, dense and
+    shared layers (about 35 GiB at bf16) and the KV cache live in RAM, so it does not fit."""
+    fp = footprint_from_config(V3, weight_bytes=2, expert_bytes=2)
+    plan = make_plan(fp, Hardware((), 24 * GiB, 22 * GiB, 2), PlanOptions(experts_tier="mmap"))
+    assert not plan.fits
+    assert "RAM" in plan.problems[0] and "short" in plan.problems[0]
+    small = dict(V3, num_hidden_layers=4, n_routed_experts=16, moe_intermediate_size=64, hidden_size=256,
+                 intermediate_size=512, vocab_size=1000, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32)
+    fits = make_plan(footprint_from_config(small), Hardware((), 24 * GiB, 22 * GiB, 2))
+    assert fits.fits
+    # a long context alone can be what does not fit, and the message says so
+    big_kv = make_plan(footprint_from_config(small), Hardware((), 24 * GiB, 1 * GiB, 2), PlanOptions(context=10**7))
+    assert not big_kv.fits and "--ctx" in big_kv.problems[0]
+
+
+def test_cli_plan_without_a_gpu_says_does_not_fit(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(V3))
+    assert main(["plan", str(tmp_path), "--gpus", "none", "--ram", "22GiB"]) == 3
+    assert "DOES NOT FIT" in capsys.readouterr().out

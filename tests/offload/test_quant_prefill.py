@@ -143,3 +143,20 @@ def test_without_grouping_each_expert_runs_as_compute_slot() -> None:
     assert torch.equal(store.compute_slots_prefill(buffers[1], SLOT_IDS, 1, x, COUNTS), f32)
     with pytest.raises(ValueError, match="3 token counts summing to 13 for 4 slots and 25 rows"):
         store.compute_slots_prefill(buffers[1], SLOT_IDS, 1, x, COUNTS[:3])
+
+
+@pytest.mark.parametrize("layer", [0, 1], ids=["q4_k-gate-up-from-blocks", "q8_0-dequantized"])
+def test_types_chosen_for_the_quantized_gemm_read_the_blocks(layer, monkeypatch):
+    """With Q4_K in quant_gemm, layer 0's gate and up (Q4_K) run as one grouped product from the blocks and its Q8_0
+    down as before; layer 1 (Q8_0) is unchanged. Either way, each expert's rows come back as the per-expert bf16
+    path gives them, within a bf16 step."""
+    store = STORE[0]
+    monkeypatch.setattr(store, "quant_gemm", {T.Q4_K})
+    calls = []
+    fused = gpu.grouped_gate_up
+    monkeypatch.setattr(gpu, "grouped_gate_up", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    x, f32, bf16 = references(layer)
+    y = prefill(layer, x)
+    assert len(calls) == (layer == 0)
+    assert rel_error(y, f32) < TOL
+    assert rel_error(y, bf16) < TOL_BF16

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 from hybridmoe import Text
-from hybridmoe.repl import Conversation, Repl, parse_args, parse_setting
+from hybridmoe.cli import build_parser
+from hybridmoe.repl import Conversation, Repl, parse_setting
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def repl(model, stdin: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "hybridmoe.repl", str(model), *args], input=stdin, text=True,
+    return subprocess.run([sys.executable, "-m", "hybridmoe", "repl", str(model), *args], input=stdin, text=True,
                           capture_output=True, env=env, cwd=ROOT, timeout=120)
 
 
@@ -162,5 +163,24 @@ def test_settings_parse_and_args():
     assert parse_setting("seed", "none") is None and parse_setting("top_k", "7") == 7
     with pytest.raises(ValueError, match="unknown setting"):
         parse_setting("warmth", "1")
-    args = parse_args(["model", "--device", "cpu", "--ctx", "256", "--system", "S"])
+    args = build_parser().parse_args(["repl", "model", "--device", "cpu", "--ctx", "256", "--system", "S"])
     assert (args.model, args.ctx, args.system, args.profile) == ("model", 256, "S", None)
+
+
+class Noticing:
+    """An answer that carries an engine notice (the offload engine's "cache shrunk", "CUDA graphs off", ...)."""
+    path, device = Path("noticing"), "cpu"
+
+    def chat(self, messages, config=None):
+        from hybridmoe import Done, Notice
+        yield Notice("CUDA graphs off: capture failed")
+        yield Text("ok")
+        yield Done("length", 1, 1, "ok")
+
+    def stop(self):
+        pass
+
+
+def test_engine_notices_reach_the_user():
+    r, out, err = run_repl(Noticing(), "Hi\n")
+    assert "note: CUDA graphs off: capture failed" in err and out.strip() == "ok"

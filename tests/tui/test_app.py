@@ -252,3 +252,47 @@ def test_settings_and_model_screens(engine):
             await pilot.press("escape")
             assert not isinstance(app.screen, ModelInfoScreen)
     run(body())
+
+
+class WithNotice:
+    """The demo engine, with an engine notice ahead of its answer (as the offload engine's "cache shrunk")."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def chat(self, messages, config=None):
+        from hybridmoe import Notice
+        yield Notice("expert cache shrunk to 5 slots")
+        yield from self._engine.chat(messages, config)
+
+
+def test_engine_notices_show_as_notifications(engine):
+    async def body():
+        app = make_app(WithNotice(engine))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await exchange(pilot, "Hi")
+            assert any("expert cache shrunk" in n.message for n in app._notifications)
+    run(body())
+
+
+def test_footer_shows_how_to_quit_and_ctrl_c_stops_clears_then_quits(engine):
+    async def body():
+        app = make_app(Paced(engine, delay=0.05), config=GREEDY.updated(max_tokens=400))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: "^q Quit" in visible_text(app), timeout=20)  # on the smallest terminal
+            await send(pilot, "Tell me a long story")
+            await wait_until(pilot, lambda: app.current is not None and len(answer_source(app.current)) > 3)
+            await pilot.press("ctrl+c")  # while answering: stops the answer, as in the REPL
+            await wait_until(pilot, lambda: app.turns == 1)
+            assert app.done.reason == "cancelled" and app.is_running
+            await pilot.press(*"draft")
+            await pilot.press("ctrl+c")  # a typed prompt: cleared
+            await pilot.pause(0.05)
+            assert app.query_one(PromptInput).text == "" and app.is_running
+            await pilot.press("ctrl+c")  # nothing typed, nothing running: quits
+            await pilot.pause(0.2)
+            assert not app.is_running
+    run(body())

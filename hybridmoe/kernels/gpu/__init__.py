@@ -18,11 +18,16 @@ Routed experts in GPU slots (one contiguous uint8 row per expert; layout in `ffn
     experts_ffn(x [n, D] or [G, n, D], slots [S, nbytes], ids [G], layout) -> [G, n, D]
     dequantize_slots(slots, ids [G], layout, "gate" | "up" | "down") -> [G, rows, K]   one launch (prefill)
 
+Prefill straight from the blocks (tokens sorted by expert, counts[g] rows for slots[ids[g]]; QUANT_GEMM_TYPES):
+    grouped_gemm(x [n, K], slots, ids [G], counts, layout, part) -> [n, N]
+    grouped_gate_up(x [n, D], slots, ids [G], counts, layout) -> silu(gate) * up [n, I]   one launch
+
 Every wrapper checks its inputs and raises ValueError naming the problem; GPU_TYPES lists the kernel types.
 """
 from .api import dequantize, gemv, matmul
 from .checks import GPU_TYPES, MAX_TOKENS
 from .ffn import ALIGN, SlotLayout, dequantize_slots, expert_ffn, experts_ffn
+from .moe_gemm import QUANT_GEMM_TYPES, grouped_gate_up, grouped_gemm
 
-__all__ = ["ALIGN", "GPU_TYPES", "MAX_TOKENS", "SlotLayout", "dequantize", "dequantize_slots", "expert_ffn",
-           "experts_ffn", "gemv", "matmul"]
+__all__ = ["ALIGN", "GPU_TYPES", "MAX_TOKENS", "QUANT_GEMM_TYPES", "SlotLayout", "dequantize", "dequantize_slots",
+           "expert_ffn", "experts_ffn", "gemv", "grouped_gate_up", "grouped_gemm", "matmul"]

@@ -1,9 +1,10 @@
 """Save an SVG of the chat app after a short exchange, for the README:
 
-    python -m hybridmoe_tui.screenshot docs/screenshot.svg [--prompt TEXT] [--size 120x36] [MODEL] [chat options]
+    python scripts/screenshot.py docs/screenshot.svg [--prompt TEXT] [--size 120x36] [MODEL] [chat options]
 
 Any option of `hybridmoe chat` passes through (e.g. --accelerator cpu --expert-cache-slots 24 to show the
-offload counters). Greedy decoding with a fixed seed, so the same model gives the same text."""
+offload counters). Greedy decoding with a fixed seed, so the same model gives the same text. A script, not part
+of the chat UI: it takes the command line's options, and the UI imports only hybridmoe's public API."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ from pathlib import Path
 import hybridmoe
 from hybridmoe.cli import build_parser, load_from_args
 
-from .app import ChatApp
+from hybridmoe_tui.app import ChatApp
 
 
 async def exchange(app: ChatApp, prompts: list[str], size: tuple[int, int], out: Path,
@@ -35,7 +36,7 @@ async def exchange(app: ChatApp, prompts: list[str], size: tuple[int, int], out:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hybridmoe_tui.screenshot")
+    ap = argparse.ArgumentParser(prog="python scripts/screenshot.py")
     ap.add_argument("out", help="SVG file to write")
     ap.add_argument("--prompt", action="append", help="a prompt to send (repeatable)")
     ap.add_argument("--size", default="120x36", help="terminal size, COLSxROWS")

@@ -1,8 +1,9 @@
 """GGUF files of random valid blocks for a config, written tensor by tensor (a 25 GiB file needs little RAM).
 
 They serve benchmarks at real layer shapes (bench/synthetic.py) and the engine's overhead measurement
-(hardware/enginebench.py), which times a small "twin" of a model: the same family, routing width and block types
-at small dims, so that what it measures is the engine's fixed cost per step, layer and expert.
+(engine/calibrate.py), which times a small "twin" of a model: the same family, routing width and block types
+at small dims, so that what it measures is the engine's fixed cost per step, layer and expert. It sits with the
+models because a file's tensor list comes from the family's module tree.
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ TWIN_HEADS = 4
 def tensor_list(cfg: dict, arch: str, expert_types: tuple[Q, Q, Q], other_type: Q) -> list[tuple[str, tuple, Q]]:
     """(GGUF name, torch-order shape, type) of every tensor, from our module tree built on the meta device.
     expert_types: of the gate, up and down experts."""
-    from ..models.loader import expected_expert_names, model_args
-    from .gguf_names import GGUF_TENSORS
-    from .names import NameMap
+    from ..formats.families import GGUF_TENSORS
+    from ..formats.names import NameMap
+    from .loader import expected_expert_names, model_args
     family, args = model_args(cfg)
     with torch.device("meta"):
         model = family.build(args)
@@ -71,7 +72,8 @@ def write(cfg: dict, path: Path, tokenizer_dir: Path, name: str = "synthetic", z
     """A GGUF file for HF config `cfg` with random valid blocks; the tokenizer from `tokenizer_dir`.
     zipf S: a router correction bias (DeepSeek) that makes expert popularity roughly Zipf with exponent S.
     progress(done_bytes, total_bytes, tensor_name) is called after each tensor."""
-    from .convert import ARCH_OF_MODEL_TYPE, _metadata, _tokenizer
+    from .convert import _metadata, _tokenizer
+    from ..formats.families import ARCH_OF_MODEL_TYPE
     if not isinstance(expert_types, tuple):
         expert_types = (expert_types,) * 3
     arch = ARCH_OF_MODEL_TYPE[cfg["model_type"]]

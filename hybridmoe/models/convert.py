@@ -7,6 +7,7 @@ experts, made by its quantizer from a bf16 (or f32) GGUF written first; everythi
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -27,15 +28,15 @@ from gguf.quants import quantize
 from gguf.vocab import LlamaHfVocab
 
 from ..errors import ConfigError, ModelFileError
-from .fp8 import dequant_fp8_blocks
-from .gguf_names import ARCH_OF_MODEL_TYPE, GGUF_ROPE_PERMUTED, GGUF_TENSORS
-from .names import HF_TABLES, NameMap
-from .safetensors import SafetensorsFiles
+from ..formats import llama_child
+from ..formats.atomic import check_destination, staged, temporary_name
+from ..formats.fp8 import dequant_fp8_blocks
+from ..formats.families import ARCH_OF_MODEL_TYPE, BY_MODEL_TYPE, GGUF_ROPE_PERMUTED, GGUF_TENSORS
+from ..formats.names import NameMap
+from ..formats.safetensors import SafetensorsFiles
 
 TARGETS = {"f32": LlamaFileType.ALL_F32, "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
            "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M}
-HF_TABLE_OF = {"deepseek_v3": "deepseek_v3", "deepseek_v2": "deepseek_v3", "qwen3_moe": "qwen3_moe",
-               "mixtral": "mixtral"}
 # llama.cpp's pre-tokenizer names, for BPE tokenizers whose splitting is more than plain GPT-2 byte-level.
 PRE_TOKENIZERS = {"deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-llm", "qwen3_moe": "qwen2"}
 EXPERT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.(gate|up|down)$")
@@ -57,23 +58,26 @@ class Job:
 
 def convert(src: str | Path, out: str | Path, target: str = "q8_0", progress: bool = True,
             tokenizer_pre: str | None = None) -> Path:
-    """Write `out` from the HF model directory `src` (config.json, safetensors, tokenizer.json)."""
+    """Write `out` from the HF model directory `src` (config.json, safetensors, tokenizer.json). The file appears
+    under its name only when complete: a failure or Ctrl-C leaves an existing `out` as it was."""
     src, out = Path(src), Path(out)
     if target not in TARGETS:
         raise ConfigError(f"--type {target!r} is not supported; use one of {', '.join(TARGETS)}")
+    check_destination(out)
     cfg = _read_config(src)
-    if target != "q4_k_m":
-        _write(src, cfg, out, target, progress, tokenizer_pre)
-        return out
-    fp32_source = all(i.dtype == "F32" for i in SafetensorsFiles(src).tensors.values())
-    tmp = out.with_name(out.name + ".tmp-unquantized.gguf")
-    try:
-        _write(src, cfg, tmp, "f32" if fp32_source else "bf16", progress, tokenizer_pre)
-        if progress:
-            print("quantizing routed experts with llama.cpp (Q4_K_M mix; the rest Q8_0)", file=sys.stderr)
-        llama_quantize(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with staged(out) as tmp:
+        if target != "q4_k_m":
+            _write(src, cfg, tmp, target, progress, tokenizer_pre)
+            return out
+        fp32_source = all(i.dtype == "F32" for i in SafetensorsFiles(src).tensors.values())
+        unquantized = temporary_name(out, "unquantized.gguf")
+        try:
+            _write(src, cfg, unquantized, "f32" if fp32_source else "bf16", progress, tokenizer_pre)
+            if progress:
+                print("quantizing routed experts with llama.cpp (Q4_K_M mix; the rest Q8_0)", file=sys.stderr)
+            llama_quantize(unquantized, tmp)
+        finally:
+            unquantized.unlink(missing_ok=True)
     return out
 
 
@@ -95,20 +99,14 @@ def quiet_llama_cpp():
 
 
 def llama_quantize(src: Path, dst: Path, threads: int | None = None) -> None:
-    """llama.cpp's quantizer: routed experts get its Q4_K_M mix, every other matrix Q8_0."""
-    try:
-        L = quiet_llama_cpp()
-    except ImportError:
-        raise ConfigError("--type q4_k_m needs llama.cpp's quantizer: pip install llama-cpp-python") from None
-    params = L.llama_model_quantize_default_params()
-    params.ftype = L.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = threads or os.cpu_count() or 1
-    params.output_tensor_type = params.token_embedding_type = L.GGML_TYPE_Q8_0
-    overrides = (L.llama_model_tensor_override * 2)()
-    overrides[0].pattern, overrides[0].type = rb"attn_|_shexp\.|ffn_(gate|up|down)\.weight", L.GGML_TYPE_Q8_0
-    params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(L.llama_model_tensor_override))
-    if L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
-        raise ModelFileError(f"{dst}: llama.cpp's quantizer failed on {src}")
+    """llama.cpp's quantizer (routed experts get its Q4_K_M mix, every other matrix Q8_0), in a child process so
+    that Ctrl-C stops it at once and a crash in it is a one-line error."""
+    from importlib.util import find_spec
+    if find_spec("llama_cpp") is None:
+        raise ConfigError("--type q4_k_m needs llama.cpp's quantizer: pip install llama-cpp-python")
+    r = llama_child.run(["quantize", str(src), str(dst), str(threads or os.cpu_count() or 1)])
+    if r.returncode != 0:
+        raise ModelFileError(f"{dst}: llama.cpp's quantizer failed on {src} ({llama_child.failure(r)})")
 
 
 def _read_config(src: Path) -> dict:
@@ -117,11 +115,18 @@ def _read_config(src: Path) -> dict:
         cfg = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found (expected an HF model directory)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: invalid JSON ({e})") from None
-    if cfg.get("model_type") not in ARCH_OF_MODEL_TYPE:
-        raise ConfigError(f"{path}: model_type {cfg.get('model_type')!r} cannot be converted to GGUF; supported: "
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    mt = cfg.get("model_type")
+    if not isinstance(mt, str) or mt not in ARCH_OF_MODEL_TYPE:
+        raise ConfigError(f"{path}: model_type {mt!r} cannot be converted to GGUF; supported: "
                           f"{', '.join(ARCH_OF_MODEL_TYPE)}")
+    from .loader import model_args  # the same checks of every value as when loading the directory
+    model_args(cfg, str(path))
     return cfg
 
 
@@ -130,6 +135,19 @@ def _write(src: Path, cfg: dict, out: Path, target: str, progress: bool, pre: st
     files = SafetensorsFiles(src)
     jobs = _jobs(files, cfg, arch, target)
     w = GGUFWriter(out, arch)
+    try:
+        _write_file(w, src, cfg, arch, jobs, target, progress, pre)
+    except BaseException:
+        for f in w.fout or []:  # the caller deletes the file; its buffered tail need not reach the disk
+            with contextlib.suppress(OSError):
+                f.close()
+        if progress:
+            print(file=sys.stderr)  # the error goes on a line of its own, not after the progress bar
+        raise
+
+
+def _write_file(w: GGUFWriter, src: Path, cfg: dict, arch: str, jobs: list[Job], target: str, progress: bool,
+                pre: str | None) -> None:
     _metadata(w, cfg, arch, src.name, TARGETS[target])
     _tokenizer(w, src, cfg, pre)
     for job in jobs:
@@ -146,7 +164,7 @@ def _write(src: Path, cfg: dict, out: Path, target: str, progress: bool, pre: st
         n = 0
         for piece in job.pieces():
             data = _encode(piece, job.qtype)
-            data.tofile(fout)
+            fout.write(data.data)  # not tofile(): its errors carry no errno (a full disk would not be named)
             n += data.nbytes
         if n != job.nbytes:
             raise ModelFileError(f"{src}: tensor {job.name} produced {n} bytes, expected {job.nbytes}")
@@ -180,7 +198,7 @@ def _choose(name: str, shape: tuple[int, ...], target: str) -> Q:
 
 
 def _jobs(files: SafetensorsFiles, cfg: dict, arch: str, target: str) -> list[Job]:
-    hf = NameMap(HF_TABLES[HF_TABLE_OF[cfg["model_type"]]])
+    hf = NameMap(BY_MODEL_TYPE[cfg["model_type"]].hf_tensors)
     to_gguf = NameMap({ours: g for g, ours in GGUF_TENSORS[arch].items() if ":" not in ours})
     n_layers, tied = cfg["num_hidden_layers"], bool(cfg.get("tie_word_embeddings", False))
     block = tuple((cfg.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
@@ -320,7 +338,14 @@ def _tokenizer(w: GGUFWriter, src: Path, cfg: dict, pre: str | None) -> None:
     path = src / "tokenizer.json"
     if not path.exists():
         raise ModelFileError(f"{path}: not found; the GGUF file carries the tokenizer, so it is needed")
-    tj = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        _vocab(w, src, path, json.loads(path.read_text(encoding="utf-8")), cfg, pre)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, IndexError, TypeError,
+            AttributeError) as e:
+        raise ModelFileError(f"{path}: unexpected content ({type(e).__name__}: {e})") from None
+
+
+def _vocab(w: GGUFWriter, src: Path, path: Path, tj: dict, cfg: dict, pre: str | None) -> None:
     model = tj.get("model") or {}
     n_vocab = cfg["vocab_size"]
     if model.get("type") == "BPE" and model.get("byte_fallback"):  # SentencePiece-style (Mixtral)

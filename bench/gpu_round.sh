@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The measurement round on a GPU machine, the same every time; each step fits one 10-minute call and prints its
+# table last. Run from the repository root after `. bench/gpu_setup.sh run` (which starts building llama-bench).
+#
+#   bench/gpu_round.sh files            synthetic GGUF files into /tmp: Qwen3-30B-A3B shape (48 layers, 17 GB), the
+#                                       DeepSeek-V3 3-layer slice (13 GB) and its Zipf-skewed twin
+#   bench/gpu_round.sh kernels          one decode layer's CPU work alone and as host nodes (threads, chunk sizes);
+#                                       host node against doorbell hand-over inside a graph
+#   bench/gpu_round.sh timeline SHAPE   where a decode step's time goes per MoE layer, cache off (qwen3_moe|deepseek_v3)
+#   bench/gpu_round.sh decode SHAPE     against llama.cpp: cache off, equal VRAM budget, all in VRAM (+ skewed for
+#                                       deepseek_v3), decode and pp512, default settings
+#   bench/gpu_round.sh prefill SHAPE    pp512 and pp4096 with the experts off the GPU against llama.cpp's -ub 512,
+#                                       2048 and 4096
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+DIR=/tmp
+LLAMA=${LLAMA_BENCH:-/tmp/llama.cpp/build/bin/llama-bench}
+LOAD=${HYBRIDMOE_LOAD:-"{}"}   # extra load options as JSON (the defaults are what a user gets)
+layers() { [ "$1" = deepseek_v3 ] && echo "--layers 3" || echo ""; }
+
+case "${1:-}" in
+files)
+    for f in "qwen3_moe uniform 0" "deepseek_v3 uniform 0" "deepseek_v3 skewed 1.2"; do
+        set -- $f
+        [ -f "$DIR/$1-$2.gguf" ] || python3 bench/synthetic.py "$1" "$DIR/$1-$2.gguf" $(layers "$1") --zipf "$3" \
+            2>/dev/null | tail -1
+    done
+    ;;
+kernels)
+    python3 bench/cpu_layer.py --shape qwen3_moe --threads 8,15,16 2>&1 | tail -4
+    python3 bench/cpu_layer.py --shape qwen3_moe --host-node --threads 15,16 --chunks 0,2,8 --gib 1 2>&1 | tail -7
+    python3 bench/host_signal.py 2>&1 | tail -4
+    ;;
+timeline)
+    python3 bench/decode_timeline.py "$DIR/$2-uniform.gguf" --slots 0 --load "$LOAD" 2>&1 | tail -4
+    ;;
+decode)
+    bench/gpu_setup.sh wait >/dev/null || exit 1
+    only=off,budget,vram; [ "$2" = deepseek_v3 ] && only=off,budget,vram,skewed
+    python3 bench/offload_vs_llamacpp.py --llama-bench "$LLAMA" --shape "$2" $(layers "$2") --dir "$DIR" \
+        --only "$only" --reps 2 --load "$LOAD" 2>&1 | grep -v Warning | tail -6
+    ;;
+prefill)
+    bench/gpu_setup.sh wait >/dev/null || exit 1
+    python3 bench/prefill_vs_llamacpp.py --llama-bench "$LLAMA" --shape "$2" $(layers "$2") --dir "$DIR" \
+        --only off --reps 2 --prompts 512,4096 --ubatches 512,2048,4096 --load "$LOAD" 2>&1 | grep -v Warning | tail -8
+    ;;
+*)
+    echo "usage: bench/gpu_round.sh files | kernels | timeline SHAPE | decode SHAPE | prefill SHAPE" >&2
+    exit 2
+    ;;
+esac
