@@ -60,6 +60,10 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-weights", default=None, metavar=_choices(GpuWeights),
                    help="a GGUF's non-expert weights on the GPU: dequantized to --dtype (default), or quantized (the "
                         "file's blocks: about half the VRAM at Q8_0, read by hybridmoe's own kernels)")
+    g.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="RAM the engine may use, page cache included, e.g. 24GiB (default: the memory cgroup's "
+                        "limit or the RAM available); GGUF experts beyond it are read from disk ahead of need, the "
+                        "most used kept in RAM (CPU engine)")
     g.add_argument("--profile", default=None, help="hardware profile: a name in profiles/, a TOML file, or auto; "
                    "its [plan] (as `hybridmoe tune` wrote it) sets what the flags above leave unset")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
@@ -69,12 +73,14 @@ def _offload_opts(p: argparse.ArgumentParser) -> None:
 RUN_FLAGS = {"device": "device", "dtype": "dtype", "ctx": "context", "accelerator": "accelerator",
              "devices": "devices", "expert_cache_slots": "expert_cache_slots", "prefetch": "prefetch",
              "experts_tier": "experts_tier", "cpu_activations": "cpu_activations", "cuda_graphs": "cuda_graphs",
-             "gpu_weights": "gpu_weights"}
+             "gpu_weights": "gpu_weights", "memory_budget": "memory_budget"}
 
 
 def run_options(args) -> RunOptions:
     """The run options of a parsed command line: the flags given, then --profile's plan, then the defaults."""
     explicit = {opt: getattr(args, dest) for dest, opt in RUN_FLAGS.items() if getattr(args, dest, None) is not None}
+    if "memory_budget" in explicit:
+        explicit["memory_budget"] = _parse_size(explicit["memory_budget"], "--memory-budget")
     profile = None
     spec = getattr(args, "profile", None)
     if spec:
@@ -396,9 +402,16 @@ def cmd_plan(args) -> int:
     else:
         cfg = read_config(model)
         fp = footprint_from_config(cfg, weight_bytes=wbytes, expert_bytes=wbytes)
-    plan = make_plan(fp, hw, PlanOptions(context=args.ctx, batch=args.batch,
-                                                      experts_tier=args.experts_tier,
-                                                      max_slots=args.expert_cache_slots))
+    popts = PlanOptions(context=args.ctx, batch=args.batch, experts_tier=args.experts_tier,
+                        max_slots=args.expert_cache_slots)
+    plan = make_plan(fp, hw, popts)
+    if "disk" in plan.experts and not args.profile and model.suffix == ".gguf":
+        from dataclasses import replace
+
+        from .hardware.probe import measure_disk_read
+        rate = measure_disk_read(model)  # the disk that will serve the experts, not a profile's guess
+        if rate:
+            plan = make_plan(fp, replace(hw, disk_read_bytes_per_s=rate), popts)
     if (cfg.get("quantization_config") or {}).get("quant_method") == "fp8":
         plan.notes.append("FP8 checkpoints are widened to the run-time dtype on load; a GGUF at 4-5 bits per "
                           "weight needs about a third of these expert bytes")
@@ -413,6 +426,10 @@ def cmd_plan(args) -> int:
     e = plan.experts
     print(f"experts: {_fmt_bytes(e['bytes'])} in the {e['tier']} tier; {e['cache_slots_total']} cached on GPUs; "
           f"{plan.cpu_threads} CPU threads; prefetch margin {plan.prefetch_margin}; context {plan.context}")
+    if "disk" in e:
+        d = e["disk"]
+        print(f"disk tier: {_fmt_bytes(d['resident_bytes'])} of experts in RAM, {_fmt_bytes(d['read_per_token'])} read "
+              f"per token at {d['disk_read_bytes_per_s'] / 1e9:.2f} GB/s: ~{d['decode_tok_s']:.2g} tok/s decode")
     for note in plan.notes:
         print(f"note: {note}")
     for problem in plan.problems:

@@ -59,7 +59,7 @@ DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 FLAGS = {"device": "--device", "dtype": "--dtype", "context": "--ctx", "accelerator": "--accelerator",
          "devices": "--devices", "expert_cache_slots": "--expert-cache-slots", "prefetch": "--no-prefetch",
          "experts_tier": "--experts-tier", "cpu_activations": "--cpu-activations", "cuda_graphs": "--no-cuda-graphs",
-         "gpu_weights": "--gpu-weights"}
+         "gpu_weights": "--gpu-weights", "memory_budget": "--memory-budget"}
 
 
 def _enum(cls: type[StrEnum], value, name: str):
@@ -90,6 +90,9 @@ class RunOptions:
     cpu_threads: int | None = None  # threads of the CPU kernels and torch; None: leave them as they are
     cost_model: Any = None  # offload.scheduler.CostModel with the machine's rates; None: a default workstation's
     sequences: int = 1  # sequences decoded together (serve --max-seqs): the KV cache kept free when sizing the cache
+    # bytes the process may hold, page cache included (GGUF on the CPU: experts beyond it are read from disk ahead of
+    # need, offload.disk); None: the memory cgroup's limit or the RAM available
+    memory_budget: int | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: the coerced enums are stored once, here
@@ -105,7 +108,7 @@ class RunOptions:
                                        else type(self.dtype).__module__ != "torch"):
             raise ConfigError(f"--dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         for name, low in (("context", 1), ("devices", 1), ("expert_cache_slots", 0), ("prefetch_margin", 0),
-                          ("cpu_threads", 1), ("sequences", 1)):
+                          ("cpu_threads", 1), ("sequences", 1), ("memory_budget", 1)):
             value = getattr(self, name)
             if value is None:
                 continue

@@ -213,7 +213,8 @@ class Repl:
             self.out(ev.text.translate(CONTROL) if self.tty else ev.text)
         elif isinstance(ev, Stats):
             self.last_stats = ev
-            for key in ("cache_hits", "cache_misses", "bytes_copied"):
+            for key in ("cache_hits", "cache_misses", "bytes_copied", "disk_bytes", "experts_in_memory",
+                        "experts_read_ahead", "experts_waited"):
                 if key in ev.extra:
                     self.counters[key] = self.counters.get(key, 0) + _total(ev.extra[key])
             if "prefetch_recall" in ev.extra:
@@ -276,6 +277,11 @@ class Repl:
             lines.append(f"prefetch recall {100 * c['prefetch_recall']:.1f}%")
         if "bytes_copied" in c:
             lines.append(f"copied to the GPU {c['bytes_copied'] / 1e9:.3f} GB")
+        if "disk_bytes" in c:  # a model larger than RAM
+            served = sum(c.get(k, 0) for k in ("experts_in_memory", "experts_read_ahead", "experts_waited"))
+            gb = c["disk_bytes"] / 1e9
+            lines.append(f"read from disk {gb:.3f} GB ({gb / max(s.elapsed_s, 1e-9):.2f} GB/s); experts served "
+                         f"from RAM {100 * c.get('experts_in_memory', 0) / max(served, 1):.1f}%")
         self.out("\n".join(lines) + "\n")
 
     def cmd_save(self, arg: str) -> None:

@@ -55,6 +55,9 @@ def offload_text(s: MonitorState) -> Text:
     t.append("  recall ", style="dim").append(percent(s.recall))
     h2d = s.h2d_gb_s
     t.append("\nH2D ", style="dim").append("n/a" if h2d is None else f"{h2d:.2f} GB/s")
+    if s.disk_gb_s is not None:  # a model larger than RAM: its experts are read from disk
+        t.append("\ndisk ", style="dim").append(f"{s.disk_gb_s:.2f} GB/s")
+        t.append("  experts in RAM ", style="dim").append(percent(s.memory_share))
     return t
 
 

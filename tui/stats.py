@@ -33,6 +33,8 @@ class MonitorState:
         self.cache_seen = False
         self.recall: float | None = None
         self.copies: deque[tuple[float, float]] = deque(maxlen=H2D_WINDOW)  # (bytes, seconds) per step
+        self.disk: deque[tuple[float, float]] = deque(maxlen=H2D_WINDOW)  # read from disk: (bytes, seconds) per step
+        self.from_memory = self.experts_seen = 0  # experts served from RAM, of all served (the disk tier's)
         self.heat: dict[int, dict[int, int]] = {}  # layer -> expert -> tokens routed, since the last reset
         self._last_elapsed = 0.0
 
@@ -65,6 +67,11 @@ class MonitorState:
             self.recall = mean(extra["prefetch_recall"])
         if "bytes_copied" in extra:
             self.copies.append((total(extra["bytes_copied"]), max(dt, 1e-9)))
+        if "disk_bytes" in extra:
+            self.disk.append((float(extra["disk_bytes"]), max(dt, 1e-9)))
+            self.from_memory += extra.get("experts_in_memory", 0)
+            self.experts_seen += sum(extra.get(k, 0) for k in ("experts_in_memory", "experts_read_ahead",
+                                                                "experts_waited"))
 
     @property
     def hit_rate(self) -> float | None:
@@ -77,3 +84,15 @@ class MonitorState:
         if not self.copies:
             return None
         return sum(b for b, _ in self.copies) / sum(t for _, t in self.copies) / 1e9
+
+    @property
+    def disk_gb_s(self) -> float | None:
+        """Bytes read from disk per second of generation, over the last few steps (a model larger than RAM)."""
+        if not self.disk:
+            return None
+        return sum(b for b, _ in self.disk) / sum(t for _, t in self.disk) / 1e9
+
+    @property
+    def memory_share(self) -> float | None:
+        """Of the experts served so far, the share that was in RAM (not read from disk)."""
+        return self.from_memory / self.experts_seen if self.experts_seen else None

@@ -15,6 +15,7 @@ from ..models.graphs import DecodeGraphs
 from ..models.loader import LoadedModel, load_hf, read_config
 from ..formats.gguf import GGUFFile, hf_config
 from ..offload.chunking import PREFILL_CHUNK
+from ..offload.disk import attach as attach_disk_tier
 from ..offload.plan import footprint_from_config, split_stages
 from ..offload.runtime import OffloadRuntime, activation_modes, make_store, stage_devices
 from ..options import DEMO_MODEL, Accelerator, GpuWeights, RunOptions, Tier, model_path
@@ -209,6 +210,9 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     `cpu_threads` sets the threads of the CPU kernels and of torch (for the whole process).
     `gpu_weights` (GGUF on CUDA): "dequantized" copies of the non-expert weights in `dtype`, or "quantized": the
     file's blocks, read by hybridmoe's GEMV kernels at decode (about half the bytes and VRAM at Q8_0).
+    `memory_budget` (GGUF on the CPU): bytes the process may hold, page cache included (None: the memory cgroup's
+    limit or the RAM available). Routed experts beyond it are read from disk ahead of need, the most used ones kept
+    in RAM (offload.disk); `prefetch` and `prefetch_margin` then steer the reads of predicted experts.
     `progress(fraction)`, if given, is called as the weights are read (a server's health check reports it)."""
     given = {k: v for k, v in (("device", device), ("dtype", dtype), ("context", context)) if v is not None}
     if isinstance(given.get("device"), torch.device):
@@ -241,6 +245,9 @@ def _load(path: Path, opts: RunOptions, progress: Callable[[float], None] | None
             raise ConfigError("--devices and --expert-cache-slots need --device cuda or --accelerator cpu")
         loaded = _load_gguf(path, dev, dt, opts, progress=progress) if gguf else load_hf(path, dev, dt,
                                                                                         progress=progress)
+        if gguf and dev.type == "cpu":  # experts beyond the memory budget are read from disk ahead of need
+            attach_disk_tier(loaded.model, loaded.model.experts, opts.memory_budget, opts.prefetch,
+                             opts.prefetch_margin)
     else:
         opts = opts.updated(accelerator=accelerator)
         devices = opts.devices

@@ -49,6 +49,14 @@ def join_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
 _DENSE_ONLY = (".attn.wkv_b",)
 
 
+def quantized_linears(model, found: dict[str, GGUFTensor]) -> dict[str, GGUFTensor]:
+    """The linear layers that keep_quantized turns into QuantLinear: module name -> its weight's tensor."""
+    from ..layers.quant_linear import QuantLinear
+    return {name: found[name + ".weight"] for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name + ".weight" in found and not name.endswith(_DENSE_ONLY)
+            and QuantLinear.supports(found[name + ".weight"].qtype)}
+
+
 def keep_quantized(model, found: dict[str, GGUFTensor], permuted, activations: str = "f32",
                    parts: dict[str, dict[str, GGUFTensor]] | None = None) -> None:
     """On the CPU, linear layers keep their GGUF blocks (QuantLinear) instead of dequantized f32 weights, and an
@@ -60,12 +68,8 @@ def keep_quantized(model, found: dict[str, GGUFTensor], permuted, activations: s
     from ..layers.mla import MLA
     from ..layers.mlp import MLP
     from ..layers.quant_linear import QuantLinear
-    for name, module in list(model.named_modules()):
-        t = found.get(name + ".weight")
-        if not isinstance(module, torch.nn.Linear) or t is None or name.endswith(_DENSE_ONLY):
-            continue
-        if not QuantLinear.supports(t.qtype):
-            continue
+    for name, t in quantized_linears(model, found).items():
+        module = model.get_submodule(name)
         raw = t.raw
         heads = next((h for p, h in permuted if p.match(name + ".weight")), None)
         if heads is not None:  # whole rows move, so the blocks can be permuted as they are
@@ -174,7 +178,14 @@ def load_gguf(path: str | Path | GGUFFile, device: str | torch.device = "cpu", d
     permuted = [(re.compile(re.escape(k).replace(r"\{i\}", r"\d+") + "$"), cfg[v])
                 for k, v in GGUF_ROPE_PERMUTED.get(gf.arch, {}).items()]
 
+    # On the CPU most linear layers keep their blocks (keep_quantized): they are never dequantized, so that loading
+    # needs no more memory than running (a model larger than RAM must not hold f32 copies of its attention).
+    quantized = set() if args.tie_embeddings or any(d.type != "cpu" for d in devices) else \
+        {name + ".weight" for name in quantized_linears(model, found)}
+
     def fetch(ours: str) -> torch.Tensor:
+        if ours in quantized:
+            return torch.empty(params[ours].shape, device="meta")  # replaced by a QuantLinear below
         want = torch.float32 if ours.endswith(F32_PARAMS) else dtype
         if ours in parts:
             w = join_kv_b(dequantize_tensor(parts[ours]["k_b"]), dequantize_tensor(parts[ours]["v_b"]))

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field, replace
 from .chunking import ExpertLayer, activation_bytes_per_token, predicted_prefill_tok_s, size_prefill
 
 GiB = 1 << 30
+DISK_EFFICIENCY = 0.8  # of the disk's sequential read rate, reached by the disk tier at decode (bench/RESULTS.md)
+DISK_HEADROOM = 1 << 28  # RAM kept free beside a disk tier (as offload.disk does): KV cache, activations
 PREFILL_PROMPTS = (512, 4096, 8192)  # prompt lengths whose prefill rate the plan predicts
 
 
@@ -129,9 +131,13 @@ def make_plan(fp: Footprint, hw: Hardware, opts: PlanOptions | None = None) -> P
     if tier == "pinned" and host_total > budget:
         problems.append(f"pinned experts need {host_total / GiB:.1f} GiB of RAM but {budget / GiB:.1f} GiB is "
                         "available; use --experts-tier mmap")
-    if tier == "mmap" and host_total > hw.ram_available:
-        notes.append(f"experts ({host_total / GiB:.0f} GiB) exceed RAM ({hw.ram_available / GiB:.0f} GiB): cold "
-                     f"experts stream from disk at ~{hw.disk_read_bytes_per_s / 1e9:.1f} GB/s")
+    disk = disk_tier(fp, hw) if tier == "mmap" else None
+    if disk is not None:
+        notes.append(f"experts ({host_total / GiB:.0f} GiB) exceed RAM ({hw.ram_available / GiB:.0f} GiB): the disk "
+                     f"tier keeps {disk['resident_bytes'] / GiB:.1f} GiB of them in RAM and reads "
+                     f"{disk['read_per_token'] / 2**20:.0f} MiB per token from disk at "
+                     f"{hw.disk_read_bytes_per_s / 1e9:.2f} GB/s: about {disk['decode_tok_s']:.2g} tok/s at decode "
+                     "(uniform routing; popular experts kept in RAM make it faster)")
     threads = max(1, hw.cpu_cores)
     if not hw.gpus:  # the other weights and the KV cache live in RAM too, beside pinned experts or the page cache
         rest = fp.embed_bytes + fp.head_bytes + sum(fp.layer_bytes)
@@ -145,7 +151,8 @@ def make_plan(fp: Footprint, hw: Hardware, opts: PlanOptions | None = None) -> P
                             + (f" and pinned experts ({host_total / GiB:.1f} GiB)" if tier == "pinned" else "")
                             + f" need {need / GiB:.1f} GiB but {hw.ram_available / GiB:.1f} GiB is available: "
                             f"{(need - hw.ram_available) / GiB:.1f} GiB short; to fit: " + ", or ".join(fixes))
-        return Plan(not problems, [], {"tier": tier, "bytes": host_total, "cache_slots_total": 0}, threads,
+        experts = {"tier": tier, "bytes": host_total, "cache_slots_total": 0} | ({"disk": disk} if disk else {})
+        return Plan(not problems, [], experts, threads,
                     0, opts.context, opts.batch, problems, notes + ["no GPU: everything runs on the CPU"])
 
     per_layer = [w + kv * tokens for w, kv in zip(fp.layer_bytes, fp.kv_bytes_per_token)]
@@ -191,17 +198,19 @@ def make_plan(fp: Footprint, hw: Hardware, opts: PlanOptions | None = None) -> P
     margin = 0 if frac >= 1 else opts.prefetch_margin
     chunk = min(d.prefill_chunk for d in devices)
     # with the mmap tier, the share of the experts' bytes that RAM cannot hold is read from disk at every chunk
-    disk = max(0.0, 1 - hw.ram_available / host_total) if tier == "mmap" and host_total else 0.0
+    disk_share = max(0.0, 1 - hw.ram_available / host_total) if tier == "mmap" and host_total else 0.0
     links = max(1, sum(1 for d in devices if d.staging_rows))  # each streaming GPU copies over its own link
     rates = {n: predicted_prefill_tok_s(n, chunk, _expert_layers(fp, devices), fp.top_k, fp.expert_flops_per_token,
-                                        links * hw.h2d_bytes_per_s, links * hw.gpu_flops, disk,
+                                        links * hw.h2d_bytes_per_s, links * hw.gpu_flops, disk_share,
                                         hw.disk_read_bytes_per_s, fp.dense_flops_per_token)
              for n in PREFILL_PROMPTS} if fp.top_k and fp.expert_flops_per_token else {}
     if rates:
+        bound = _prefill_bound(fp, devices, chunk, hw, disk_share, links)
         notes.append(f"prefill: chunks of {chunk} tokens; predicted {rates[PREFILL_PROMPTS[-1]]:.0f} tok/s for a "
-                     f"{PREFILL_PROMPTS[-1]}-token prompt ({_prefill_bound(fp, devices, chunk, hw, disk, links)})")
-    return Plan(not problems, devices, {"tier": tier, "bytes": host_total, "cache_slots_total": total_slots},
-                threads, margin, opts.context, opts.batch, problems, notes, chunk, rates)
+                     f"{PREFILL_PROMPTS[-1]}-token prompt ({bound})")
+    experts = {"tier": tier, "bytes": host_total, "cache_slots_total": total_slots} | ({"disk": disk} if disk else {})
+    return Plan(not problems, devices, experts, threads, margin, opts.context, opts.batch, problems, notes, chunk,
+                rates)
 
 
 def _expert_layers(fp: Footprint, devices: list[DevicePlan]) -> list[ExpertLayer]:
@@ -230,6 +239,25 @@ def _prefill_bound(fp: Footprint, devices: list[DevicePlan], chunk: int, hw: Har
     return (f"per chunk {copy / GiB:.1f} GiB of experts over {over}PCIe at {hw.h2d_bytes_per_s / 1e9:.0f} GB/s = "
             f"{copy / (links * hw.h2d_bytes_per_s):.2f} s{from_disk}, compute {flops / (links * hw.gpu_flops):.2f} s "
             f"at {hw.gpu_flops / 1e12:.0f} TFLOP/s per GPU")
+
+
+def disk_tier(fp: Footprint, hw: Hardware) -> dict | None:
+    """Where the routed experts do not fit in RAM (with the other weights, when no GPU holds those): the bytes kept
+    in RAM, the bytes read from disk per decoded token with uniform routing, and the decode rate that the disk and
+    the CPU then allow (offload.disk reads at about DISK_EFFICIENCY of the disk's sequential rate)."""
+    others = 0 if hw.gpus else sum(fp.layer_bytes) + fp.embed_bytes + fp.head_bytes
+    room = max(0, hw.ram_available - others - max(DISK_HEADROOM, hw.ram_available // 8))
+    total = fp.expert_host_total
+    if total <= room:
+        return None
+    resident = room / total
+    moe = sum(1 for n in fp.experts_per_layer if n)
+    active = moe * fp.top_k * fp.expert_host_bytes
+    read = active * (1 - resident)
+    disk_s = read / (hw.disk_read_bytes_per_s * DISK_EFFICIENCY)
+    cpu_s = (active + (others if not hw.gpus else 0)) / hw.cpu_read_bytes_per_s
+    return {"resident_bytes": int(room), "read_per_token": int(read), "disk_read_bytes_per_s": hw.disk_read_bytes_per_s,
+            "decode_tok_s": 1.0 / (disk_s + cpu_s)}
 
 
 def footprint_from_config(cfg: dict, weight_bytes: float = 2.0, expert_bytes: float | None = None,

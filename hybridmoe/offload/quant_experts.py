@@ -43,6 +43,7 @@ class QuantExperts(HostPlacedExperts):
             self.store.prepack()
         self.activity: dict[int, dict[int, int]] = {}  # layer -> expert -> tokens routed, since the last take
         self.cpu_s = 0.0
+        self.disk = None  # offload.disk.DiskTier, where the experts exceed the memory budget
 
     @property
     def packed(self) -> dict:
@@ -52,16 +53,25 @@ class QuantExperts(HostPlacedExperts):
         """Counters since the last call, for the per-step stats event."""
         out = {"expert_tokens": self.activity, "cpu_expert_s": self.cpu_s}
         self.activity, self.cpu_s = {}, 0.0
+        if self.disk is not None:
+            out |= self.disk.take_stats()
         return out
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], ids [N, K], weights [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x), as [N, D]."""
         t0 = time.perf_counter()
         xs = host_f32(x)  # experts run on the host: the hidden state goes there
+        if self.disk is not None:  # experts beyond the memory budget: their reads start (or are awaited) here
+            self.disk.before(layer, xs, ids)
         y = run_experts(xs, ids, host_f32(weights),
-                        lambda e, xe: self.store.compute_host(layer, e, xe), self.activity.setdefault(layer, {}),
+                        lambda e, xe: self._compute(layer, e, xe), self.activity.setdefault(layer, {}),
                         lambda experts, xe: self.store.compute_host_many(layer, experts, xe),
                         lambda experts, xe, w: self.store.compute_host_sum(layer, experts, xe, w),
                         lambda experts, xe, counts: self.store.compute_host_grouped(layer, experts, xe, counts))
         self.cpu_s += time.perf_counter() - t0
         return y if y.dtype == x.dtype and y.device == x.device else y.to(x.device, x.dtype)
+
+    def _compute(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.disk is not None:
+            self.disk.need(layer, e)  # a prefill streams the layer's experts from disk in this order
+        return self.store.compute_host(layer, e, x)

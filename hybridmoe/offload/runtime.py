@@ -3,8 +3,6 @@ router-predicted prefetch, and the cost model. `accelerator="cpu"` runs all of i
 the GPUs, which is how CI tests it."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -14,6 +12,7 @@ from ..options import Accelerator, CpuActivations, RunOptions, Tier
 from .chunking import PREFILL_CHUNK, activation_bytes_per_token, size_prefill
 from .expert_store import ExpertStore
 from .experts import OffloadExperts
+from .popularity import read_popularity, write_popularity
 from .prefetch import Prefetcher
 from .scheduler import CostModel
 from .store import DenseStore
@@ -163,19 +162,11 @@ class OffloadRuntime:
 
     def save_popularity(self, path: str | Path) -> None:
         """Expert use counts seen so far, to warm the cache at the next start (load_popularity)."""
-        rows = [[layer, e, n] for (layer, e), n in sorted(self.popularity.items())]
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps({"format": "hybridmoe-expert-popularity", "counts": rows}))
-        os.replace(tmp, path)
+        write_popularity(path, self.popularity)
 
     def load_popularity(self, path: str | Path) -> int:
         """Warm the caches with the most used experts of a saved popularity file. Returns experts copied."""
-        try:
-            data = json.loads(Path(path).read_text())
-            rows = data["counts"] if data.get("format") == "hybridmoe-expert-popularity" else None
-            counts = {(int(layer), int(e)): int(n) for layer, e, n in rows}
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ConfigError(f"{path}: not an expert popularity file written by save_popularity") from None
+        counts = read_popularity(path)
         known = {(layer, e) for layer, n in self.store.n_experts.items() for e in range(n)}
         ranked = [k for k, _ in sorted(counts.items(), key=lambda kv: -kv[1]) if k in known]
         for k in ranked:
