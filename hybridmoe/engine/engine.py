@@ -18,7 +18,7 @@ from ..offload.chunking import PREFILL_CHUNK
 from ..offload.disk import attach as attach_disk_tier
 from ..offload.plan import footprint_from_config, split_stages
 from ..offload.runtime import OffloadRuntime, activation_modes, make_store, stage_devices
-from ..options import DEMO_MODEL, Accelerator, GpuWeights, RunOptions, Tier, model_path
+from ..options import Accelerator, GpuWeights, RunOptions, Tier, model_path
 from .config import GenerationConfig
 from .events import Event
 from .generate import generate_loop

@@ -5,7 +5,6 @@ Letters used below: N nodes, G GPUs per node, W = N * G; L layers, S concurrent 
 from __future__ import annotations
 
 import functools
-import math
 import re
 import tomllib
 from dataclasses import dataclass, field

@@ -62,6 +62,13 @@ _WAIT_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
 _MEM_OPS: dict[torch.device, bool] = {}
 
 
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One stream per device for every layer's CPU work (the layers run one after another)."""
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
+
+
 def _stream_memory_ops(device: torch.device) -> bool:
     """Whether the device's streams can write and wait for host words, eagerly and inside a captured graph (tried
     once: a write, then a wait for it; the graph's run writes another value)."""

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
 from ..options import Accelerator, CpuActivations, RunOptions, Tier
 from .chunking import PREFILL_CHUNK, activation_bytes_per_token, size_prefill
 from .expert_store import ExpertStore

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import hybridmoe
 from hybridmoe.errors import ConfigError, HybridMoEError, ModelFileError

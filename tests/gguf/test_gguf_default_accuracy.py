@@ -64,7 +64,7 @@ def _docstrings() -> str:
 
 @pytest.fixture(scope="module")
 def demo_ids():
-    from hybridmoe.engine.engine import DEMO_MODEL
+    from hybridmoe.options import DEMO_MODEL
     from hybridmoe.engine.tokenizer import Tokenizer
     config = json.loads((DEMO_MODEL / "config.json").read_text())
     # 600 tokens: on fewer, a handful of tokens move the ratio by a percent either way

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from hybridmoe.kernels import gpu  # noqa: E402
 from hybridmoe.kernels.gpu import moe_gemm  # noqa: E402
-from hybridmoe.quant import dequantize, get_format, random_blocks  # noqa: E402
+from hybridmoe.quant import dequantize, random_blocks  # noqa: E402
 
 DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 D, I, E = 256, 512, 4
