@@ -73,11 +73,15 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--load", default="{}", help="extra hybridmoe.load() options as JSON")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--hand-over", choices=("pool", "host"), default="pool",
+                    help="how the graph hands a layer to the CPU: the spinning pool (default) or host nodes")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
         from hybridmoe.kernels.cpu import set_threads
         set_threads(a.threads)
+    from hybridmoe.offload import host_node
+    host_node.HAND_OVER = a.hand_over
     eng = hybridmoe.load(a.model, device="cuda", context=1024, expert_cache_slots=a.slots, **json.loads(a.load))
     model = eng.model
     vocab = model.tok_embeddings.weight.shape[0]

@@ -4,9 +4,12 @@
 #
 #   bench/gpu_round.sh files            synthetic GGUF files into /tmp: Qwen3-30B-A3B shape (48 layers, 17 GB), the
 #                                       DeepSeek-V3 3-layer slice (13 GB) and its Zipf-skewed twin
-#   bench/gpu_round.sh kernels          one decode layer's CPU work alone and as host nodes (threads, chunk sizes);
-#                                       host node against doorbell hand-over inside a graph
-#   bench/gpu_round.sh timeline SHAPE   where a decode step's time goes per MoE layer, cache off (qwen3_moe|deepseek_v3)
+#   bench/gpu_round.sh tests            the CUDA tests (offload decode graphs with the CPU pool, partial layers, GPU
+#                                       kernels, quantized GPU weights, streamed prefill)
+#   bench/gpu_round.sh kernels          one decode layer's CPU work alone and as host nodes (threads); the hand-over
+#                                       inside a graph: host node against the spinning pool's doorbell
+#   bench/gpu_round.sh timeline SHAPE   where a decode step's time goes per MoE layer, cache off (qwen3_moe|deepseek_v3),
+#                                       the pool's hand-over and the host nodes' in turn
 #   bench/gpu_round.sh decode SHAPE     against llama.cpp: cache off, equal VRAM budget, all in VRAM (+ skewed for
 #                                       deepseek_v3), decode and pp512, default settings
 #   bench/gpu_round.sh prefill SHAPE    pp512 and pp4096 with the experts off the GPU against llama.cpp's -ub 512,
@@ -26,13 +29,21 @@ files)
             2>/dev/null | tail -1
     done
     ;;
+tests)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gguf/test_gguf_offload.py tests/kernels/test_cpu_host_pool.py \
+        tests/kernels/test_gpu_kernels.py tests/kernels/test_gpu_quant_linear.py tests/kernels/test_gpu_moe_gemm.py \
+        tests/gguf/test_gguf_stream.py tests/gguf/test_gguf_stream_grouped.py tests/gguf/test_gguf_batch.py 2>&1 | tail -8
+    ;;
 kernels)
     python3 bench/cpu_layer.py --shape qwen3_moe --threads 8,15,16 2>&1 | tail -4
-    python3 bench/cpu_layer.py --shape qwen3_moe --host-node --threads 15,16 --chunks 0,2,8 --gib 1 2>&1 | tail -7
-    python3 bench/host_signal.py 2>&1 | tail -4
+    python3 bench/cpu_layer.py --shape qwen3_moe --host-node --threads 15 --gib 1 2>&1 | tail -3
+    python3 bench/host_signal.py --threads 15 2>&1 | tail -4
     ;;
 timeline)
-    python3 bench/decode_timeline.py "$DIR/$2-uniform.gguf" --slots 0 --load "$LOAD" 2>&1 | tail -4
+    for h in pool host; do
+        python3 bench/decode_timeline.py "$DIR/$2-uniform.gguf" --slots 0 --tokens 32 --hand-over $h --load "$LOAD" \
+            2>&1 | tail -4
+    done
     ;;
 decode)
     bench/gpu_setup.sh wait >/dev/null || exit 1
@@ -46,7 +57,7 @@ prefill)
         --only off --reps 2 --prompts 512,4096 --ubatches 512,2048,4096 --load "$LOAD" 2>&1 | grep -v Warning | tail -8
     ;;
 *)
-    echo "usage: bench/gpu_round.sh files | kernels | timeline SHAPE | decode SHAPE | prefill SHAPE" >&2
+    echo "usage: bench/gpu_round.sh files | tests | kernels | timeline SHAPE | decode SHAPE | prefill SHAPE" >&2
     exit 2
     ;;
 esac

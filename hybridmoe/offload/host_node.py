@@ -59,6 +59,7 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> No
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 _TICKS_PER_S: float | None = None
 _WAIT_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
+HAND_OVER = "pool"  # or "host": host nodes even where the pool could serve (bench/decode_timeline.py compares them)
 _MEM_OPS: dict[torch.device, bool] = {}
 
 
@@ -118,7 +119,7 @@ class CpuExpertsNode:
         self.weights = torch.empty(1, top_k, dtype=torch.float32, pin_memory=pin)
         self.out = torch.zeros(1 if slots is None else top_k, dim, dtype=torch.float32, pin_memory=pin)
         self.weights_raw, self.slots = (gate, up, down), slots  # the block points into them
-        use_pool = pool and (self.stream is None or _stream_memory_ops(device))
+        use_pool = pool and HAND_OVER == "pool" and (self.stream is None or _stream_memory_ops(device))
         self.scratch = (np.zeros((top_k, inter), dtype=np.float32),
                         np.zeros((top_k, dim), dtype=np.float32)) if use_pool else (None, None)
         self.block = host_task.fill_block(
