@@ -31,6 +31,49 @@ def _rope_interleaved(src, cos, sin, dst):
         dst[j + half] = b * cos[j] + a * sin[j]
 
 
+@njit(cache=True, inline="always")
+def _write_key(kv, kv_w, eps, cos, sin, latent_cache, pe_cache, pos):
+    """The new token's key into the caches: the latent RMS-normed, the rope part rotated."""
+    rank, rope = kv_w.size, pe_cache.shape[1]
+    ss = f32(0.0)
+    for r in range(rank):
+        ss += kv[r] * kv[r]
+    inv = f32(1.0) / np.sqrt(ss / f32(rank) + eps)
+    for r in range(rank):
+        latent_cache[pos, r] = kv[r] * inv * kv_w[r]
+    _rope_interleaved(kv[rank:rank + rope], cos, sin, pe_cache[pos])
+
+
+@njit(cache=True, inline="always")
+def _attend(q_lat, q_rope, cos, sin, latent_cache, pe_cache, n_keys, scale):
+    """One head over keys 0..n_keys-1: softmax(q . keys * scale) @ latents -> the head's output latent [R]."""
+    rank, rope = q_lat.size, pe_cache.shape[1]
+    q_pe = np.empty(rope, dtype=f32)
+    _rope_interleaved(q_rope, cos, sin, q_pe)
+    scores = np.empty(n_keys, dtype=f32)
+    top = -np.inf
+    for t in range(n_keys):
+        acc = f32(0.0)
+        for r in range(rank):
+            acc += q_lat[r] * latent_cache[t, r]
+        for j in range(rope):
+            acc += q_pe[j] * pe_cache[t, j]
+        s = acc * scale
+        scores[t] = s
+        top = max(top, s)
+    total = f32(0.0)
+    for t in range(n_keys):
+        e = np.exp(scores[t] - top)
+        scores[t] = e
+        total += e
+    o_lat = np.zeros(rank, dtype=f32)
+    for t in range(n_keys):
+        p = scores[t] / total
+        for r in range(rank):
+            o_lat[r] += p * latent_cache[t, r]
+    return o_lat
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def mla_decode(q, kv, kv_w, eps, cos, sin, w_kv_b, latent_cache, pe_cache, pos, scale, out):
     """q f32 [H, N + P] (wq_b's output per head), kv f32 [R + P] (wkv_a's: the latent, then the rope key), kv_w f32
@@ -42,13 +85,7 @@ def mla_decode(q, kv, kv_w, eps, cos, sin, w_kv_b, latent_cache, pe_cache, pos, 
     rope = pe_cache.shape[1]
     nope = qk - rope
     v_dim = out.shape[1]
-    ss = f32(0.0)
-    for r in range(rank):
-        ss += kv[r] * kv[r]
-    inv = f32(1.0) / np.sqrt(ss / f32(rank) + eps)
-    for r in range(rank):
-        latent_cache[pos, r] = kv[r] * inv * kv_w[r]
-    _rope_interleaved(kv[rank:rank + rope], cos, sin, pe_cache[pos])
+    _write_key(kv, kv_w, eps, cos, sin, latent_cache, pe_cache, pos)
     n_keys = pos + 1
     for h in prange(n_heads):
         q_lat = np.zeros(rank, dtype=f32)
@@ -56,29 +93,7 @@ def mla_decode(q, kv, kv_w, eps, cos, sin, w_kv_b, latent_cache, pe_cache, pos, 
             qn = q[h, n]
             for r in range(rank):
                 q_lat[r] += qn * w_kv_b[h, n, r]
-        q_pe = np.empty(rope, dtype=f32)
-        _rope_interleaved(q[h, nope:], cos, sin, q_pe)
-        scores = np.empty(n_keys, dtype=f32)
-        top = -np.inf
-        for t in range(n_keys):
-            acc = f32(0.0)
-            for r in range(rank):
-                acc += q_lat[r] * latent_cache[t, r]
-            for j in range(rope):
-                acc += q_pe[j] * pe_cache[t, j]
-            s = acc * scale
-            scores[t] = s
-            top = max(top, s)
-        total = f32(0.0)
-        for t in range(n_keys):
-            e = np.exp(scores[t] - top)
-            scores[t] = e
-            total += e
-        o_lat = np.zeros(rank, dtype=f32)
-        for t in range(n_keys):
-            p = scores[t] / total
-            for r in range(rank):
-                o_lat[r] += p * latent_cache[t, r]
+        o_lat = _attend(q_lat, q[h, nope:], cos, sin, latent_cache, pe_cache, n_keys, scale)
         for v in range(v_dim):
             acc = f32(0.0)
             for r in range(rank):
@@ -97,13 +112,7 @@ def mla_decode_raw(q, kv, kv_w, eps, cos, sin, kind, k_b, v_b, latent_cache, pe_
     rope = pe_cache.shape[1]
     nope = qk - rope
     v_dim = out.shape[1]
-    ss = f32(0.0)
-    for r in range(rank):
-        ss += kv[r] * kv[r]
-    inv = f32(1.0) / np.sqrt(ss / f32(rank) + eps)
-    for r in range(rank):
-        latent_cache[pos, r] = kv[r] * inv * kv_w[r]
-    _rope_interleaved(kv[rank:rank + rope], cos, sin, pe_cache[pos])
+    _write_key(kv, kv_w, eps, cos, sin, latent_cache, pe_cache, pos)
     n_keys = pos + 1
     for h in prange(n_heads):
         k_row = np.empty(nope, dtype=f32)
@@ -114,29 +123,7 @@ def mla_decode_raw(q, kv, kv_w, eps, cos, sin, kind, k_b, v_b, latent_cache, pe_
             for n in range(nope):
                 acc += k_row[n] * q[h, n]
             q_lat[r] = acc
-        q_pe = np.empty(rope, dtype=f32)
-        _rope_interleaved(q[h, nope:], cos, sin, q_pe)
-        scores = np.empty(n_keys, dtype=f32)
-        top = -np.inf
-        for t in range(n_keys):
-            acc = f32(0.0)
-            for r in range(rank):
-                acc += q_lat[r] * latent_cache[t, r]
-            for j in range(rope):
-                acc += q_pe[j] * pe_cache[t, j]
-            s = acc * scale
-            scores[t] = s
-            top = max(top, s)
-        total = f32(0.0)
-        for t in range(n_keys):
-            e = np.exp(scores[t] - top)
-            scores[t] = e
-            total += e
-        o_lat = np.zeros(rank, dtype=f32)
-        for t in range(n_keys):
-            p = scores[t] / total
-            for r in range(rank):
-                o_lat[r] += p * latent_cache[t, r]
+        o_lat = _attend(q_lat, q[h, nope:], cos, sin, latent_cache, pe_cache, n_keys, scale)
         v_row = np.empty(rank, dtype=f32)
         for v in range(v_dim):
             dequantize_row(kind, v_b[h, v], v_row, w32)
