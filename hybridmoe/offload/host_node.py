@@ -84,13 +84,14 @@ def _stream_memory_ops(device: torch.device) -> bool:
                    "cuStreamWaitValue32")
 
         try:
-            write_and_wait(7)
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                write_and_wait(9)
-            graph.replay()
-            torch.cuda.synchronize(device)
+            with torch.cuda.device(device):
+                write_and_wait(7)
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                    write_and_wait(9)
+                graph.replay()
+                torch.cuda.synchronize(device)
             _MEM_OPS[device] = int(word[0]) == 9
         except RuntimeError:
             _MEM_OPS[device] = False
