@@ -63,11 +63,14 @@ class QuantExperts(HostPlacedExperts):
         xs = host_f32(x)  # experts run on the host: the hidden state goes there
         if self.disk is not None:  # experts beyond the memory budget: their reads start (or are awaited) here
             self.disk.before(layer, xs, ids)
+        # A prefill's experts in one grouped call, except where the disk tier streams them one by one within its
+        # window (the grouped call would read them all at once, from pages the tier has not read or checked)
+        grouped = None if self.disk is not None else \
+            (lambda experts, xe, counts: self.store.compute_host_grouped(layer, experts, xe, counts))
         y = run_experts(xs, ids, host_f32(weights),
                         lambda e, xe: self._compute(layer, e, xe), self.activity.setdefault(layer, {}),
                         lambda experts, xe: self.store.compute_host_many(layer, experts, xe),
-                        lambda experts, xe, w: self.store.compute_host_sum(layer, experts, xe, w),
-                        lambda experts, xe, counts: self.store.compute_host_grouped(layer, experts, xe, counts))
+                        lambda experts, xe, w: self.store.compute_host_sum(layer, experts, xe, w), grouped)
         self.cpu_s += time.perf_counter() - t0
         return y if y.dtype == x.dtype and y.device == x.device else y.to(x.device, x.dtype)
 
