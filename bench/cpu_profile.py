@@ -1,13 +1,18 @@
-"""Where one CPU decode step goes, by component: each module kind's time (its own, children excluded) and how much
-of it is spent inside the numba kernels, for a GGUF file decoded on the CPU with the engine's default settings.
+"""Where one CPU decode step (or one prefill) goes, by component: each module kind's time (its own, children
+excluded) and how much of it is spent inside the numba kernels, for a GGUF file run on the CPU with the engine's
+default settings.
 
     python bench/cpu_profile.py MODEL.gguf [--steps 64] [--prompt 128] [--threads 2] [--cpu-activations f32]
+                                           [--prefill]
 
 Components: attention projections (quantized linears of the attention), attention core (MLA or GQA between them),
 router, routed experts, shared expert and dense MLPs, norms, output head, embedding, sampling (greedy argmax), and
 the rest of the step (Python and torch glue outside all of these). The timers add about a microsecond per wrapped
 call; the step time without them is printed too. Kernel time is the time inside numba-compiled calls; the goal of the
-CPU-only issue is that it is >= 90% of a step.
+CPU-only issue is that it is >= 90% of a step. With --prefill the prompt itself is profiled (--steps prefills of
+--prompt tokens, last token's logits only), and the routed experts' own time splits further: expert sort (which rows
+go to which expert), expert combine (the weighted sum over each token's experts), and the rest of the routed
+experts' own time (gathering the rows per expert, scattering the results back, Python).
 """
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ORDER = ("attention projections", "attention core", "router", "routed experts", "shared expert / dense MLP", "norms",
-         "output head", "embedding", "sampling", "rest (Python, torch glue)")
+ORDER = ("attention projections", "attention core", "router", "routed experts", "expert sort", "expert combine",
+         "shared expert / dense MLP", "norms", "output head", "embedding", "sampling", "rest (Python, torch glue)")
 
 
 class Timers:
@@ -95,12 +100,17 @@ def instrument(model, timers: Timers) -> None:
         def __call__(self, *args):
             return self.call(*args)
 
+        def start(self, *args):  # the layers' experts here are host-placed: start computes them at once
+            out = self.call(*args)
+            return lambda: out
+
         def __getattr__(self, name):
-            if name == "start":
-                raise AttributeError(name)
             return getattr(experts, name)
 
     model.experts = TimedExperts()
+    from hybridmoe.layers import moe  # run_experts looks these up in its module at each call
+    moe.expert_positions = timers.wrap("expert sort", moe.expert_positions)
+    moe.combine = timers.wrap("expert combine", moe.combine)
     # every call of a numba-compiled function from Python (calls between jitted functions do not pass here)
     dispatcher = numba.core.registry.CPUDispatcher
     dispatcher.__call__ = timers.wrap_kernel(dispatcher.__call__)
@@ -122,6 +132,20 @@ def decode_steps(model, ids: list[int], n: int, sample, on_decode=lambda: None) 
     return (time.perf_counter() - t0) / n
 
 
+def prefills(model, ids: list[int], n: int, sample, on_start=lambda: None) -> float:
+    """n prefills of ids (each into a new cache, the last token's logits); the time per prefill in seconds."""
+    from hybridmoe.layers.cache import Batch
+    with torch.inference_mode():
+        on_start()
+        total = 0.0
+        for _ in range(n):
+            cache = model.new_cache(1, len(ids) + 1)
+            t0 = time.perf_counter()
+            sample(model(torch.tensor([ids]), Batch.make([0], [len(ids)], [0], "cpu"), cache, last_only=True)[0])
+            total += time.perf_counter() - t0
+    return total / n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
@@ -129,6 +153,8 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cpu-activations", default=None, help="default: the engine's default")
+    ap.add_argument("--prefill", action="store_true", help="profile the prompt's prefill (--steps of them), not "
+                    "decode steps")
     a = ap.parse_args()
     import hybridmoe
     from hybridmoe.kernels.cpu import set_threads
@@ -140,22 +166,28 @@ def main() -> int:
     ids = np.random.default_rng(1).integers(8, vocab, a.prompt).tolist()
     timers = Timers()
     argmax = lambda logits: int(logits.argmax())  # noqa: E731
+    if a.prefill:
+        run = lambda sample, on_start=lambda: None: prefills(model, ids, a.steps, sample, on_start)  # noqa: E731
+    else:
+        run = lambda sample, on_start=lambda: None: decode_steps(model, ids, a.steps, sample, on_start)  # noqa: E731
     decode_steps(model, ids, 4, argmax)  # compile and page in
-    plain = min(decode_steps(model, ids, a.steps, argmax) for _ in range(2))
+    plain = min(run(argmax) for _ in range(2))
     instrument(model, timers)
     sample = timers.wrap("sampling", argmax)
 
     def reset():
         timers.own.clear()
         timers.kernel.clear()
-    step = decode_steps(model, ids, a.steps, sample, reset)
+    step = run(sample, reset)
     own, kernel = dict(timers.own), dict(timers.kernel)
     own[ORDER[-1]] = own.get(ORDER[-1], 0.0) + step * a.steps - sum(own.values())
     per = 1000.0 / a.steps
-    print(f"{a.model.name}: {a.steps} decode steps after a {a.prompt}-token prompt, {a.threads} threads, "
-          f"cpu_activations {a.cpu_activations or 'default'}")
-    print(f"step {1000 * plain:.2f} ms without timers ({1 / plain:.1f} tok/s), {1000 * step:.2f} ms with them\n")
-    print("| component | ms per token | of which kernels | share of step |")
+    what = f"{a.steps} prefills of {a.prompt} tokens" if a.prefill else \
+        f"{a.steps} decode steps after a {a.prompt}-token prompt"
+    print(f"{a.model.name}: {what}, {a.threads} threads, cpu_activations {a.cpu_activations or 'default'}")
+    rate = a.prompt / plain if a.prefill else 1 / plain
+    print(f"step {1000 * plain:.2f} ms without timers ({rate:.1f} tok/s), {1000 * step:.2f} ms with them\n")
+    print(f"| component | ms per {'prefill' if a.prefill else 'token'} | of which kernels | share of step |")
     print("|---|---|---|---|")
     for name in ORDER:
         t, k = own.get(name, 0.0), kernel.get(name, 0.0)

@@ -21,7 +21,7 @@ def int8_exact(rng, n: int, k_dim: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("n_tokens", [1, 3])
+@pytest.mark.parametrize("n_tokens", [1, 3, 9])  # 9: Q8_0 takes 4 tokens per pass, then the last one
 def test_int8_gemv_is_exact_on_8_bit_activations(case, qtype: T, n_tokens: int) -> None:
     c = case(qtype, 72, 768, n_tokens)  # 72 rows: the last tile of 16 is padded
     packed = cpu.repack(c.w_raw, qtype, activations="int8")
@@ -31,6 +31,17 @@ def test_int8_gemv_is_exact_on_8_bit_activations(case, qtype: T, n_tokens: int) 
     got = cpu.gemv_packed(x, packed)
     assert got.shape == want.shape and got.dtype == np.float32
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_int8_gemv_rows_together_are_each_row_alone(qtype: T) -> None:
+    """Prefill's rows (several per pass over a tile) give each row's decode result bit for bit."""
+    rng = np.random.default_rng(4)
+    w = random_blocks(qtype, 40 * 512 // get_format(qtype).block_size, rng).reshape(40, -1)
+    packed = cpu.repack(w, qtype, activations="int8")
+    x = rng.standard_normal((10, 512)).astype(np.float32)
+    alone = np.concatenate([cpu.gemv_packed(x[t:t + 1], packed) for t in range(10)])
+    assert np.array_equal(cpu.gemv_packed(x, packed), alone)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)

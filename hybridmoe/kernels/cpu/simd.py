@@ -493,3 +493,54 @@ def store_bytes(typingctx, array, index, v):
         builder.store(builder.trunc(args[2], b16), _pointer(context, builder, sig.args[0], args[0], args[1], b16),
                       align=1)
     return types.none(array, types.intp, ivec), codegen
+
+
+def _butterfly(builder, vecs):
+    """16 <16 x i32> rows -> their transpose (vector j's lane i = row i's lane j): four stages that swap the
+    off-diagonal blocks of 8, 4, 2 and 1 lanes between row pairs, one two-input shuffle per row and stage."""
+    for b in (8, 4, 2, 1):
+        out = list(vecs)
+        for r in range(16):
+            if r & b:
+                continue
+            low = [c if c & b == 0 else 16 + c - b for c in range(16)]  # row r keeps its lanes c & b == 0
+            high = [c + b if c & b == 0 else 16 + c for c in range(16)]  # row r | b takes row r's others
+            out[r] = builder.shuffle_vector(vecs[r], vecs[r | b], ir.Constant(I32x16, low))
+            out[r | b] = builder.shuffle_vector(vecs[r], vecs[r | b], ir.Constant(I32x16, high))
+        vecs = out
+    return vecs
+
+
+@intrinsic
+def transpose_rows(typingctx, array, start, stride, valid, out, at):
+    """The 64 bytes at start + row * stride of a uint8 array, for 16 rows (rows >= valid repeat row valid - 1), into
+    out[at + 64 j ...] as 16 words of 16 lanes: word j's lane i = row i's j-th 4 bytes. The same words as 16
+    `gather_words` at start + 4 j, from 16 plain loads and 64 two-vector shuffles."""
+    def codegen(context, builder, sig, args):
+        arr, start, stride, valid, out, at = args
+        i64 = ir.IntType(64)
+        last = builder.sub(valid, ir.Constant(valid.type, 1))
+        rows = []
+        for i in range(16):
+            row = builder.select(builder.icmp_signed("<", ir.Constant(valid.type, i), last),
+                                 ir.Constant(valid.type, i), last)
+            index = builder.add(start, builder.mul(row, stride))
+            rows.append(builder.load(_pointer(context, builder, sig.args[0], arr, index, I32x16), align=1))
+        for j, v in enumerate(_butterfly(builder, rows)):
+            index = builder.add(at, ir.Constant(i64, 64 * j))
+            builder.store(v, _pointer(context, builder, sig.args[4], out, index, I32x16), align=1)
+    return types.none(array, types.intp, types.intp, types.intp, out, types.intp), codegen
+
+
+@intrinsic
+def half_floats(typingctx, v, upper):
+    """The float16 in the low (upper=0) or high (upper=1) 16 bits of every word of v, as float32 (a constant)."""
+    if not isinstance(upper, types.IntegerLiteral):
+        return None
+    shift = 16 * upper.literal_value
+
+    def codegen(context, builder, sig, args):
+        w = builder.lshr(args[0], _splat(builder, ir.Constant(I32, shift), I32x16)) if shift else args[0]
+        h = builder.trunc(w, ir.VectorType(ir.IntType(16), 16))
+        return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 16)), F32x16)
+    return fvec(v, upper), codegen
