@@ -40,7 +40,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import host_task, raw_int8
-from .host_task import _pointer, _ticks
+from .host_task import _call_with_int as _call_int, _pointer, _ticks  # usleep, sched_yield: int f(int)
 
 f32 = np.float32
 LINE = 16  # int32 words per cache line
@@ -100,19 +100,6 @@ def _pause(typingctx):
         if _X86:
             fnty = ir.FunctionType(ir.VoidType(), [])
             builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse2.pause"), [])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _call_int(typingctx, address, n):
-    """Call the C function int f(unsigned) at `address` with n (usleep, sched_yield: its argument is ignored)."""
-    sig = types.void(types.int64, types.int64)
-
-    def codegen(context, builder, signature, args):
-        fnty = ir.FunctionType(ir.IntType(32), [ir.IntType(32)])
-        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [builder.trunc(args[1], ir.IntType(32))])
         return context.get_dummy_value()
 
     return sig, codegen
