@@ -168,7 +168,7 @@ class QuantStore:
         xs = host_f32(x)
         if e is not None and xs.shape[0] < PREFILL_TOKENS and self.raw_int8[layer]:
             if xs.shape[0] > 1:  # prefill: as compute_host_grouped computes each expert
-                return self.compute_host_grouped(layer, [e], xs, [xs.shape[0]])
+                return self.compute_host_grouped(layer, [e], xs, [xs.shape[0]]).to(x.dtype)
             return torch.from_numpy(self._raw_int8(layer, [e], xs)[0]).to(x.dtype)
         packed = self._packed_layer(layer) if e is not None and xs.shape[0] < PREFILL_TOKENS else None
         if packed is not None:

@@ -106,8 +106,8 @@ class Streamed:
 
     def put_cpu(self, ys: torch.Tensor) -> None:
         """The CPU experts' outputs [rows, D] (host), in x_cpu's order, to their positions: one copy to the device
-        that does not wait for the queue (the CPU computes in float32, the device's parts may be bfloat16)."""
-        self.parts[self.order[self.n_gpu:]] = to_device(ys.to(self.parts.dtype), self.parts.device)
+        that does not wait for the queue."""
+        self.parts[self.order[self.n_gpu:]] = to_device(ys, self.parts.device)
 
 
 class LayerStream:
