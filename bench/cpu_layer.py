@@ -2,7 +2,9 @@
 layer, the file's bytes read in place, 8-bit activations), against the machine's read bandwidth, per thread count.
 
 Weights cycle through enough layers that the caches cannot hold them, and each call picks K random experts, as a
-decode step does. GB/s counts the experts' bytes as stored. "cached" runs the same K experts again and again (from
+decode step does. GB/s counts the experts' bytes as stored. --memory places the weights in numpy's memory (default),
+page-locked memory as the pinned tier allocates it (CUDA's host allocator), or anonymous memory advised to use
+transparent huge pages; the machine's huge-page setting is printed. "cached" runs the same K experts again and again (from
 the caches where they fit: if that is not much faster, the kernel is bound by its own work, not by memory); "1
 expert" and "1 cached" the same for one expert (a call's fixed cost shows there).
 
@@ -56,6 +58,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--type", default="Q4_K")
     ap.add_argument("--host-node", action="store_true", help="run the layers as CUDA host functions")
+    ap.add_argument("--memory", default="numpy", help="comma-separated: numpy, pinned, huge (see above)")
     ap.add_argument("--chunks", default="0", help="--host-node: comma-separated parallel chunk sizes")
     ap.add_argument("--rows-per-task", type=int, default=None,
                     help="rows of one parallel task in the kernels (set NUMBA_CACHE_DIR to a fresh folder: the "
@@ -69,8 +72,45 @@ def main() -> int:
     rng = np.random.default_rng(0)
     per_layer = sum(stacked(rng, 1, r, c, qtype).nbytes for r, c in ((inter, dim), (inter, dim), (dim, inter)))
     n_layers = max(2, int(a.gib * 2**30 // (per_layer * n_experts)))
-    layers = [tuple(stacked(rng, n_experts, r, c, qtype) for r, c in ((inter, dim), (inter, dim), (dim, inter)))
-              for _ in range(n_layers)]
+    made = [tuple(stacked(rng, n_experts, r, c, qtype) for r, c in ((inter, dim), (inter, dim), (dim, inter)))
+            for _ in range(n_layers)]
+    print("transparent huge pages:", _thp())
+    for memory in a.memory.split(","):
+        layers = [tuple(_placed(t, memory) for t in lay) for lay in made]
+        print(f"-- weights in {memory} memory")
+        rc = _run(a, layers, qtype, dim, inter, n_experts, top_k, per_layer, n_layers, rng)
+        if rc:
+            return rc
+    return 0
+
+
+def _thp() -> str:
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _placed(a: np.ndarray, memory: str) -> np.ndarray:
+    """A copy of `a` in the asked kind of memory (kept alive by the array's base)."""
+    if memory == "numpy":
+        return a
+    if memory == "pinned":
+        t = torch.empty(a.shape, dtype=torch.uint8, pin_memory=True)
+        out = t.numpy()
+    elif memory == "huge":
+        import ctypes
+        import mmap
+        m = mmap.mmap(-1, a.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        out = np.frombuffer(m, dtype=np.uint8).reshape(a.shape)
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(out.ctypes.data), ctypes.c_size_t(a.nbytes), 14)  # MADV_HUGEPAGE
+    else:
+        raise SystemExit(f"--memory: unknown kind {memory!r} (numpy, pinned, huge)")
+    out[...] = a
+    return out
+
+
+def _run(a, layers, qtype, dim, inter, n_experts, top_k, per_layer, n_layers, rng) -> int:
     x = rng.standard_normal((1, dim)).astype(np.float32)
     w = rng.random((1, top_k)).astype(np.float32)
     read = torch.ones(2**29)  # 2 GiB

@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 
+import watch  # noqa: E402
 import hybridmoe  # noqa: E402
 from hybridmoe.engine.bench import _Counters, run_stream  # noqa: E402
 
@@ -76,13 +77,16 @@ def main() -> int:
     ap.add_argument("--hand-over", choices=("pool", "host"), default="pool",
                     help="how the graph hands a layer to the CPU: the spinning pool (default) or host nodes")
     a = ap.parse_args()
+    watch.arm()
     if a.threads:
         torch.set_num_threads(a.threads)
         from hybridmoe.kernels.cpu import set_threads
         set_threads(a.threads)
     from hybridmoe.offload import host_node
     host_node.HAND_OVER = a.hand_over
+    watch.phase(f"loading {a.model}")
     eng = hybridmoe.load(a.model, device="cuda", context=1024, expert_cache_slots=a.slots, **json.loads(a.load))
+    watch.phase("loaded; warm-up")
     model = eng.model
     vocab = model.tok_embeddings.weight.shape[0]
     stream = torch.randint(8, vocab, (a.tokens + 1,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -90,6 +94,7 @@ def main() -> int:
     counters = Seen()
     experts = getattr(model.experts, "experts", model.experts)
     nodes = nodes_of(experts, model.moe_layers())
+    watch.phase("timed steps")
     rates = [run_stream(eng, stream, counters) for _ in range(3)]
     from hybridmoe.kernels.cpu import host_task as ht
     in_node = (counters.cpu_s / max(1, counters.steps) / len(model.moe_layers()) * 1e6,

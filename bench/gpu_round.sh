@@ -6,8 +6,9 @@
 #                                       DeepSeek-V3 3-layer slice (13 GB) and its Zipf-skewed twin
 #   bench/gpu_round.sh tests            the CUDA tests (offload decode graphs with the CPU pool, partial layers, GPU
 #                                       kernels, quantized GPU weights, streamed prefill)
-#   bench/gpu_round.sh kernels          one decode layer's CPU work alone and as host nodes (threads); the hand-over
-#                                       inside a graph: host node against the spinning pool's doorbell
+#   bench/gpu_round.sh kernels          one decode layer's CPU work alone (threads; weights in numpy, pinned and
+#                                       huge-page memory) and as host nodes; the hand-over inside a graph: host
+#                                       node against the spinning pool's doorbell
 #   bench/gpu_round.sh timeline SHAPE   where a decode step's time goes per MoE layer, cache off (qwen3_moe|deepseek_v3),
 #                                       the pool's hand-over and the host nodes' in turn
 #   bench/gpu_round.sh decode SHAPE     against llama.cpp: cache off, equal VRAM budget, all in VRAM (+ skewed for
@@ -15,7 +16,10 @@
 #   bench/gpu_round.sh prefill SHAPE    pp512 and pp4096 with the experts off the GPU against llama.cpp's -ub 512,
 #                                       2048 and 4096
 set -uo pipefail
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 BENCH_STACKS_EVERY=${BENCH_STACKS_EVERY:-150}  # every thread's stack now and then: a step cut
+                                                                       # off by the call's limit shows where it was
+LOG="${OUT:-/tmp}/round-${1:-none}${2:+-$2}.log"  # the whole output of each step (the table is printed last)
+keep() { tee -a "$LOG" | grep -v Warning; }
 DIR=/tmp
 LLAMA=${LLAMA_BENCH:-/tmp/llama.cpp/build/bin/llama-bench}
 LOAD=${HYBRIDMOE_LOAD:-"{}"}   # extra load options as JSON (the defaults are what a user gets)
@@ -32,29 +36,29 @@ files)
 tests)
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gguf/test_gguf_offload.py tests/kernels/test_cpu_host_pool.py \
         tests/kernels/test_gpu_kernels.py tests/kernels/test_gpu_quant_linear.py tests/kernels/test_gpu_moe_gemm.py \
-        tests/gguf/test_gguf_stream.py tests/gguf/test_gguf_stream_grouped.py tests/gguf/test_gguf_batch.py 2>&1 | tail -8
+        tests/gguf/test_gguf_stream.py tests/gguf/test_gguf_stream_grouped.py tests/gguf/test_gguf_batch.py 2>&1 | keep | tail -8
     ;;
 kernels)
-    python3 bench/cpu_layer.py --shape qwen3_moe --threads 8,15,16 2>&1 | tail -4
-    python3 bench/cpu_layer.py --shape qwen3_moe --host-node --threads 15 --gib 1 2>&1 | tail -3
-    python3 bench/host_signal.py --threads 15 2>&1 | tail -4
+    python3 bench/cpu_layer.py --shape qwen3_moe --threads 8,15,16 --memory numpy,pinned,huge 2>&1 | keep | tail -14
+    python3 bench/cpu_layer.py --shape qwen3_moe --host-node --threads 15 --gib 1 2>&1 | keep | tail -3
+    python3 bench/host_signal.py --threads 15 2>&1 | keep | tail -4
     ;;
 timeline)
     for h in pool host; do
         python3 bench/decode_timeline.py "$DIR/$2-uniform.gguf" --slots 0 --tokens 32 --hand-over $h --load "$LOAD" \
-            2>&1 | tail -4
+            2>&1 | keep | tail -4
     done
     ;;
 decode)
     bench/gpu_setup.sh wait >/dev/null || exit 1
     only=off,budget,vram; [ "$2" = deepseek_v3 ] && only=off,budget,vram,skewed
     python3 bench/offload_vs_llamacpp.py --llama-bench "$LLAMA" --shape "$2" $(layers "$2") --dir "$DIR" \
-        --only "$only" --reps 2 --load "$LOAD" 2>&1 | grep -v Warning | tail -6
+        --only "$only" --reps 2 --load "$LOAD" 2>&1 | keep | tail -6
     ;;
 prefill)
     bench/gpu_setup.sh wait >/dev/null || exit 1
     python3 bench/prefill_vs_llamacpp.py --llama-bench "$LLAMA" --shape "$2" $(layers "$2") --dir "$DIR" \
-        --only off --reps 2 --prompts 512,4096 --ubatches 512,2048,4096 --load "$LOAD" 2>&1 | grep -v Warning | tail -8
+        --only off --reps 2 --prompts 512,4096 --ubatches 512,2048,4096 --load "$LOAD" 2>&1 | keep | tail -8
     ;;
 *)
     echo "usage: bench/gpu_round.sh files | tests | kernels | timeline SHAPE | decode SHAPE | prefill SHAPE" >&2

@@ -6,8 +6,11 @@
 #                               version the tests pin), trimmed to what llama-bench needs (about 5 MB)
 #   . bench/gpu_setup.sh run    there, from the repository root, with .gpu/ carried along: installs the wheels into
 #                               /tmp/site, starts building llama-bench (CUDA, sm_90, static) in the background and
-#                               exports PYTHONPATH, LLAMA_BENCH (the binary's path) and LLAMA_BUILD_LOG
-#   bench/gpu_setup.sh wait     there: waits for that build (about 4.5 minutes on 16 cores) and says how it ended
+#                               exports PYTHONPATH, LLAMA_BENCH (the binary's path) and LLAMA_BUILD_LOG; also in the
+#                               background, compiles the CPU kernels into numba's cache (a fresh machine compiles
+#                               them for minutes on first use: timed steps would measure the compiler) by running
+#                               `hybridmoe bench` on 2-layer files of both shapes, offload on CUDA, default settings
+#   bench/gpu_setup.sh wait     there: waits for both (about 4.5 minutes on 16 cores) and says how they ended
 
 LLAMA_CPP_PYTHON=0.3.36
 GPU_PY=3.12
@@ -40,8 +43,21 @@ run)
             >"$LLAMA_BUILD_LOG" 2>&1 &
         echo "llama-bench: building in the background (log $LLAMA_BUILD_LOG)"
     fi
+    if [ ! -f /tmp/kernels-warm.done ]; then
+        (set -e; for s in qwen3_moe deepseek_v3; do
+            python3 bench/synthetic.py "$s" "/tmp/warm-$s.gguf" --layers 2 >/dev/null 2>&1
+            python3 -m hybridmoe bench "/tmp/warm-$s.gguf" --device cuda --expert-cache-slots 0 -p 64 -n 8 -r 1
+            python3 -m hybridmoe bench "/tmp/warm-$s.gguf" --device cuda -p 64 -n 8 -r 1
+        done; rm -f /tmp/warm-*.gguf; touch /tmp/kernels-warm.done) >/tmp/kernels-warm.log 2>&1 &
+        echo $! >/tmp/kernels-warm.pid
+        echo "CPU kernels: compiling in the background (log /tmp/kernels-warm.log)"
+    fi
     ;;
 wait)
+    while [ ! -f /tmp/kernels-warm.done ] && kill -0 "$(cat /tmp/kernels-warm.pid 2>/dev/null)" 2>/dev/null; do
+        sleep 5; done
+    if [ -f /tmp/kernels-warm.done ]; then echo "CPU kernels: compiled"; else
+        echo "CPU kernels: warm-up failed"; tail -20 /tmp/kernels-warm.log; fi
     while [ ! -x /tmp/llama.cpp/build/bin/llama-bench ] && pgrep -f "cmake --build build" >/dev/null; do sleep 5; done
     if [ -x /tmp/llama.cpp/build/bin/llama-bench ]; then echo "llama-bench: ready"; else
         echo "llama-bench: build failed"; tail -20 /tmp/llama-build.log; exit 1; fi

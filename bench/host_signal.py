@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+import watch  # noqa: E402
 from hybridmoe.kernels.cpu import host_pool, host_task, raw_int8  # noqa: E402
 from hybridmoe.quant import random_blocks  # noqa: E402
 
@@ -40,6 +41,7 @@ def main() -> int:
     ap.add_argument("--gpu-us", type=float, default=50.0, help="GPU work per layer between the hand-overs")
     ap.add_argument("--steps", type=int, default=30)
     a = ap.parse_args()
+    watch.arm()
     from hybridmoe.offload.host_node import _check as check, _driver
     lib = _driver()
     rng = np.random.default_rng(0)

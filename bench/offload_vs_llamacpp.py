@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
 import synthetic  # noqa: E402
+import watch  # noqa: E402
 
 import hybridmoe  # noqa: E402
 from hybridmoe.engine.bench import BenchOptions, run_bench  # noqa: E402
@@ -72,9 +73,11 @@ def llama_bench(exe: str, gguf: Path, args: list[str], threads: int, reps: int) 
 def ours(gguf: Path, slots: int | None, reps: int, **load_kw) -> dict:
     """hybridmoe with its default settings (what a user gets; --load adds options), pp512 and tg128 measured as
     `hybridmoe bench` measures them: random token ids, as llama-bench feeds."""
+    watch.phase(f"hybridmoe: loading {gguf.name}, slots {slots}")
     eng = hybridmoe.load(gguf, device="cuda", context=1024, expert_cache_slots=slots, **load_kw)
     rt = eng.model.experts
-    pp, tg = run_bench(eng, BenchOptions((512,), (128,), reps))
+    watch.phase("hybridmoe: loaded")
+    pp, tg = run_bench(eng, BenchOptions((512,), (128,), reps), progress=watch.phase)
     moe = eng.model.moe_layers()
     top_k = eng.model.layers[moe[0]].ffn.spec.top_k
     hit = tg.cache_hit_rate or 0.0
@@ -104,6 +107,7 @@ def main() -> int:
     ap.add_argument("--load", default="{}", help="extra hybridmoe.load() options as JSON, e.g. "
                                                  "'{\"cpu_activations\": \"int8\"}'")
     a = ap.parse_args()
+    watch.arm()
     load_kw = json.loads(a.load)
     kept = {}
     if a.part == "llama":
@@ -148,6 +152,7 @@ def main() -> int:
             continue
         if a.part == "llama" and name not in kept:
             continue
+        watch.phase(f"{name}: llama-bench")
         lb = llama_bench(a.llama_bench, files[kind], largs, a.threads, a.reps) if a.part != "ours" else None
         us = kept[name] if a.part == "llama" else ours(files[kind], slots, a.reps, **load_kw)
         roof = bw / max(1.0, us["cpu_expert_bytes_per_token"])

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
 import synthetic  # noqa: E402
+import watch  # noqa: E402
 from offload_vs_llamacpp import h2d_bandwidth, read_bandwidth  # noqa: E402
 
 import hybridmoe  # noqa: E402
@@ -61,10 +62,12 @@ def ours(gguf: Path, slots: int | None, prompts: list[int], reps: int, cpu: bool
     quant_gemm: block types whose prefill reads the blocks in the grouped product instead of dequantizing first."""
     from gguf import GGMLQuantizationType
     where = dict(accelerator="cpu") if cpu else dict(device="cuda")
+    watch.phase(f"hybridmoe: loading {gguf.name}, slots {slots}")
     eng = hybridmoe.load(gguf, context=max(prompts) + 64, expert_cache_slots=slots, **where, **load_kw)
     rt = eng.model.experts
     rt.store.quant_gemm = {GGMLQuantizationType[name] for name in quant_gemm}
-    results = run_bench(eng, BenchOptions(tuple(prompts), (0,), reps))
+    watch.phase("hybridmoe: loaded")
+    results = run_bench(eng, BenchOptions(tuple(prompts), (0,), reps), progress=watch.phase)
     res = {f"pp{r.n_prompt}": (r.mean, r.std) for r in results}
     res.update({f"pp{r.n_prompt}_reps": r.samples for r in results})
     rt.take_stats()  # counters of the timed runs are not the copy rate's
@@ -105,6 +108,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--load", default="{}", help="extra hybridmoe.load() options as JSON")
     a = ap.parse_args()
+    watch.arm()
     if not a.skip_llama and not a.llama_bench:
         ap.error("--llama-bench is required (or --skip-llama)")
     prompts, ubatches = [int(p) for p in a.prompts.split(",")], [int(u) for u in a.ubatches.split(",")]
