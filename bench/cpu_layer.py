@@ -3,8 +3,9 @@ layer, the file's bytes read in place, 8-bit activations), against the machine's
 
 Weights cycle through enough layers that the caches cannot hold them, and each call picks K random experts, as a
 decode step does. GB/s counts the experts' bytes as stored. --memory places the weights in numpy's memory (default),
-page-locked memory as the pinned tier allocates it (CUDA's host allocator), or anonymous memory advised to use
-transparent huge pages; the machine's huge-page setting is printed. "cached" runs the same K experts again and again (from
+page-locked memory as the pinned tier allocates it (CUDA's host allocator), anonymous memory advised to use
+transparent huge pages, or a file's pages mapped from the page cache (as decode reads a GGUF's experts: `file`); the
+machine's huge-page setting is printed. "cached" runs the same K experts again and again (from
 the caches where they fit: if that is not much faster, the kernel is bound by its own work, not by memory); "1
 expert" and "1 cached" the same for one expert (a call's fixed cost shows there).
 
@@ -58,7 +59,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--type", default="Q4_K")
     ap.add_argument("--host-node", action="store_true", help="run the layers as CUDA host functions")
-    ap.add_argument("--memory", default="numpy", help="comma-separated: numpy, pinned, huge (see above)")
+    ap.add_argument("--memory", default="numpy", help="comma-separated: numpy, pinned, huge, file (see above)")
     ap.add_argument("--chunks", default="0", help="--host-node: comma-separated parallel chunk sizes")
     ap.add_argument("--rows-per-task", type=int, default=None,
                     help="rows of one parallel task in the kernels (set NUMBA_CACHE_DIR to a fresh folder: the "
@@ -104,8 +105,15 @@ def _placed(a: np.ndarray, memory: str) -> np.ndarray:
         m = mmap.mmap(-1, a.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         out = np.frombuffer(m, dtype=np.uint8).reshape(a.shape)
         ctypes.CDLL(None).madvise(ctypes.c_void_p(out.ctypes.data), ctypes.c_size_t(a.nbytes), 14)  # MADV_HUGEPAGE
+    elif memory == "file":  # written, then mapped read-only: the page cache's pages, as a GGUF's
+        import tempfile
+        with tempfile.NamedTemporaryFile(dir="/tmp", delete=False) as f:
+            a.tofile(f)
+        out = np.memmap(f.name, dtype=np.uint8, mode="r", shape=a.shape)
+        Path(f.name).unlink()  # the mapping keeps the pages
+        return out
     else:
-        raise SystemExit(f"--memory: unknown kind {memory!r} (numpy, pinned, huge)")
+        raise SystemExit(f"--memory: unknown kind {memory!r} (numpy, pinned, huge, file)")
     out[...] = a
     return out
 

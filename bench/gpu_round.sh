@@ -6,8 +6,8 @@
 #                                       DeepSeek-V3 3-layer slice (13 GB) and its Zipf-skewed twin
 #   bench/gpu_round.sh tests            the CUDA tests (offload decode graphs with the CPU pool, partial layers, GPU
 #                                       kernels, quantized GPU weights, streamed prefill)
-#   bench/gpu_round.sh kernels          one decode layer's CPU work alone (threads; weights in numpy, pinned and
-#                                       huge-page memory) and as host nodes; the hand-over inside a graph: host
+#   bench/gpu_round.sh kernels          one decode layer's CPU work alone (threads; weights in numpy, pinned,
+#                                       huge-page, file-mapped memory) and as host nodes; the hand-over in a graph: host
 #                                       node against the spinning pool's doorbell
 #   bench/gpu_round.sh timeline SHAPE   where a decode step's time goes per MoE layer, cache off (qwen3_moe|deepseek_v3),
 #                                       the pool's hand-over and the host nodes' in turn
@@ -39,7 +39,7 @@ tests)
         tests/gguf/test_gguf_stream.py tests/gguf/test_gguf_stream_grouped.py tests/gguf/test_gguf_batch.py 2>&1 | keep | tail -8
     ;;
 kernels)
-    python3 bench/cpu_layer.py --shape qwen3_moe --threads 8,15,16 --memory numpy,pinned,huge 2>&1 | keep | tail -14
+    python3 bench/cpu_layer.py --shape qwen3_moe --threads 8,15,16 --memory numpy,pinned,huge,file 2>&1 | keep | tail -14
     python3 bench/cpu_layer.py --shape qwen3_moe --host-node --threads 15 --gib 1 2>&1 | keep | tail -3
     python3 bench/host_signal.py --threads 15 2>&1 | keep | tail -4
     ;;
