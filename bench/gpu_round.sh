@@ -39,7 +39,7 @@ tests)
         tests/gguf/test_gguf_stream.py tests/gguf/test_gguf_stream_grouped.py tests/gguf/test_gguf_batch.py 2>&1 | keep | tail -8
     ;;
 kernels)
-    python3 bench/cpu_layer.py --shape qwen3_moe --threads 8,15,16 --memory numpy,pinned,huge,file 2>&1 | keep | tail -14
+    python3 bench/cpu_layer.py --shape qwen3_moe --threads 8,15,16 --memory numpy,pinned,huge,file 2>&1 | keep | tail -25
     python3 bench/cpu_layer.py --shape qwen3_moe --host-node --threads 15 --gib 1 2>&1 | keep | tail -3
     python3 bench/host_signal.py --threads 15 2>&1 | keep | tail -4
     ;;
