@@ -48,6 +48,7 @@ class MLA(nn.Module):
         self.wo = nn.Linear(s.n_heads * s.v_dim, s.dim, bias=s.bias)
         self.wq_kv_a: nn.Module | None = None  # wq_a and wkv_a as one layer (see stack_inputs)
         self.absorbed_raw: tuple | None = None  # wkv_b's halves as a GGUF file stores them (see keep_absorbed_raw)
+        self._cpu_block: ck.MLABlock | None | bool = False  # the block's decode step in one call (False: not made)
 
     def stack_inputs(self) -> bool:
         """wq_a and wkv_a (both read x) as one quantized layer: one kernel call at CPU decode, x rounded once. False
@@ -60,12 +61,29 @@ class MLA(nn.Module):
         if stacked is None:
             return False
         self.wq_kv_a, self.wq_a, self.wkv_a = stacked, None, None
+        self._cpu_block = False
         return True
 
     def keep_absorbed_raw(self, k_b, v_b, qtype) -> None:
         """Decode on the CPU reads wkv_b's halves as GGUF's attn_k_b (uint8 [H, R, row bytes]) and attn_v_b ([H, V,
         row bytes]) of `qtype` (kernels.cpu.mla_decode_raw: the same values, fewer bytes); prefill keeps wkv_b."""
         self.absorbed_raw = (k_b, v_b, qtype)
+        self._cpu_block = False
+
+    def cpu_block(self) -> "ck.MLABlock | None":
+        """The whole block's CPU decode step as one kernel call where its parts allow (wq_a and wkv_a stacked, all
+        projections quantized for 8-bit activations without bias, wkv_b's halves as the file's blocks), else None;
+        made on first use."""
+        if self._cpu_block is False:
+            s, parts = self.s, (self.wq_kv_a, getattr(self, "wq_b", None), self.wo)
+            fits = (self.absorbed_raw is not None and s.q_lora_rank
+                    and all(isinstance(q, QuantLinear) and q.activations == "int8" and q.bias is None for q in parts)
+                    and self.q_norm.weight.dtype == self.kv_norm.weight.dtype == torch.float32)
+            self._cpu_block = ck.MLABlock(
+                self.wq_kv_a.packed, s.q_lora_rank, self.q_norm.weight.detach(), self.q_norm.eps, self.wq_b.packed,
+                s.n_heads, s.nope_dim + s.rope_dim, self.kv_norm.weight.detach(), self.kv_norm.eps,
+                *self.absorbed_raw, self.wo.packed) if fits else None
+        return self._cpu_block
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (q [B, T, H * (N + P)], wkv_a's output [B, T, R + P])."""
@@ -83,6 +101,11 @@ class MLA(nn.Module):
                 cache: LayerCache | None) -> torch.Tensor:
         s = self.s
         B, T, _ = x.shape
+        if (cache is not None and batch.sees_all and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.is_contiguous() and self.cpu_block() is not None):  # one decode step on the CPU: one call
+            slot = batch.slots[0]
+            return self._cpu_block(x, cos, sin, cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0],
+                                   s.scale)
         q, kv = self._project(x)
         if (cache is not None and batch.sees_all and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.wkv_b.weight.dtype == torch.float32):  # one decode step on the CPU: one kernel call

@@ -32,6 +32,8 @@ attention over the cached latents.
     mla_decode(q, kv, n_heads, kv_norm, eps, cos, sin, w_kv_b, latent_cache, pe_cache, pos, scale) -> [H * V]
     mla_decode_raw(q, kv, n_heads, kv_norm, eps, cos, sin, k_b, v_b, ggml_type, latent_cache, pe_cache, pos,
                    scale) -> [H * V]                         wkv_b as GGUF's attn_k_b / attn_v_b blocks
+    MLABlock(wq_kv_a, ..., wo)(x, cos, sin, latent_cache, pe_cache, pos, scale) -> [1, 1, D]
+                                                             the whole attention block's step (`mla_block.py`)
 
 RMSNorm of a few float32 rows, optionally after adding a residual (`norm.py`), in one call.
     rms_norm(x, weight, eps, residual=None) -> (x + residual, normalised)
@@ -62,13 +64,14 @@ from .target import use_full_vector_width, use_source_keyed_cache
 use_full_vector_width()
 use_source_keyed_cache()
 
-from .api import (GEMV_TYPES, RAW_INT8_TYPES, decode_route, dequantize, ffn_experts, ffn_experts_sum,  # noqa: E402
+from .api import (GEMV_TYPES, RAW_INT8_TYPES, MLABlock, decode_route, dequantize, ffn_experts, ffn_experts_sum,  # noqa: E402
                   ffn_packed, ffn_raw_int8, ffn_raw_int8_grouped, gemv, gemv_int8, gemv_packed, get_threads,
                   gqa_decode, matmul, mla_decode, mla_decode_raw, repack, repack_experts, rms_norm, route_softmax,
                   route_topk, set_threads)
 from .repack import ACTIVATIONS, PACKED_TYPES, PackedExperts, PackedWeight  # noqa: E402
 
-__all__ = ["ACTIVATIONS", "GEMV_TYPES", "PACKED_TYPES", "RAW_INT8_TYPES", "PackedExperts", "PackedWeight",
+__all__ = ["ACTIVATIONS", "GEMV_TYPES", "MLABlock", "PACKED_TYPES", "RAW_INT8_TYPES", "PackedExperts",
+           "PackedWeight",
            "decode_route", "dequantize", "ffn_experts", "ffn_experts_sum", "ffn_packed", "ffn_raw_int8",
            "ffn_raw_int8_grouped", "gemv", "gemv_int8", "gemv_packed", "get_threads", "gqa_decode", "matmul",
            "mla_decode", "mla_decode_raw", "repack", "repack_experts", "rms_norm", "route_softmax", "route_topk",

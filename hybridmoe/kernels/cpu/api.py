@@ -13,6 +13,7 @@ from . import attention as attention_kernels
 from . import combine as combine_kernels
 from . import int8 as int8_kernels
 from . import mla as mla_kernels
+from . import mla_block as mla_block_kernels
 from . import norm as norm_kernels
 from . import packed as packed_kernels
 from . import raw_gemm as raw_gemm_kernels
@@ -402,14 +403,8 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, n_heads: int, kv_norm: torch.T
     return torch.from_numpy(out).view(-1)
 
 
-def mla_decode_raw(q: torch.Tensor, kv: torch.Tensor, n_heads: int, kv_norm: torch.Tensor, eps: float,
-                   cos: torch.Tensor, sin: torch.Tensor, k_b: np.ndarray, v_b: np.ndarray, ggml_type: T | int,
-                   latent_cache: torch.Tensor, pe_cache: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
-    """mla_decode with wkv_b as GGUF's attn_k_b (uint8 [H, R, row bytes of N]) and attn_v_b (uint8 [H, V, row bytes
-    of R]) of one GEMV_TYPES type, dequantized row by row inside the kernel: mla_decode's result on the dequantized
-    weights (float32 activations), reading the file's bytes."""
-    dims = _mla_dims(q, n_heads, latent_cache, pe_cache, pos)
-    rank, nope = dims[1], dims[3]
+def _absorbed_raw(k_b: np.ndarray, v_b: np.ndarray, ggml_type: T | int, n_heads: int, rank: int, nope: int) -> T:
+    """Checks attn_k_b (uint8 [H, R, row bytes of N]) and attn_v_b ([H, V, row bytes of R]) -> their type."""
     qtype = kernel_type(ggml_type, GEMV_TYPES)
     fmt = get_format(qtype)
     for name, raw, rows, k_dim in (("k_b", k_b, rank, nope), ("v_b", v_b, None, rank)):
@@ -418,11 +413,69 @@ def mla_decode_raw(q: torch.Tensor, kv: torch.Tensor, n_heads: int, kv_norm: tor
                 or k_dim % fmt.block_size or raw.shape[2] != fmt.row_bytes(k_dim)):
             raise ValueError(f"{name} must be C-contiguous uint8 [{n_heads}, {rows or 'V'}, rows of K = {k_dim} in "
                              f"{qtype.name}], got {getattr(raw, 'shape', None)}")
+    return qtype
+
+
+def mla_decode_raw(q: torch.Tensor, kv: torch.Tensor, n_heads: int, kv_norm: torch.Tensor, eps: float,
+                   cos: torch.Tensor, sin: torch.Tensor, k_b: np.ndarray, v_b: np.ndarray, ggml_type: T | int,
+                   latent_cache: torch.Tensor, pe_cache: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
+    """mla_decode with wkv_b as GGUF's attn_k_b (uint8 [H, R, row bytes of N]) and attn_v_b (uint8 [H, V, row bytes
+    of R]) of one GEMV_TYPES type, dequantized row by row inside the kernel: mla_decode's result on the dequantized
+    weights (float32 activations), reading the file's bytes."""
+    dims = _mla_dims(q, n_heads, latent_cache, pe_cache, pos)
+    qtype = _absorbed_raw(k_b, v_b, ggml_type, n_heads, dims[1], dims[3])
     out = np.empty((n_heads, v_b.shape[1]), dtype=np.float32)
     mla_kernels.mla_decode_raw(*_mla_common(q, kv, n_heads, kv_norm, eps, cos, sin, latent_cache, pe_cache, dims),
                                KIND[qtype], k_b, v_b, *_mla_caches(latent_cache, pe_cache, dims), pos,
                                np.float32(scale), W32, out)
     return torch.from_numpy(out).view(-1)
+
+
+class MLABlock:
+    """A DeepSeek attention block's decode step in one kernel call (`mla_block.py`): x [1, D] -> wq_kv_a (wq_a and
+    wkv_a stacked), q_norm, wq_b, absorbed attention over the slot's cache (wkv_b as GGUF's attn_k_b / attn_v_b of
+    `raw_type`), wo -> [1, D]; the bits of those calls one by one (gemv_packed, rms_norm, mla_decode_raw,
+    gemv_packed). The projections are repacked for 8-bit activations; everything is checked here, once."""
+
+    def __init__(self, wq_kv_a: PackedWeight, q_rank: int, q_norm: torch.Tensor, q_eps: float, wq_b: PackedWeight,
+                 n_heads: int, qk: int, kv_norm: torch.Tensor, kv_eps: float, k_b: np.ndarray, v_b: np.ndarray,
+                 raw_type: T | int, wo: PackedWeight):
+        rank = kv_norm.numel()
+        if any(w.activations != "int8" for w in (wq_kv_a, wq_b, wo)):
+            raise ValueError("the block's projections must be repacked for 8-bit activations")
+        v_dim = v_b.shape[1] if isinstance(v_b, np.ndarray) and v_b.ndim == 3 else 0
+        if (wq_b.n_cols != q_rank or wq_b.n_rows != n_heads * qk or wq_kv_a.n_rows <= q_rank + rank
+                or wo.n_cols != n_heads * v_dim or wq_kv_a.n_cols != wo.n_rows):
+            raise ValueError(f"projections do not fit: wq_kv_a {wq_kv_a.n_rows}x{wq_kv_a.n_cols}, wq_b "
+                             f"{wq_b.n_rows}x{wq_b.n_cols}, wo {wo.n_rows}x{wo.n_cols} for {n_heads} heads of "
+                             f"{qk}, q rank {q_rank}, latent rank {rank}, values {v_dim}")
+        self.rope = wq_kv_a.n_rows - q_rank - rank
+        self.dims = (n_heads, qk, rank, self.rope)
+        self.dim = wo.n_rows
+
+        def stacked(w: PackedWeight) -> tuple:
+            return (KIND[w.qtype], *(a[None] for a in w.arrays))
+
+        self.head = (*stacked(wq_kv_a), q_rank, _f32_contiguous("q_norm", q_norm, (q_rank,)), np.float32(q_eps),
+                     *stacked(wq_b), n_heads, qk, _f32_contiguous("kv_norm", kv_norm, (rank,)), np.float32(kv_eps))
+        self.raw = (KIND[_absorbed_raw(k_b, v_b, raw_type, n_heads, rank, qk - self.rope)], k_b, v_b)
+        self.tail = stacked(wo)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, latent_cache: torch.Tensor,
+                 pe_cache: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
+        """x [1, 1, D] float32 (the normed hidden state); cos, sin [P/2]; the slot's caches [max_len, R] and
+        [max_len, P], written at pos -> [1, 1, D]."""
+        n_heads, qk, rank, rope = self.dims
+        xa = activations(x.reshape(1, self.dim))
+        dims = (latent_cache.shape[0], rank, rope, qk - rope)
+        if not 0 <= pos < dims[0]:
+            raise ValueError(f"position {pos} is outside a cache of {dims[0]}")
+        out = np.empty((1, self.dim), dtype=np.float32)
+        mla_block_kernels.mla_block(xa, *self.head, _f32_contiguous("cos", cos, (rope // 2,), reshape=True),
+                                    _f32_contiguous("sin", sin, (rope // 2,), reshape=True), *self.raw,
+                                    *_mla_caches(latent_cache, pe_cache, dims), pos, np.float32(scale), W32,
+                                    *self.tail, out)
+        return torch.from_numpy(out).view(1, 1, self.dim)
 
 
 def route_softmax(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: bool,
