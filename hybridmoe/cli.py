@@ -96,6 +96,10 @@ def run_options(args) -> RunOptions:
 def load_from_args(args):
     """The engine for a parsed command line (model and run options)."""
     from . import load
+    from .kernels.cpu.target import first_run_note
+    note = first_run_note()
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
     return load(args.model, options=run_options(args))
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..kernels import cpu as ck
 from ..layers.cache import Batch, KVCache
 from ..layers.moe import Experts, RouterSpec, route_hidden
 from ..layers.mlp import MLP
@@ -58,16 +60,48 @@ class MoE(nn.Module):
         self.router_bias = nn.Parameter(torch.empty(spec.n_experts, dtype=torch.float32)) if router_bias else None
         self.shared = MLP(dim, shared_hidden) if shared_hidden else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
+        self._cpu_block: tuple | None = None  # (the experts object, its kernels.cpu.MoEBlock or None): cpu_block
 
     def forward(self, x: torch.Tensor, layer: int, experts: Experts, device_only: bool = False) -> torch.Tensor:
         """device_only: one token through a layer whose experts are queued as device work (`Experts.start_device`),
         as captured decode graphs run it."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
+        block = self.cpu_block(layer, experts) if x.shape[0] == 1 and x.dtype == torch.float32 and \
+            x.device.type == "cpu" and x.is_contiguous() and not device_only else None
+        if block is not None:  # one CPU decode token: router, experts and shared expert in one kernel call
+            t0 = time.perf_counter()
+            y, chosen = block(x)
+            experts.ran(layer, chosen, time.perf_counter() - t0)
+            return y.view(shape)
         ids, weights = self.route(x)
         finish = (experts.start_device if device_only else experts.start)(layer, x, ids, weights)
         s = self.shared_out(x)  # runs while CPU-served experts are computed
         return self.combine(finish(), s).view(shape)
+
+    def cpu_block(self, layer: int, experts) -> "ck.MoEBlock | None":
+        """This layer's one-token CPU step in one kernel call (kernels.cpu.MoEBlock), where the experts object
+        offers the file's bytes with 8-bit activations (`decode_weights`), the router is float32 and the shared
+        expert, if any, is an ungated 8-bit fused MLP; else None. Made on first use, for that experts object."""
+        made = getattr(self, "_cpu_block", None)
+        if made is not None and made[0] is experts:
+            return made[1]
+        block = None
+        got = getattr(experts, "decode_weights", lambda _: None)(layer)
+        shared = self.shared.fused if self.shared is not None else None
+        bias = self.router_bias
+        if (got is not None and self.shared_gate is None and (self.shared is None or shared is not None)
+                and self.router.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)):
+            spec = self.spec
+            renorm = spec.norm_topk_prob and spec.top_k > 1
+            grouped, noaux = spec.method != "greedy" and spec.n_group > 1, spec.method == "noaux_tc"
+            block = ck.MoEBlock(self.router.detach(), bias.detach() if noaux and bias is not None else None,
+                                spec.top_k, renorm, spec.scaling if not renorm or spec.scale_after_norm else 1.0,
+                                spec.scoring == "sigmoid", spec.n_group if grouped else 1,
+                                spec.topk_group if grouped else 1, noaux, float("-inf") if noaux else 0.0, *got,
+                                None if shared is None else tuple(shared.weights))
+        self._cpu_block = (experts, block)
+        return block
 
     def shared_out(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.shared is None:

@@ -74,6 +74,20 @@ class QuantExperts(HostPlacedExperts):
         self.cpu_s += time.perf_counter() - t0
         return y if y.dtype == x.dtype and y.device == x.device else y.to(x.device, x.dtype)
 
+    def decode_weights(self, layer: int) -> tuple | None:
+        """(gate, up, down, types) of the layer's experts where one token's step can run them in one kernel call with
+        the layer's router and shared expert (kernels.cpu.MoEBlock: the file's bytes, 8-bit activations), else None
+        (the disk tier reads and checks its experts itself)."""
+        got = self.store.host_task_weights(layer) if self.disk is None else None
+        return None if got is None else (*got[0], got[1])
+
+    def ran(self, layer: int, chosen: list[int], seconds: float) -> None:
+        """A step's experts of `layer` ran elsewhere (a MoEBlock): count them as __call__ does."""
+        counts = self.activity.setdefault(layer, {})
+        for e in chosen:
+            counts[e] = counts.get(e, 0) + 1
+        self.cpu_s += seconds
+
     def _compute(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.disk is not None:
             self.disk.need(layer, e)  # a prefill streams the layer's experts from disk in this order

@@ -1,10 +1,13 @@
-"""A DeepSeek attention block's CPU decode step in one kernel call (kernels.cpu.MLABlock) gives the bits of its
-layers called one by one, and the engine takes it at decode with the default settings."""
+"""CPU decode blocks: a DeepSeek attention block's step in one kernel call (kernels.cpu.MLABlock) and a MoE layer's
+step for one token in one call (kernels.cpu.MoEBlock: router, routed experts, shared expert) give the bits of their
+layers called one by one, count the same experts, and the engine takes them at decode with the default settings."""
+import pytest
 import torch
 
 import hybridmoe
 from hybridmoe.layers.cache import Batch
 from hybridmoe.layers.mla import MLA
+from hybridmoe.models.common import MoE
 
 
 def decode_logits(eng, ids: list[int]) -> torch.Tensor:
@@ -14,6 +17,11 @@ def decode_logits(eng, ids: list[int]) -> torch.Tensor:
                           for i, t in enumerate(ids)])
 
 
+def spy(monkeypatch, obj, name: str, calls: list) -> None:
+    real = getattr(obj, name)
+    monkeypatch.setattr(obj, name, lambda *a: calls.append(1) or real(*a))
+
+
 def test_the_attention_block_in_one_call_gives_the_layers_bits(gguf_models, monkeypatch):
     _, path = gguf_models("deepseek_v3", "q8_0")
     eng = hybridmoe.load(path)
@@ -21,8 +29,7 @@ def test_the_attention_block_in_one_call_gives_the_layers_bits(gguf_models, monk
     assert blocks and all(b.cpu_block() is not None for b in blocks)
     calls = []
     for b in blocks:
-        real = b._cpu_block
-        monkeypatch.setattr(b, "_cpu_block", lambda *a, real=real: calls.append(1) or real(*a))
+        spy(monkeypatch, b, "_cpu_block", calls)
     ids = list(range(20, 44))
     fused = decode_logits(eng, ids)
     assert len(calls) == len(blocks) * len(ids)
@@ -30,7 +37,30 @@ def test_the_attention_block_in_one_call_gives_the_layers_bits(gguf_models, monk
     assert torch.equal(fused, decode_logits(eng, ids))
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral"])
+def test_the_moe_layer_in_one_call_gives_the_layers_bits(gguf_models, monkeypatch, family):
+    """With and without a shared expert, softmax and grouped sigmoid routers: the same logits bit for bit, the same
+    experts counted per layer."""
+    _, path = gguf_models(family, "q8_0")
+    eng = hybridmoe.load(path)
+    experts = eng.model.experts
+    moes = {i: b.ffn for i, b in enumerate(eng.model.layers) if isinstance(b.ffn, MoE)}
+    assert moes and all(m.cpu_block(i, experts) is not None for i, m in moes.items())
+    calls = []
+    spy(monkeypatch, experts, "ran", calls)
+    ids = list(range(20, 44))
+    experts.take_stats()
+    fused = decode_logits(eng, ids)
+    counted = experts.take_stats()["expert_tokens"]
+    assert len(calls) == len(moes) * len(ids)
+    monkeypatch.setattr(MoE, "cpu_block", lambda self, layer, experts: None)
+    assert torch.equal(fused, decode_logits(eng, ids))
+    assert experts.take_stats()["expert_tokens"] == counted
+
+
 def test_exact_activations_keep_the_layers(gguf_models):
     _, path = gguf_models("deepseek_v3", "q8_0")
     eng = hybridmoe.load(path, cpu_activations="f32")
     assert all(b.attn.cpu_block() is None for b in eng.model.layers if isinstance(b.attn, MLA))
+    assert all(b.ffn.cpu_block(i, eng.model.experts) is None for i, b in enumerate(eng.model.layers)
+               if isinstance(b.ffn, MoE))

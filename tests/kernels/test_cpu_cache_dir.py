@@ -33,3 +33,28 @@ def test_cache_directory_changes_with_any_kernel_source(tmp_path, monkeypatch):
     assert before == again != after
     assert Path(before).parent == Path(after).parent == tmp_path / "cache"
     assert numba.config.CACHE_DIR == after
+
+
+def test_a_fresh_cache_is_told_before_loading(tmp_path, monkeypatch, capsys):
+    """An empty cache means minutes of compiling on the first generation: the command line says so before it
+    loads; a cache with kernels in it says nothing."""
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    shutil.copy(Path(kernels.__file__).parent / "target.py", folder)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "cache"))
+    fresh = load_copy(folder, "target_copy_d")
+    path = Path(fresh.use_source_keyed_cache())
+    assert fresh.FRESH and str(path) in fresh.first_run_note()
+    (path / "kernel.nbi").write_bytes(b"")  # what numba leaves there once a kernel compiled
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "cache"))
+    warm = load_copy(folder, "target_copy_e")
+    warm.use_source_keyed_cache()
+    assert not warm.FRESH and warm.first_run_note() is None
+
+    from hybridmoe import cli
+    from hybridmoe.kernels.cpu import target
+    monkeypatch.setattr(target, "FRESH", True)
+    monkeypatch.setattr("hybridmoe.load", lambda *a, **k: "engine")
+    args = cli.build_parser().parse_args(["generate", "demo", "-p", "hi"])
+    assert cli.load_from_args(args) == "engine"
+    assert "note: first run of this version's CPU kernels" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from . import combine as combine_kernels
 from . import int8 as int8_kernels
 from . import mla as mla_kernels
 from . import mla_block as mla_block_kernels
+from . import moe_block as moe_block_kernels
 from . import norm as norm_kernels
 from . import packed as packed_kernels
 from . import raw_gemm as raw_gemm_kernels
@@ -476,6 +477,48 @@ class MLABlock:
                                     *_mla_caches(latent_cache, pe_cache, dims), pos, np.float32(scale), W32,
                                     *self.tail, out)
         return torch.from_numpy(out).view(1, 1, self.dim)
+
+
+class MoEBlock:
+    """A MoE layer's decode step for one token in one kernel call (`moe_block.py`): route_topk's routing, the chosen
+    experts from the file's bytes with 8-bit activations and their weighted sum (ffn_raw_int8's), plus the shared
+    expert from its 8-bit repacked tiles (ffn_experts'), added: the bits of those calls one by one. Checked once.
+    shared: the shared expert's gate, up, down (PackedExperts of one expert, 8-bit activations), or None."""
+
+    def __init__(self, router: torch.Tensor, bias: torch.Tensor | None, top_k: int, renorm: bool, scaling: float,
+                 sigmoid: bool, n_group: int, topk_group: int, top2_groups: bool, masked: float, gate: np.ndarray,
+                 up: np.ndarray, down: np.ndarray, types: tuple, shared: tuple | None):
+        dim = down.shape[1] if isinstance(down, np.ndarray) and down.ndim == 3 else 0
+        probe = torch.zeros(1, dim)
+        route_topk(probe, router, top_k, renorm, scaling, sigmoid=sigmoid, bias=bias, n_group=n_group,
+                   topk_group=topk_group, top2_groups=top2_groups, masked=masked)  # its checks, once
+        _, _, kinds = _raw_experts(probe, gate, up, down, types, [0])
+        self.dim, self.top_k = dim, top_k
+        self.routing = (_f32_contiguous("router", router, (router.shape[0], dim)),
+                        _f32_contiguous("bias", bias, (router.shape[0],)), sigmoid, n_group, topk_group,
+                        top2_groups, np.float32(masked), renorm, np.float32(scaling))
+        self.routed = (kinds, gate, up, down)
+        self.shared = ()
+        if shared is not None:
+            s_gate, s_up, s_down = shared
+            _expert_shapes(probe.numpy(), s_gate, s_up, s_down)
+            if s_gate.activations != "int8" or s_down.n_rows != dim:
+                raise ValueError("the shared expert must be repacked for 8-bit activations, with D output rows")
+            self.shared = (np.array([KIND[s_gate.qtype], KIND[s_up.qtype], KIND[s_down.qtype]], dtype=np.int64),
+                           s_gate.n_rows, s_down.arrays[0].shape[-2] * s_down.lanes,
+                           *s_gate.arrays, *s_up.arrays, *s_down.arrays)
+        self.kernel = moe_block_kernels.moe_block_shared if shared is not None else moe_block_kernels.moe_block
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """x [1, D] float32 (the normed hidden state) -> (the layer's output [1, D], the chosen experts)."""
+        xa = activations(x)
+        if xa.shape != (1, self.dim):
+            raise ValueError(f"x must be one row of {self.dim}, got {list(xa.shape)}")
+        ids = np.empty((1, self.top_k), dtype=np.int64)
+        weights = np.empty((1, self.top_k), dtype=np.float32)
+        out = np.empty((1, self.dim), dtype=np.float32)
+        self.kernel(xa, *self.routing, *self.routed, *self.shared, ids, weights, out)
+        return torch.from_numpy(out), ids[0].tolist()
 
 
 def route_softmax(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: bool,

@@ -43,7 +43,20 @@ def use_source_keyed_cache() -> str | None:
     path = base / digest.hexdigest()[:16]
     try:
         path.mkdir(parents=True, exist_ok=True)
+        global FRESH
+        FRESH = not any(path.iterdir())
     except OSError:
         return None
     numba.config.CACHE_DIR = str(path)
     return str(path)
+
+
+FRESH = False  # the kernels' cache was empty when this process started: each kernel compiles on first use
+
+
+def first_run_note() -> str | None:
+    """What to tell a user whose first generation will wait for the compiler, or None."""
+    if not FRESH:
+        return None
+    return (f"first run of this version's CPU kernels on this machine: each compiles the first time it runs (a few "
+            f"minutes in all, once; kept in {numba.config.CACHE_DIR})")
