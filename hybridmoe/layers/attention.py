@@ -35,6 +35,7 @@ class GQAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.wqkv: nn.Module | None = None  # q, k and v as one layer (see stack_qkv)
+        self._cpu_block: ck.GQABlock | None | bool = False  # the block's decode step in one call (False: not made)
 
     def stack_qkv(self) -> bool:
         """q, k and v as one layer whose output is theirs concatenated: one kernel call (CPU, quantized layers) or
@@ -54,7 +55,22 @@ class GQAttention(nn.Module):
         if stacked is None:
             return False
         self.wqkv, self.wq, self.wk, self.wv = stacked, None, None, None
+        self._cpu_block = False
         return True
+
+    def cpu_block(self) -> "ck.GQABlock | None":
+        """The whole block's CPU decode step as one kernel call where its parts allow (q, k, v stacked, projections
+        quantized for 8-bit activations without bias, half-split rope), else None; made on first use."""
+        if self._cpu_block is False:
+            parts, norms = (self.wqkv, self.wo), (self.q_norm, self.k_norm)
+            fits = (not self.interleaved and all(isinstance(q, QuantLinear) and q.activations == "int8"
+                                                 and q.bias is None for q in parts)
+                    and all(n is None or n.weight.dtype == torch.float32 for n in norms))
+            weights = [None if n is None else n.weight.detach() for n in norms]
+            self._cpu_block = ck.GQABlock(self.wqkv.packed, self.n_heads, self.n_kv_heads, self.head_dim, *weights,
+                                          0.0 if self.q_norm is None else self.q_norm.eps,
+                                          self.wo.packed) if fits else None
+        return self._cpu_block
 
     def cache_shapes(self) -> tuple[tuple[int, ...], ...]:
         return (self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)
@@ -62,6 +78,11 @@ class GQAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
+        if (cache is not None and batch.sees_all and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.is_contiguous() and self.cpu_block() is not None):  # one decode step on the CPU: one call
+            slot = batch.slots[0]
+            return self._cpu_block(x, cos, sin, cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0],
+                                   self.head_dim ** -0.5)
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         qkv = self.wqkv(x) if self.wqkv is not None else None
         if (cache is not None and batch.sees_all and x.device.type == "cpu" and x.dtype == torch.float32

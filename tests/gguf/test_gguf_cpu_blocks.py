@@ -1,10 +1,12 @@
-"""CPU decode blocks: a DeepSeek attention block's step in one kernel call (kernels.cpu.MLABlock) and a MoE layer's
-step for one token in one call (kernels.cpu.MoEBlock: router, routed experts, shared expert) give the bits of their
-layers called one by one, count the same experts, and the engine takes them at decode with the default settings."""
+"""CPU decode blocks: an attention block's step in one kernel call (kernels.cpu.MLABlock for DeepSeek, GQABlock for
+Qwen3 and Mixtral) and a MoE layer's step for one token in one call (kernels.cpu.MoEBlock: router, routed experts,
+shared expert) give the bits of their layers called one by one, count the same experts, and the engine takes them at
+decode with the default settings."""
 import pytest
 import torch
 
 import hybridmoe
+from hybridmoe.layers.attention import GQAttention
 from hybridmoe.layers.cache import Batch
 from hybridmoe.layers.mla import MLA
 from hybridmoe.models.common import MoE
@@ -22,10 +24,12 @@ def spy(monkeypatch, obj, name: str, calls: list) -> None:
     monkeypatch.setattr(obj, name, lambda *a: calls.append(1) or real(*a))
 
 
-def test_the_attention_block_in_one_call_gives_the_layers_bits(gguf_models, monkeypatch):
-    _, path = gguf_models("deepseek_v3", "q8_0")
+@pytest.mark.parametrize("family,kind", [("deepseek_v3", MLA), ("qwen3_moe", GQAttention), ("mixtral", GQAttention)])
+def test_the_attention_block_in_one_call_gives_the_layers_bits(gguf_models, monkeypatch, family, kind):
+    """MLA; grouped-query attention with (Qwen3) and without (Mixtral) q/k norms."""
+    _, path = gguf_models(family, "q8_0")
     eng = hybridmoe.load(path)
-    blocks = [b.attn for b in eng.model.layers if isinstance(b.attn, MLA)]
+    blocks = [b.attn for b in eng.model.layers if isinstance(b.attn, kind)]
     assert blocks and all(b.cpu_block() is not None for b in blocks)
     calls = []
     for b in blocks:
@@ -33,7 +37,7 @@ def test_the_attention_block_in_one_call_gives_the_layers_bits(gguf_models, monk
     ids = list(range(20, 44))
     fused = decode_logits(eng, ids)
     assert len(calls) == len(blocks) * len(ids)
-    monkeypatch.setattr(MLA, "cpu_block", lambda self: None)
+    monkeypatch.setattr(kind, "cpu_block", lambda self: None)
     assert torch.equal(fused, decode_logits(eng, ids))
 
 
@@ -58,9 +62,10 @@ def test_the_moe_layer_in_one_call_gives_the_layers_bits(gguf_models, monkeypatc
     assert experts.take_stats()["expert_tokens"] == counted
 
 
-def test_exact_activations_keep_the_layers(gguf_models):
-    _, path = gguf_models("deepseek_v3", "q8_0")
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_exact_activations_keep_the_layers(gguf_models, family):
+    _, path = gguf_models(family, "q8_0")
     eng = hybridmoe.load(path, cpu_activations="f32")
-    assert all(b.attn.cpu_block() is None for b in eng.model.layers if isinstance(b.attn, MLA))
+    assert all(b.attn.cpu_block() is None for b in eng.model.layers)
     assert all(b.ffn.cpu_block(i, eng.model.experts) is None for i, b in enumerate(eng.model.layers)
                if isinstance(b.ffn, MoE))

@@ -33,9 +33,10 @@ attention over the cached latents.
     mla_decode_raw(q, kv, n_heads, kv_norm, eps, cos, sin, k_b, v_b, ggml_type, latent_cache, pe_cache, pos,
                    scale) -> [H * V]                         wkv_b as GGUF's attn_k_b / attn_v_b blocks
     MLABlock(wq_kv_a, ..., wo)(x, cos, sin, latent_cache, pe_cache, pos, scale) -> [1, 1, D]
-                                                             the whole attention block's step (`mla_block.py`)
+                                                             the whole attention block's step (`blocks.py`)
+    GQABlock(wqkv, ..., wo)(x, cos, sin, k_cache, v_cache, pos, scale) -> [1, 1, D]     the same for GQA
     MoEBlock(router, ..., gate, up, down, types, shared)(x) -> ([1, D], chosen experts)
-                                                             a MoE layer's step for one token (`moe_block.py`)
+                                                             a MoE layer's step for one token
 
 RMSNorm of a few float32 rows, optionally after adding a residual (`norm.py`), in one call.
     rms_norm(x, weight, eps, residual=None) -> (x + residual, normalised)
@@ -66,13 +67,14 @@ from .target import use_full_vector_width, use_source_keyed_cache
 use_full_vector_width()
 use_source_keyed_cache()
 
-from .api import (GEMV_TYPES, RAW_INT8_TYPES, MLABlock, MoEBlock, decode_route, dequantize, ffn_experts, ffn_experts_sum,  # noqa: E402
+from .api import (GEMV_TYPES, RAW_INT8_TYPES, decode_route, dequantize, ffn_experts, ffn_experts_sum,  # noqa: E402
                   ffn_packed, ffn_raw_int8, ffn_raw_int8_grouped, gemv, gemv_int8, gemv_packed, get_threads,
                   gqa_decode, matmul, mla_decode, mla_decode_raw, repack, repack_experts, rms_norm, route_softmax,
                   route_topk, set_threads)
+from .block_api import GQABlock, MLABlock, MoEBlock  # noqa: E402
 from .repack import ACTIVATIONS, PACKED_TYPES, PackedExperts, PackedWeight  # noqa: E402
 
-__all__ = ["ACTIVATIONS", "GEMV_TYPES", "MLABlock", "MoEBlock", "PACKED_TYPES", "RAW_INT8_TYPES", "PackedExperts",
+__all__ = ["ACTIVATIONS", "GEMV_TYPES", "GQABlock", "MLABlock", "MoEBlock", "PACKED_TYPES", "RAW_INT8_TYPES", "PackedExperts",
            "PackedWeight",
            "decode_route", "dequantize", "ffn_experts", "ffn_experts_sum", "ffn_packed", "ffn_raw_int8",
            "ffn_raw_int8_grouped", "gemv", "gemv_int8", "gemv_packed", "get_threads", "gqa_decode", "matmul",

@@ -13,8 +13,6 @@ from . import attention as attention_kernels
 from . import combine as combine_kernels
 from . import int8 as int8_kernels
 from . import mla as mla_kernels
-from . import mla_block as mla_block_kernels
-from . import moe_block as moe_block_kernels
 from . import norm as norm_kernels
 from . import packed as packed_kernels
 from . import raw_gemm as raw_gemm_kernels
@@ -430,95 +428,6 @@ def mla_decode_raw(q: torch.Tensor, kv: torch.Tensor, n_heads: int, kv_norm: tor
                                KIND[qtype], k_b, v_b, *_mla_caches(latent_cache, pe_cache, dims), pos,
                                np.float32(scale), W32, out)
     return torch.from_numpy(out).view(-1)
-
-
-class MLABlock:
-    """A DeepSeek attention block's decode step in one kernel call (`mla_block.py`): x [1, D] -> wq_kv_a (wq_a and
-    wkv_a stacked), q_norm, wq_b, absorbed attention over the slot's cache (wkv_b as GGUF's attn_k_b / attn_v_b of
-    `raw_type`), wo -> [1, D]; the bits of those calls one by one (gemv_packed, rms_norm, mla_decode_raw,
-    gemv_packed). The projections are repacked for 8-bit activations; everything is checked here, once."""
-
-    def __init__(self, wq_kv_a: PackedWeight, q_rank: int, q_norm: torch.Tensor, q_eps: float, wq_b: PackedWeight,
-                 n_heads: int, qk: int, kv_norm: torch.Tensor, kv_eps: float, k_b: np.ndarray, v_b: np.ndarray,
-                 raw_type: T | int, wo: PackedWeight):
-        rank = kv_norm.numel()
-        if any(w.activations != "int8" for w in (wq_kv_a, wq_b, wo)):
-            raise ValueError("the block's projections must be repacked for 8-bit activations")
-        v_dim = v_b.shape[1] if isinstance(v_b, np.ndarray) and v_b.ndim == 3 else 0
-        if (wq_b.n_cols != q_rank or wq_b.n_rows != n_heads * qk or wq_kv_a.n_rows <= q_rank + rank
-                or wo.n_cols != n_heads * v_dim or wq_kv_a.n_cols != wo.n_rows):
-            raise ValueError(f"projections do not fit: wq_kv_a {wq_kv_a.n_rows}x{wq_kv_a.n_cols}, wq_b "
-                             f"{wq_b.n_rows}x{wq_b.n_cols}, wo {wo.n_rows}x{wo.n_cols} for {n_heads} heads of "
-                             f"{qk}, q rank {q_rank}, latent rank {rank}, values {v_dim}")
-        self.rope = wq_kv_a.n_rows - q_rank - rank
-        self.dims = (n_heads, qk, rank, self.rope)
-        self.dim = wo.n_rows
-
-        def stacked(w: PackedWeight) -> tuple:
-            return (KIND[w.qtype], *(a[None] for a in w.arrays))
-
-        self.head = (*stacked(wq_kv_a), q_rank, _f32_contiguous("q_norm", q_norm, (q_rank,)), np.float32(q_eps),
-                     *stacked(wq_b), n_heads, qk, _f32_contiguous("kv_norm", kv_norm, (rank,)), np.float32(kv_eps))
-        self.raw = (KIND[_absorbed_raw(k_b, v_b, raw_type, n_heads, rank, qk - self.rope)], k_b, v_b)
-        self.tail = stacked(wo)
-
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, latent_cache: torch.Tensor,
-                 pe_cache: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
-        """x [1, 1, D] float32 (the normed hidden state); cos, sin [P/2]; the slot's caches [max_len, R] and
-        [max_len, P], written at pos -> [1, 1, D]."""
-        n_heads, qk, rank, rope = self.dims
-        xa = activations(x.reshape(1, self.dim))
-        dims = (latent_cache.shape[0], rank, rope, qk - rope)
-        if not 0 <= pos < dims[0]:
-            raise ValueError(f"position {pos} is outside a cache of {dims[0]}")
-        out = np.empty((1, self.dim), dtype=np.float32)
-        mla_block_kernels.mla_block(xa, *self.head, _f32_contiguous("cos", cos, (rope // 2,), reshape=True),
-                                    _f32_contiguous("sin", sin, (rope // 2,), reshape=True), *self.raw,
-                                    *_mla_caches(latent_cache, pe_cache, dims), pos, np.float32(scale), W32,
-                                    *self.tail, out)
-        return torch.from_numpy(out).view(1, 1, self.dim)
-
-
-class MoEBlock:
-    """A MoE layer's decode step for one token in one kernel call (`moe_block.py`): route_topk's routing, the chosen
-    experts from the file's bytes with 8-bit activations and their weighted sum (ffn_raw_int8's), plus the shared
-    expert from its 8-bit repacked tiles (ffn_experts'), added: the bits of those calls one by one. Checked once.
-    shared: the shared expert's gate, up, down (PackedExperts of one expert, 8-bit activations), or None."""
-
-    def __init__(self, router: torch.Tensor, bias: torch.Tensor | None, top_k: int, renorm: bool, scaling: float,
-                 sigmoid: bool, n_group: int, topk_group: int, top2_groups: bool, masked: float, gate: np.ndarray,
-                 up: np.ndarray, down: np.ndarray, types: tuple, shared: tuple | None):
-        dim = down.shape[1] if isinstance(down, np.ndarray) and down.ndim == 3 else 0
-        probe = torch.zeros(1, dim)
-        route_topk(probe, router, top_k, renorm, scaling, sigmoid=sigmoid, bias=bias, n_group=n_group,
-                   topk_group=topk_group, top2_groups=top2_groups, masked=masked)  # its checks, once
-        _, _, kinds = _raw_experts(probe, gate, up, down, types, [0])
-        self.dim, self.top_k = dim, top_k
-        self.routing = (_f32_contiguous("router", router, (router.shape[0], dim)),
-                        _f32_contiguous("bias", bias, (router.shape[0],)), sigmoid, n_group, topk_group,
-                        top2_groups, np.float32(masked), renorm, np.float32(scaling))
-        self.routed = (kinds, gate, up, down)
-        self.shared = ()
-        if shared is not None:
-            s_gate, s_up, s_down = shared
-            _expert_shapes(probe.numpy(), s_gate, s_up, s_down)
-            if s_gate.activations != "int8" or s_down.n_rows != dim:
-                raise ValueError("the shared expert must be repacked for 8-bit activations, with D output rows")
-            self.shared = (np.array([KIND[s_gate.qtype], KIND[s_up.qtype], KIND[s_down.qtype]], dtype=np.int64),
-                           s_gate.n_rows, s_down.arrays[0].shape[-2] * s_down.lanes,
-                           *s_gate.arrays, *s_up.arrays, *s_down.arrays)
-        self.kernel = moe_block_kernels.moe_block_shared if shared is not None else moe_block_kernels.moe_block
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """x [1, D] float32 (the normed hidden state) -> (the layer's output [1, D], the chosen experts)."""
-        xa = activations(x)
-        if xa.shape != (1, self.dim):
-            raise ValueError(f"x must be one row of {self.dim}, got {list(xa.shape)}")
-        ids = np.empty((1, self.top_k), dtype=np.int64)
-        weights = np.empty((1, self.top_k), dtype=np.float32)
-        out = np.empty((1, self.dim), dtype=np.float32)
-        self.kernel(xa, *self.routing, *self.routed, *self.shared, ids, weights, out)
-        return torch.from_numpy(out), ids[0].tolist()
 
 
 def route_softmax(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: bool,
