@@ -19,7 +19,7 @@ def _stacked(w: PackedWeight) -> tuple:
 
 
 class MLABlock:
-    """A DeepSeek attention block's decode step in one kernel call (`mla_block.py`): x [1, D] -> wq_kv_a (wq_a and
+    """A DeepSeek attention block's decode step in one kernel call (`blocks.py`): x [1, D] -> wq_kv_a (wq_a and
     wkv_a stacked), q_norm, wq_b, absorbed attention over the slot's cache (wkv_b as GGUF's attn_k_b / attn_v_b of
     `raw_type`), wo -> [1, D]; the bits of those calls one by one (gemv_packed, rms_norm, mla_decode_raw,
     gemv_packed). The projections are repacked for 8-bit activations; everything is checked here, once."""
@@ -100,7 +100,7 @@ class GQABlock:
 
 
 class MoEBlock:
-    """A MoE layer's decode step for one token in one kernel call (`moe_block.py`): route_topk's routing, the chosen
+    """A MoE layer's decode step for one token in one kernel call (`blocks.py`): route_topk's routing, the chosen
     experts from the file's bytes with 8-bit activations and their weighted sum (ffn_raw_int8's), plus the shared
     expert from its 8-bit repacked tiles (ffn_experts'), added: the bits of those calls one by one. Checked once.
     shared: the shared expert's gate, up, down (PackedExperts of one expert, 8-bit activations), or None."""
