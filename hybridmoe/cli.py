@@ -94,13 +94,15 @@ def run_options(args) -> RunOptions:
 
 
 def load_from_args(args):
-    """The engine for a parsed command line (model and run options)."""
+    """The engine for a parsed command line (model and run options). Where the kernels' cache was empty, a note on
+    a terminal says, once the model has loaded, that the first generation compiles them."""
     from . import load
     from .kernels.cpu.target import first_run_note
+    engine = load(args.model, options=run_options(args))
     note = first_run_note()
-    if note:
+    if note and sys.stderr.isatty():  # like `loading…`: for a person watching, not for scripts reading stderr
         print(f"note: {note}", file=sys.stderr, flush=True)
-    return load(args.model, options=run_options(args))
+    return engine
 
 
 def _sampling_opts(p: argparse.ArgumentParser) -> None:

@@ -3,9 +3,11 @@ kernel's cached code includes what it calls from other files, which numba does n
 upgrade."""
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import numba
+import pytest
 
 import hybridmoe.kernels.cpu as kernels
 
@@ -36,8 +38,8 @@ def test_cache_directory_changes_with_any_kernel_source(tmp_path, monkeypatch):
 
 
 def test_a_fresh_cache_is_told_before_loading(tmp_path, monkeypatch, capsys):
-    """An empty cache means minutes of compiling on the first generation: the command line says so before it
-    loads; a cache with kernels in it says nothing."""
+    """An empty cache means minutes of compiling on the first generation: the command line says so on a terminal
+    once the model has loaded (not before a load that fails); a cache with kernels in it says nothing."""
     folder = tmp_path / "kernels"
     folder.mkdir()
     shutil.copy(Path(kernels.__file__).parent / "target.py", folder)
@@ -57,4 +59,14 @@ def test_a_fresh_cache_is_told_before_loading(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("hybridmoe.load", lambda *a, **k: "engine")
     args = cli.build_parser().parse_args(["generate", "demo", "-p", "hi"])
     assert cli.load_from_args(args) == "engine"
+    assert capsys.readouterr().err == ""  # stderr read by a program: only what it asked for
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli.load_from_args(args) == "engine"
     assert "note: first run of this version's CPU kernels" in capsys.readouterr().err
+
+    def fails(*a, **k):
+        raise cli.HybridMoEError("no such model")
+    monkeypatch.setattr("hybridmoe.load", fails)
+    with pytest.raises(cli.HybridMoEError):
+        cli.load_from_args(args)
+    assert capsys.readouterr().err == ""
