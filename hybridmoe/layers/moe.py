@@ -75,15 +75,18 @@ def route_hidden(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, bias: 
     rounding, without seven to seventeen small ops that each start with cold caches."""
     if (x.device.type == "cpu" and x.dtype == router.dtype == torch.float32 and x.shape[0] <= CPU_ROUTE_TOKENS
             and (bias is None or bias.dtype == torch.float32)):
-        renorm = spec.norm_topk_prob and spec.top_k > 1
-        scaling = spec.scaling if not renorm or spec.scale_after_norm else 1.0
-        grouped = spec.method != "greedy" and spec.n_group > 1
-        noaux = spec.method == "noaux_tc"
-        return ck.route_topk(x.contiguous(), router, spec.top_k, renorm, scaling, sigmoid=spec.scoring == "sigmoid",
-                             bias=bias if noaux else None, n_group=spec.n_group if grouped else 1,
-                             topk_group=spec.topk_group if grouped else 1, top2_groups=noaux,
-                             masked=float("-inf") if noaux else 0.0)
+        return ck.route_topk(x.contiguous(), router, **cpu_routing(spec, bias))
     return route(router_logits(x, router), spec, bias)
+
+
+def cpu_routing(spec: RouterSpec, bias: torch.Tensor | None) -> dict:
+    """`route`'s settings as the CPU's routing kernel takes them (kernels.cpu.route_topk's keywords, MoEBlock's)."""
+    renorm = spec.norm_topk_prob and spec.top_k > 1
+    grouped, noaux = spec.method != "greedy" and spec.n_group > 1, spec.method == "noaux_tc"
+    return dict(top_k=spec.top_k, renorm=renorm, scaling=spec.scaling if not renorm or spec.scale_after_norm else 1.0,
+                sigmoid=spec.scoring == "sigmoid", bias=bias if noaux else None,
+                n_group=spec.n_group if grouped else 1, topk_group=spec.topk_group if grouped else 1,
+                top2_groups=noaux, masked=float("-inf") if noaux else 0.0)
 
 
 def router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:

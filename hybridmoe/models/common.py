@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..kernels import cpu as ck
 from ..layers.cache import Batch, KVCache
-from ..layers.moe import Experts, RouterSpec, route_hidden
+from ..layers.moe import Experts, RouterSpec, cpu_routing, route_hidden
 from ..layers.mlp import MLP
 from ..layers.norm import RMSNorm
 from ..layers.rope import Rope, RopeTables
@@ -83,7 +83,7 @@ class MoE(nn.Module):
         """This layer's one-token CPU step in one kernel call (kernels.cpu.MoEBlock), where the experts object
         offers the file's bytes with 8-bit activations (`decode_weights`), the router is float32 and the shared
         expert, if any, is an ungated 8-bit fused MLP; else None. Made on first use, for that experts object."""
-        made = getattr(self, "_cpu_block", None)
+        made = self._cpu_block
         if made is not None and made[0] is experts:
             return made[1]
         block = None
@@ -92,14 +92,8 @@ class MoE(nn.Module):
         bias = self.router_bias
         if (got is not None and self.shared_gate is None and (self.shared is None or shared is not None)
                 and self.router.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)):
-            spec = self.spec
-            renorm = spec.norm_topk_prob and spec.top_k > 1
-            grouped, noaux = spec.method != "greedy" and spec.n_group > 1, spec.method == "noaux_tc"
-            block = ck.MoEBlock(self.router.detach(), bias.detach() if noaux and bias is not None else None,
-                                spec.top_k, renorm, spec.scaling if not renorm or spec.scale_after_norm else 1.0,
-                                spec.scoring == "sigmoid", spec.n_group if grouped else 1,
-                                spec.topk_group if grouped else 1, noaux, float("-inf") if noaux else 0.0, *got,
-                                None if shared is None else tuple(shared.weights))
+            block = ck.MoEBlock(self.router, *got, None if shared is None else tuple(shared.weights),
+                                **cpu_routing(self.spec, bias))
         self._cpu_block = (experts, block)
         return block
 

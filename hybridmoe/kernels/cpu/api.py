@@ -446,6 +446,16 @@ def route_topk(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: bool, 
     their two best, choice values; the other groups' values become `masked`); weights are the chosen scores,
     divided by their sum if renorm, times scaling."""
     xa = activations(x)
+    ids = np.empty((xa.shape[0], top_k), dtype=np.int64)
+    weights = np.empty((xa.shape[0], top_k), dtype=np.float32)
+    router_kernels.route(xa, *routing_args(router, xa.shape[1], top_k, renorm, scaling, sigmoid, bias, n_group,
+                                           topk_group, top2_groups, masked), ids, weights)
+    return torch.from_numpy(ids), torch.from_numpy(weights)
+
+
+def routing_args(router: torch.Tensor, dim: int, top_k: int, renorm: bool, scaling: float, sigmoid: bool,
+                 bias: torch.Tensor | None, n_group: int, topk_group: int, top2_groups: bool, masked: float) -> tuple:
+    """route_topk's settings, checked, as `router.route` takes them after x."""
     n_experts = router.shape[0] if router.dim() == 2 else 0
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k {top_k} of a router of shape {list(router.shape)}")
@@ -454,13 +464,8 @@ def route_topk(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: bool, 
         raise ValueError(f"{n_experts} experts cannot form {n_group} groups with {topk_group} kept")
     if top_k > topk_group * (n_experts // n_group) and masked == float("-inf"):
         raise ValueError(f"top_k {top_k} exceeds the experts of {topk_group} groups")
-    w = _f32_contiguous("router", router, (n_experts, xa.shape[1]))
-    b = _f32_contiguous("bias", bias, (n_experts,))
-    ids = np.empty((xa.shape[0], top_k), dtype=np.int64)
-    weights = np.empty((xa.shape[0], top_k), dtype=np.float32)
-    router_kernels.route(xa, w, b, sigmoid, n_group, topk_group, top2_groups, np.float32(masked), renorm,
-                         np.float32(scaling), ids, weights)
-    return torch.from_numpy(ids), torch.from_numpy(weights)
+    return (_f32_contiguous("router", router, (n_experts, dim)), _f32_contiguous("bias", bias, (n_experts,)),
+            sigmoid, n_group, topk_group, top2_groups, np.float32(masked), renorm, np.float32(scaling))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -7,7 +7,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from . import blocks as kernels
-from .api import _absorbed_raw, _expert_shapes, _f32_contiguous, _mla_caches, _raw_experts, route_topk
+from .api import _absorbed_raw, _expert_shapes, _f32_contiguous, _mla_caches, _raw_experts, routing_args
 from .checks import activations
 from .raw import KIND, W32
 from .repack import PackedWeight
@@ -103,20 +103,19 @@ class MoEBlock:
     """A MoE layer's decode step for one token in one kernel call (`blocks.py`): route_topk's routing, the chosen
     experts from the file's bytes with 8-bit activations and their weighted sum (ffn_raw_int8's), plus the shared
     expert from its 8-bit repacked tiles (ffn_experts'), added: the bits of those calls one by one. Checked once.
-    shared: the shared expert's gate, up, down (PackedExperts of one expert, 8-bit activations), or None."""
+    shared: the shared expert's gate, up, down (PackedExperts of one expert, 8-bit activations), or None; the
+    routing settings are route_topk's."""
 
-    def __init__(self, router: torch.Tensor, bias: torch.Tensor | None, top_k: int, renorm: bool, scaling: float,
-                 sigmoid: bool, n_group: int, topk_group: int, top2_groups: bool, masked: float, gate: np.ndarray,
-                 up: np.ndarray, down: np.ndarray, types: tuple, shared: tuple | None):
+    def __init__(self, router: torch.Tensor, gate: np.ndarray, up: np.ndarray, down: np.ndarray, types: tuple,
+                 shared: tuple | None, *, top_k: int, renorm: bool, scaling: float, sigmoid: bool = False,
+                 bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1, top2_groups: bool = False,
+                 masked: float = 0.0):
         dim = down.shape[1] if isinstance(down, np.ndarray) and down.ndim == 3 else 0
         probe = torch.zeros(1, dim)
-        route_topk(probe, router, top_k, renorm, scaling, sigmoid=sigmoid, bias=bias, n_group=n_group,
-                   topk_group=topk_group, top2_groups=top2_groups, masked=masked)  # its checks, once
         _, _, kinds = _raw_experts(probe, gate, up, down, types, [0])
         self.dim, self.top_k = dim, top_k
-        self.routing = (_f32_contiguous("router", router, (router.shape[0], dim)),
-                        _f32_contiguous("bias", bias, (router.shape[0],)), sigmoid, n_group, topk_group,
-                        top2_groups, np.float32(masked), renorm, np.float32(scaling))
+        self.routing = routing_args(router, dim, top_k, renorm, scaling, sigmoid, bias, n_group, topk_group,
+                                    top2_groups, masked)
         self.routed = (kinds, gate, up, down)
         self.shared = ()
         if shared is not None:

@@ -27,6 +27,9 @@ def use_full_vector_width() -> bool:
     return True
 
 
+FRESH = False  # the kernels' cache was empty when this process started: each kernel compiles on first use
+
+
 def use_source_keyed_cache() -> str | None:
     """Keep numba's compiled kernels under a directory named by a hash of these kernels' sources (and numba's
     version). numba checks a cached function against its own file only, and a kernel's cached code includes the
@@ -40,18 +43,15 @@ def use_source_keyed_cache() -> str | None:
     base = Path(numba.config.CACHE_DIR or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     if not numba.config.CACHE_DIR:
         base = base / "hybridmoe" / "numba"
+    global FRESH
     path = base / digest.hexdigest()[:16]
     try:
         path.mkdir(parents=True, exist_ok=True)
-        global FRESH
         FRESH = not any(path.iterdir())
     except OSError:
         return None
     numba.config.CACHE_DIR = str(path)
     return str(path)
-
-
-FRESH = False  # the kernels' cache was empty when this process started: each kernel compiles on first use
 
 
 def first_run_note() -> str | None:
