@@ -160,11 +160,12 @@ def _run_share(f, me, workers, ctl, slow, yield_fn):
     lo, hi = _share(n * inter, me, workers)
     if hi > lo:
         xq, xr, xd, xk, xneg, x16 = raw_int8._prepared(x, (1 << k_gate) | (1 << k_up))
+        q0, r0, d0, k0, neg0, s0 = raw_int8._first(xq, xr, xd, xk, xneg, x16)
         for flat in range(lo, hi):
             g, r = flat // inter, flat % inter
             row = ids[at[g]] * inter + r
-            a = raw_int8._dot(k_gate, g_flat, row * g_row, dim, xq[0], xr[0], xd[0], xk[0], xneg[0], x16[0])
-            b = raw_int8._dot(k_up, u_flat, row * u_row, dim, xq[0], xr[0], xd[0], xk[0], xneg[0], x16[0])
+            a = raw_int8._dot(k_gate, g_flat, row * g_row, dim, q0, r0, d0, k0, neg0, s0)
+            b = raw_int8._dot(k_up, u_flat, row * u_row, dim, q0, r0, d0, k0, neg0, s0)
             h[g, r] = a / (f32(1.0) + np.exp(-a)) * b  # silu(gate) * up
     _barrier(ctl, workers, slow, yield_fn)
     # 2. down rows -> y (SUM) or out's rows (PARTS)
@@ -175,14 +176,13 @@ def _run_share(f, me, workers, ctl, slow, yield_fn):
     lo, hi = _share(n * dim, me, workers)
     ready = -1
     hq, hd, hqs, hr, hk, hneg, h16 = raw_int8._buffers(1, inter)
-    hq8, hr8 = hq.view(np.uint8), hr.view(np.uint8)
+    q0, r0, d0, k0, neg0, s0 = raw_int8._first(hq.view(np.uint8), hr.view(np.uint8), hd, hk, hneg, h16)
     for flat in range(lo, hi):
         g, r = flat // dim, flat % dim
         if g != ready:  # this expert's hidden state rounded as `ffn` rounds it
             raw_int8.prepare(h[g:g + 1], hq, hd, hqs, hr, hk, hneg, h16, 1 << k_down)
             ready = g
-        y[at[g], r] = raw_int8._dot(k_down, d_flat, (ids[at[g]] * dim + r) * d_row, inter, hq8[0], hr8[0], hd[0],
-                                    hk[0], hneg[0], h16[0])
+        y[at[g], r] = raw_int8._dot(k_down, d_flat, (ids[at[g]] * dim + r) * d_row, inter, q0, r0, d0, k0, neg0, s0)
     if parts_mode:
         return
     _barrier(ctl, workers, slow, yield_fn)
