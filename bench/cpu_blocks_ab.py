@@ -1,6 +1,8 @@
-"""The CPU decode blocks (kernels.cpu.MLABlock / GQABlock / MoEBlock: a layer's attention block and its MoE layer in
-one kernel call each) against the same layers called one by one, in one process, alternated, on the same random
-token stream, at the default settings: decode tok/s of each, every round and the best.
+"""The CPU decode blocks against the same layers called one by one, in one process, alternated, on the same random
+token stream, at the default settings: decode tok/s of each, every round and the best. Modes: "halves" (the
+default: each decoder block's attention half with its residual adds and norms in one call, kernels.cpu.AttentionHalf,
+and its MoE layer in one call, MoEBlock), "blocks" (the attention block alone in one call, MLABlock / GQABlock, the
+norms by themselves), "layers" (every layer by itself).
 
     python bench/cpu_blocks_ab.py MODEL.gguf [--threads 2] [--rounds 4] [--tokens 64]
 """
@@ -20,7 +22,7 @@ from hybridmoe.engine.bench import _Counters, run_stream  # noqa: E402
 from hybridmoe.kernels.cpu import set_threads  # noqa: E402
 from hybridmoe.layers.attention import GQAttention  # noqa: E402
 from hybridmoe.layers.mla import MLA  # noqa: E402
-from hybridmoe.models.common import MoE  # noqa: E402
+from hybridmoe.models.common import Block, MoE  # noqa: E402
 
 
 def main() -> int:
@@ -35,17 +37,20 @@ def main() -> int:
     eng = hybridmoe.load(a.model)
     rng = random.Random(0)
     stream = [rng.randrange(16, eng.args.vocab_size) for _ in range(a.tokens)]
-    methods = {cls: cls.cpu_block for cls in (GQAttention, MLA, MoE)}
-    off = {GQAttention: lambda self: None, MLA: lambda self: None, MoE: lambda self, layer, experts: None}
-    rates: dict[str, list[float]] = {"blocks": [], "layers": []}
+    methods = {(cls, "cpu_block"): cls.cpu_block for cls in (GQAttention, MLA, MoE)}
+    methods[Block, "cpu_half"] = Block.cpu_half
+    off = {GQAttention: lambda self: None, MLA: lambda self: None, MoE: lambda self, layer, experts: None,
+           Block: lambda self: None}
+    modes = {"halves": (), "blocks": (Block,), "layers": (GQAttention, MLA, MoE, Block)}
+    rates: dict[str, list[float]] = {name: [] for name in modes}
     for _ in range(a.rounds):
-        for name in rates:
-            for cls, fn in (methods if name == "blocks" else off).items():
-                cls.cpu_block = fn
+        for name, offs in modes.items():
+            for (cls, attr), fn in methods.items():
+                setattr(cls, attr, off[cls] if cls in offs else fn)
             run_stream(eng, stream[:8], _Counters())  # warm-up in this mode
             rates[name].append(max(run_stream(eng, stream, _Counters()) for _ in range(2)))
-    for cls, fn in methods.items():
-        cls.cpu_block = fn
+    for (cls, attr), fn in methods.items():
+        setattr(cls, attr, fn)
     print(f"{Path(a.model).name}: {a.threads} threads, {a.rounds} alternated rounds of {a.tokens} random tokens")
     for name, got in rates.items():
         print(f"{name:>7}: best {max(got):7.2f} tok/s   rounds {' '.join(f'{r:.1f}' for r in got)}")

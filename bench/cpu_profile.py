@@ -5,7 +5,9 @@ default settings.
     python bench/cpu_profile.py MODEL.gguf [--steps 64] [--prompt 128] [--threads 2] [--cpu-activations f32]
                                            [--prefill]
 
-Components: attention projections (quantized linears of the attention), attention core (MLA or GQA between them),
+Components: a decoder block's attention half and a MoE layer where each runs as one kernel call (the default at
+decode with 8-bit activations: kernels.cpu.AttentionHalf, MoEBlock; their parts are not split), else attention
+projections (quantized linears of the attention), attention core (MLA or GQA between them),
 router, routed experts, shared expert and dense MLPs, norms, output head, embedding, sampling (greedy argmax), and
 the rest of the step (Python and torch glue outside all of these). The timers add about a microsecond per wrapped
 call; the step time without them is printed too. Kernel time is the time inside numba-compiled calls; the goal of the
@@ -27,8 +29,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ORDER = ("attention projections", "attention core", "router", "routed experts", "expert sort", "expert combine",
-         "shared expert / dense MLP", "norms", "output head", "embedding", "sampling", "rest (Python, torch glue)")
+ORDER = ("attention half (one call)", "MoE layer (one call)", "attention projections", "attention core", "router",
+         "routed experts", "expert sort", "expert combine", "shared expert / dense MLP", "norms", "output head", "embedding", "sampling", "rest (Python, torch glue)")
 
 
 class Timers:
@@ -89,6 +91,9 @@ def instrument(model, timers: Timers) -> None:
             m.forward = timers.wrap("shared expert / dense MLP", m.forward)
         elif isinstance(m, MoE):
             m.route = timers.wrap("router", m.route)
+    from hybridmoe.kernels import cpu as ck  # the decode blocks: each one kernel call for several of the above
+    ck.AttentionHalf.__call__ = timers.wrap("attention half (one call)", ck.AttentionHalf.__call__)
+    ck.MoEBlock.__call__ = timers.wrap("MoE layer (one call)", ck.MoEBlock.__call__)
     model.output.forward = timers.wrap("output head", model.output.forward)
     model.tok_embeddings.forward = timers.wrap("embedding", model.tok_embeddings.forward)
     experts = model.experts

@@ -72,17 +72,20 @@ class GQAttention(nn.Module):
                                           self.wo.packed) if fits else None
         return self._cpu_block
 
+    def cpu_step(self, batch: Batch, cache: LayerCache) -> tuple:
+        """The cpu_block's arguments after x, cos and sin for a decode step: the slot's caches, the position, the
+        attention scale."""
+        slot = batch.slots[0]
+        return cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0], self.head_dim ** -0.5
+
     def cache_shapes(self) -> tuple[tuple[int, ...], ...]:
         return (self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        if (cache is not None and batch.sees_all and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.is_contiguous() and self.cpu_block() is not None):  # one decode step on the CPU: one call
-            slot = batch.slots[0]
-            return self._cpu_block(x, cos, sin, cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0],
-                                   self.head_dim ** -0.5)
+        if batch.one_cpu_token(x, cache) and self.cpu_block() is not None:  # one decode step on the CPU: one call
+            return self._cpu_block(x, cos, sin, *self.cpu_step(batch, cache))
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         qkv = self.wqkv(x) if self.wqkv is not None else None
         if (cache is not None and batch.sees_all and x.device.type == "cpu" and x.dtype == torch.float32

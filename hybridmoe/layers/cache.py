@@ -60,6 +60,12 @@ class Batch:
         """One row, one new token that attends to every key (a decode step with its whole history as keys)."""
         return len(self.n_new) == 1 and self.n_new[0] == 1 and self.write_at is None
 
+    def one_cpu_token(self, x: torch.Tensor, cache: "LayerCache | None") -> bool:
+        """A decode step (`sees_all`) with a cache whose hidden state x is float32, contiguous, on the CPU: what the
+        CPU decode blocks take."""
+        return (cache is not None and self.sees_all and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.is_contiguous())
+
     def to(self, device) -> "Batch":
         if self.positions.device == torch.device(device):
             return self

@@ -85,6 +85,12 @@ class MLA(nn.Module):
                 *self.absorbed_raw, self.wo.packed) if fits else None
         return self._cpu_block
 
+    def cpu_step(self, batch: Batch, cache: LayerCache) -> tuple:
+        """The cpu_block's arguments after x, cos and sin for a decode step: the slot's caches, the position, the
+        attention scale."""
+        slot = batch.slots[0]
+        return cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0], self.s.scale
+
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (q [B, T, H * (N + P)], wkv_a's output [B, T, R + P])."""
         s = self.s
@@ -101,11 +107,8 @@ class MLA(nn.Module):
                 cache: LayerCache | None) -> torch.Tensor:
         s = self.s
         B, T, _ = x.shape
-        if (cache is not None and batch.sees_all and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.is_contiguous() and self.cpu_block() is not None):  # one decode step on the CPU: one call
-            slot = batch.slots[0]
-            return self._cpu_block(x, cos, sin, cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0],
-                                   s.scale)
+        if batch.one_cpu_token(x, cache) and self.cpu_block() is not None:  # one decode step on the CPU: one call
+            return self._cpu_block(x, cos, sin, *self.cpu_step(batch, cache))
         q, kv = self._project(x)
         if (cache is not None and batch.sees_all and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.wkv_b.weight.dtype == torch.float32):  # one decode step on the CPU: one kernel call

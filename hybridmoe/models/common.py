@@ -119,6 +119,7 @@ class Block(nn.Module):
         self.attn = attn
         self.ffn_norm = RMSNorm(dim, eps)
         self.ffn = ffn
+        self._cpu_half: tuple | None = None  # (the attention's cpu_block, its kernels.cpu.AttentionHalf or None)
 
     def forward(self, x, layer, batch, cos, sin, cache, experts, pending=None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (x after attention, the feed-forward output still to be added to it). pending: the previous block's
@@ -128,8 +129,28 @@ class Block(nn.Module):
 
     def attend(self, x, batch, cos, sin, cache, pending=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention half: (x after attention, the normalised input of the feed-forward half)."""
+        if batch.one_cpu_token(x, cache) and (pending is None or (
+                pending.dtype == torch.float32 and pending.device.type == "cpu" and pending.is_contiguous())):
+            half = self.cpu_half()
+            if half is not None:  # one CPU decode token: the residual adds, both norms and the attention in one call
+                return half(x, pending, cos, sin, *self.attn.cpu_step(batch, cache))
         x, normed = (x, self.attn_norm(x)) if pending is None else self.attn_norm.add(x, pending)
         return self.ffn_norm.add(x, self.attn(normed, batch, cos, sin, cache))
+
+    def cpu_half(self) -> "ck.AttentionHalf | None":
+        """`attend` of one CPU decode token as one kernel call (kernels.cpu.AttentionHalf) where the attention has a
+        CPU decode block and both norms are float32 on the CPU, else None. Made on first use, and again when the
+        attention's block is remade."""
+        block = getattr(self.attn, "cpu_block", lambda: None)()
+        made = self._cpu_half
+        if made is None or made[0] is not block:
+            norms = (self.attn_norm, self.ffn_norm)
+            fits = block is not None and all(n.weight.dtype == torch.float32 and n.weight.device.type == "cpu"
+                                             for n in norms)
+            made = self._cpu_half = (block, ck.AttentionHalf(block, *(t for n in norms for t in (n.weight.detach(),
+                                                                                               n.eps)))
+                                     if fits else None)
+        return made[1]
 
 
 class Transformer(nn.Module):

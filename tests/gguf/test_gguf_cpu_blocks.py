@@ -1,7 +1,7 @@
 """CPU decode blocks: an attention block's step in one kernel call (kernels.cpu.MLABlock for DeepSeek, GQABlock for
-Qwen3 and Mixtral) and a MoE layer's step for one token in one call (kernels.cpu.MoEBlock: router, routed experts,
-shared expert) give the bits of their layers called one by one, count the same experts, and the engine takes them at
-decode with the default settings."""
+Qwen3 and Mixtral), the same with its block's residual adds and norms (AttentionHalf), and a MoE layer's step for
+one token in one call (kernels.cpu.MoEBlock: router, routed experts, shared expert) give the bits of their layers
+called one by one, count the same experts, and the engine takes them at decode with the default settings."""
 import pytest
 import torch
 
@@ -9,7 +9,8 @@ import hybridmoe
 from hybridmoe.layers.attention import GQAttention
 from hybridmoe.layers.cache import Batch
 from hybridmoe.layers.mla import MLA
-from hybridmoe.models.common import MoE
+from hybridmoe.kernels import cpu as ck
+from hybridmoe.models.common import Block, MoE
 
 
 def decode_logits(eng, ids: list[int]) -> torch.Tensor:
@@ -25,20 +26,28 @@ def spy(monkeypatch, obj, name: str, calls: list) -> None:
 
 
 @pytest.mark.parametrize("family,kind", [("deepseek_v3", MLA), ("qwen3_moe", GQAttention), ("mixtral", GQAttention)])
-def test_the_attention_block_in_one_call_gives_the_layers_bits(gguf_models, monkeypatch, family, kind):
-    """MLA; grouped-query attention with (Qwen3) and without (Mixtral) q/k norms."""
+def test_the_attention_half_in_one_call_gives_the_layers_bits(gguf_models, monkeypatch, family, kind):
+    """MLA; grouped-query attention with (Qwen3) and without (Mixtral) q/k norms: each block's attention half (the
+    residual adds, both norms and the attention block: kernels.cpu.AttentionHalf) in one call, and the attention
+    block alone in one call (MLABlock / GQABlock), give the bits of the layers called one by one."""
     _, path = gguf_models(family, "q8_0")
     eng = hybridmoe.load(path)
-    blocks = [b.attn for b in eng.model.layers if isinstance(b.attn, kind)]
-    assert blocks and all(b.cpu_block() is not None for b in blocks)
+    blocks = [b for b in eng.model.layers if isinstance(b.attn, kind)]
+    assert blocks and all(b.attn.cpu_block() is not None and b.cpu_half() is not None for b in blocks)
     calls = []
-    for b in blocks:
-        spy(monkeypatch, b, "_cpu_block", calls)
+    spy(monkeypatch, ck.AttentionHalf, "__call__", calls)
     ids = list(range(20, 44))
-    fused = decode_logits(eng, ids)
+    halves = decode_logits(eng, ids)
     assert len(calls) == len(blocks) * len(ids)
-    monkeypatch.setattr(kind, "cpu_block", lambda self: None)
-    assert torch.equal(fused, decode_logits(eng, ids))
+    monkeypatch.setattr(Block, "cpu_half", lambda self: None)  # the attention block alone, between the norms
+    calls.clear()
+    spy(monkeypatch, kind, "cpu_step", calls)
+    alone = decode_logits(eng, ids)
+    assert len(calls) == len(blocks) * len(ids)
+    monkeypatch.setattr(kind, "cpu_block", lambda self: None)  # every layer by itself
+    layers = decode_logits(eng, ids)
+    assert torch.equal(alone, layers)
+    assert torch.equal(halves, layers)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral"])

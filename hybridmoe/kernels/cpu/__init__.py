@@ -35,6 +35,8 @@ attention over the cached latents.
     MLABlock(wq_kv_a, ..., wo)(x, cos, sin, latent_cache, pe_cache, pos, scale) -> [1, 1, D]
                                                              the whole attention block's step (`blocks.py`)
     GQABlock(wqkv, ..., wo)(x, cos, sin, k_cache, v_cache, pos, scale) -> [1, 1, D]     the same for GQA
+    AttentionHalf(block, attn_norm, eps, ffn_norm, eps)(x, pending, cos, sin, cache_a, cache_b, pos, scale)
+                        -> (x + pending + attention, its ffn norm)  a decoder block's attention half in one call
     MoEBlock(router, ..., gate, up, down, types, shared)(x) -> ([1, D], chosen experts)
                                                              a MoE layer's step for one token
 
@@ -71,11 +73,11 @@ from .api import (GEMV_TYPES, RAW_INT8_TYPES, decode_route, dequantize, ffn_expe
                   ffn_packed, ffn_raw_int8, ffn_raw_int8_grouped, gemv, gemv_int8, gemv_packed, get_threads,
                   gqa_decode, matmul, mla_decode, mla_decode_raw, repack, repack_experts, rms_norm, route_softmax,
                   route_topk, set_threads)
-from .block_api import GQABlock, MLABlock, MoEBlock  # noqa: E402
+from .block_api import AttentionHalf, GQABlock, MLABlock, MoEBlock  # noqa: E402
 from .repack import ACTIVATIONS, PACKED_TYPES, PackedExperts, PackedWeight  # noqa: E402
 
-__all__ = ["ACTIVATIONS", "GEMV_TYPES", "GQABlock", "MLABlock", "MoEBlock", "PACKED_TYPES", "RAW_INT8_TYPES", "PackedExperts",
-           "PackedWeight",
+__all__ = ["ACTIVATIONS", "AttentionHalf", "GEMV_TYPES", "GQABlock", "MLABlock", "MoEBlock", "PACKED_TYPES",
+           "RAW_INT8_TYPES", "PackedExperts", "PackedWeight",
            "decode_route", "dequantize", "ffn_experts", "ffn_experts_sum", "ffn_packed", "ffn_raw_int8",
            "ffn_raw_int8_grouped", "gemv", "gemv_int8", "gemv_packed", "get_threads", "gqa_decode", "matmul",
            "mla_decode", "mla_decode_raw", "repack", "repack_experts", "rms_norm", "route_softmax", "route_topk",

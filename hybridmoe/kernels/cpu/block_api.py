@@ -1,5 +1,6 @@
 """The CPU decode blocks (`blocks.py`) as objects that check their weights once and then take a step per call: an
-attention block (MLABlock for DeepSeek, GQABlock for Qwen and Mixtral) and a MoE layer (MoEBlock)."""
+attention block (MLABlock for DeepSeek, GQABlock for Qwen and Mixtral), the same between its block's residual adds
+and norms (AttentionHalf), and a MoE layer (MoEBlock)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from . import blocks as kernels
-from .api import _absorbed_raw, _expert_shapes, _f32_contiguous, _mla_caches, _raw_experts, routing_args
+from .api import _NO_ROWS, _absorbed_raw, _expert_shapes, _f32_contiguous, _mla_caches, _raw_experts, routing_args
 from .checks import activations
 from .raw import KIND, W32
 from .repack import PackedWeight
@@ -18,11 +19,32 @@ def _stacked(w: PackedWeight) -> tuple:
     return (KIND[w.qtype], *(a[None] for a in w.arrays))
 
 
-class MLABlock:
+class _AttentionBlock:
+    """What MLABlock and GQABlock share: a step is `kernel(x, *args(...), out)`; `half_kernel` is the same between
+    the block's norms (AttentionHalf)."""
+
+    dim: int
+    kernel = half_kernel = None
+
+    def args(self, cos, sin, cache_a, cache_b, pos: int, scale: float) -> tuple:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_a: torch.Tensor,
+                 cache_b: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
+        """x [1, 1, D] float32 (the normed hidden state); cos, sin and the slot's caches as `args` takes them, written
+        at pos -> [1, 1, D]."""
+        out = np.empty((1, self.dim), dtype=np.float32)
+        self.kernel(activations(x.reshape(1, self.dim)), *self.args(cos, sin, cache_a, cache_b, pos, scale), out)
+        return torch.from_numpy(out).view(1, 1, self.dim)
+
+
+class MLABlock(_AttentionBlock):
     """A DeepSeek attention block's decode step in one kernel call (`blocks.py`): x [1, D] -> wq_kv_a (wq_a and
     wkv_a stacked), q_norm, wq_b, absorbed attention over the slot's cache (wkv_b as GGUF's attn_k_b / attn_v_b of
     `raw_type`), wo -> [1, D]; the bits of those calls one by one (gemv_packed, rms_norm, mla_decode_raw,
     gemv_packed). The projections are repacked for 8-bit activations; everything is checked here, once."""
+
+    kernel, half_kernel = staticmethod(kernels.mla_block), staticmethod(kernels.mla_half)
 
     def __init__(self, wq_kv_a: PackedWeight, q_rank: int, q_norm: torch.Tensor, q_eps: float, wq_b: PackedWeight,
                  n_heads: int, qk: int, kv_norm: torch.Tensor, kv_eps: float, k_b: np.ndarray, v_b: np.ndarray,
@@ -45,28 +67,25 @@ class MLABlock:
         self.raw = (KIND[_absorbed_raw(k_b, v_b, raw_type, n_heads, rank, qk - self.rope)], k_b, v_b)
         self.tail = _stacked(wo)
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, latent_cache: torch.Tensor,
-                 pe_cache: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
-        """x [1, 1, D] float32 (the normed hidden state); cos, sin [P/2]; the slot's caches [max_len, R] and
-        [max_len, P], written at pos -> [1, 1, D]."""
+    def args(self, cos, sin, latent_cache, pe_cache, pos: int, scale: float) -> tuple:
+        """cos, sin [P/2]; the slot's caches [max_len, R] and [max_len, P] (written at pos) -> mla_block's arguments
+        between x and out."""
         n_heads, qk, rank, rope = self.dims
-        xa = activations(x.reshape(1, self.dim))
         dims = (latent_cache.shape[0], rank, rope, qk - rope)
         if not 0 <= pos < dims[0]:
             raise ValueError(f"position {pos} is outside a cache of {dims[0]}")
-        out = np.empty((1, self.dim), dtype=np.float32)
-        kernels.mla_block(xa, *self.head, _f32_contiguous("cos", cos, (rope // 2,), reshape=True),
-                                    _f32_contiguous("sin", sin, (rope // 2,), reshape=True), *self.raw,
-                                    *_mla_caches(latent_cache, pe_cache, dims), pos, np.float32(scale), W32,
-                                    *self.tail, out)
-        return torch.from_numpy(out).view(1, 1, self.dim)
+        return (*self.head, _f32_contiguous("cos", cos, (rope // 2,), reshape=True),
+                _f32_contiguous("sin", sin, (rope // 2,), reshape=True), *self.raw,
+                *_mla_caches(latent_cache, pe_cache, dims), pos, np.float32(scale), W32, *self.tail)
 
 
-class GQABlock:
+class GQABlock(_AttentionBlock):
     """A grouped-query attention block's decode step in one kernel call (`blocks.py`): x [1, D] -> wqkv (q, k, v
     stacked), the optional q/k norms, rope, the slot's cache, attention, wo -> [1, D]; the bits of those calls one
     by one (gemv_packed, gqa_decode, gemv_packed). The projections are repacked for 8-bit activations; everything
     is checked here, once."""
+
+    kernel, half_kernel = staticmethod(kernels.gqa_block), staticmethod(kernels.gqa_half)
 
     def __init__(self, wqkv: PackedWeight, n_heads: int, n_kv_heads: int, head_dim: int, q_norm: torch.Tensor | None,
                  k_norm: torch.Tensor | None, eps: float, wo: PackedWeight):
@@ -82,21 +101,41 @@ class GQABlock:
                      _f32_contiguous("k_norm", k_norm, (head_dim,)), np.float32(eps))
         self.tail = _stacked(wo)
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
-        """x [1, 1, D] float32 (the normed hidden state); cos, sin [head dim / 2]; the slot's caches [max_len, Hk,
-        head dim], written at pos -> [1, 1, D]."""
+    def args(self, cos, sin, k_cache, v_cache, pos: int, scale: float) -> tuple:
+        """cos, sin [head dim / 2]; the slot's caches [max_len, Hk, head dim] (written at pos) -> gqa_block's
+        arguments between x and out."""
         _, n_kv, head_dim = self.dims
         cache_shape = (k_cache.shape[0], n_kv, head_dim)
         if not 0 <= pos < cache_shape[0]:
             raise ValueError(f"position {pos} is outside a cache of {cache_shape[0]}")
-        out = np.empty((1, self.dim), dtype=np.float32)
-        kernels.gqa_block(activations(x.reshape(1, self.dim)), *self.head,
-                          _f32_contiguous("cos", cos, (head_dim // 2,), reshape=True),
-                          _f32_contiguous("sin", sin, (head_dim // 2,), reshape=True),
-                          _f32_contiguous("k_cache", k_cache, cache_shape),
-                          _f32_contiguous("v_cache", v_cache, cache_shape), pos, np.float32(scale), *self.tail, out)
-        return torch.from_numpy(out).view(1, 1, self.dim)
+        return (*self.head, _f32_contiguous("cos", cos, (head_dim // 2,), reshape=True),
+                _f32_contiguous("sin", sin, (head_dim // 2,), reshape=True),
+                _f32_contiguous("k_cache", k_cache, cache_shape), _f32_contiguous("v_cache", v_cache, cache_shape),
+                pos, np.float32(scale), *self.tail)
+
+
+class AttentionHalf:
+    """A decoder block's attention half of one decode token in one kernel call (`Block.attend`): the previous
+    block's pending output added to x, the attention norm, the attention block (MLABlock or GQABlock), its output
+    added, the feed-forward norm; the bits of those calls one by one. Norm weights f32 [D], checked once."""
+
+    def __init__(self, block: _AttentionBlock, attn_norm: torch.Tensor, attn_eps: float, ffn_norm: torch.Tensor,
+                 ffn_eps: float):
+        self.block = block
+        self.norms = (_f32_contiguous("attn_norm", attn_norm, (block.dim,)), np.float32(attn_eps),
+                      _f32_contiguous("ffn_norm", ffn_norm, (block.dim,)), np.float32(ffn_eps))
+
+    def __call__(self, x: torch.Tensor, pending: torch.Tensor | None, cos, sin, cache_a, cache_b, pos: int,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [1, 1, D] float32 (the residual stream), pending the same or None; the rest as the block takes them ->
+        (x plus pending plus the attention's output, its feed-forward norm), each [1, 1, D]."""
+        block = self.block
+        dim = block.dim
+        xa = activations(x.reshape(1, dim))
+        pa = _NO_ROWS if pending is None else activations(pending.reshape(1, dim))
+        x_out, h = np.empty((1, dim), dtype=np.float32), np.empty((1, dim), dtype=np.float32)
+        block.half_kernel(xa, pa, *self.norms, x_out, h, *block.args(cos, sin, cache_a, cache_b, pos, scale))
+        return torch.from_numpy(x_out).view(1, 1, dim), torch.from_numpy(h).view(1, 1, dim)
 
 
 class MoEBlock:

@@ -1,8 +1,8 @@
 """A layer's halves of one CPU decode step, each in one call: the attention block (DeepSeek's MLA, or grouped-query
-attention: projections, norms, rope, the cache, attention, the output projection) and the MoE layer (router, routed
-experts, shared expert). The same kernels, in the same order, on the same inputs, as the layers call them one by one
-(so the same bits); what goes is the Python and torch between them, about a fifth of a DeepSeek-shaped decode step
-on two cores.
+attention: projections, norms, rope, the cache, attention, the output projection), with the residual adds and norms
+around it (`mla_half`, `gqa_half`), and the MoE layer (router, routed experts, shared expert). The same kernels,
+in the same order, on the same inputs, as the layers call them one by one (so the same bits); what goes is the
+Python and torch between them, about a fifth of a DeepSeek-shaped decode step on two cores.
 
 Projections are the repacked 8-bit-activation tiles of `repack.py` (q, s, d, each [1, tiles, ...]: one "expert"),
 MLA's wkv_b GGUF's attn_k_b / attn_v_b blocks, routed experts the file's bytes (`raw_int8.py`); buffers are
@@ -89,3 +89,33 @@ def moe_block_shared(x, router, bias, sigmoid, n_group, topk_group, top2_groups,
              no_rows, no_rows)
     for j in range(out.shape[1]):
         out[0, j] += ys[0, 0, j]
+
+
+@njit(cache=True, inline="always")
+def _norm_in(x, pending, w, eps, x_out, normed):
+    """x_out = x + pending (x itself where pending is empty), normed = RMSNorm(x_out) * w (`RMSNorm.add`'s bits)."""
+    if pending.size == 0:
+        x_out[:] = x
+    add_rms_norm(x, pending, w, eps, x_out, normed)
+
+
+@njit(cache=True)
+def mla_half(x, pending, attn_w, attn_eps, ffn_w, ffn_eps, x_out, h, *block):
+    """A block's attention half of one decode token (`Block.attend`): x f32 [1, D] plus the previous block's pending
+    output [1, D] (empty: none) -> x_out, normed by attn_w into mla_block (block: its arguments between x and
+    out), whose output is added to x_out and normed by ffn_w into h (the feed-forward half's input)."""
+    normed = np.empty_like(x)
+    _norm_in(x, pending, attn_w, attn_eps, x_out, normed)
+    a = np.empty_like(x)
+    mla_block(normed, *block, a)
+    add_rms_norm(x_out, a, ffn_w, ffn_eps, x_out, h)
+
+
+@njit(cache=True)
+def gqa_half(x, pending, attn_w, attn_eps, ffn_w, ffn_eps, x_out, h, *block):
+    """mla_half for gqa_block."""
+    normed = np.empty_like(x)
+    _norm_in(x, pending, attn_w, attn_eps, x_out, normed)
+    a = np.empty_like(x)
+    gqa_block(normed, *block, a)
+    add_rms_norm(x_out, a, ffn_w, ffn_eps, x_out, h)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .raw import dequantize_row, half_at
+from .raw import dequantize_row
+from .simd import add, fma, fzero, hsum, load_floats, load_half, load_i8_floats, mul, store_floats
 
 f32 = np.float32
 KEYS = 16  # cached keys per task of the scores
-COLUMNS = 64  # latent columns per task of the weighted sum
+COLUMNS = 32  # latent columns per task of the weighted sum (2 vectors)
 ROWS = 64  # weight rows per task of the absorbed projections
 
 
@@ -49,46 +50,107 @@ def _write_key(kv, kv_w, eps, cos, sin, latent_cache, pe_cache, pos):
 
 
 @njit(cache=True, inline="always")
-def _dot(a, b):
-    acc = f32(0.0)
-    for i in range(a.size):
-        acc += a[i] * b[i]
+def _dot(a, ao, b, bo, n):
+    """a[ao:ao + n] . b[bo:bo + n] of flat float32 arrays: 16 lanes (two accumulators), then the tail. Hot loops
+    index rather than make views (each view counts its array's references up and down)."""
+    a0 = fzero()
+    a1 = fzero()
+    body = n - n % 32
+    for i in range(0, body, 32):
+        a0 = fma(load_floats(a, ao + i), load_floats(b, bo + i), a0)
+        a1 = fma(load_floats(a, ao + i + 16), load_floats(b, bo + i + 16), a1)
+    acc = hsum(add(a0, a1))
+    for i in range(body, n):
+        acc += a[ao + i] * b[bo + i]
     return acc
 
 
 @njit(cache=True, inline="always")
-def _row_dot(kind, w, x, buf, w32):
-    """w's raw row (uint8) . x: Q8_0 straight from its bytes, other kinds through a dequantized row in buf."""
+def _row_dot(kind, w, o, row_bytes, x, xo, n, buf, w32):
+    """The raw row at byte o of flat w (uint8) . x[xo:xo + n] (float32): Q8_0 straight from its bytes (each
+    block's 32 products summed in 16 lanes, then times its scale), other kinds through a dequantized row in buf."""
     if kind == 1:
-        acc = f32(0.0)
-        for b in range(x.size // 32):
-            o = b * 34
-            s = f32(0.0)
-            for j in range(w32):
-                s += f32(np.int8(w[o + 2 + j])) * x[b * 32 + j]
-            acc += half_at(w, o) * s
-        return acc
-    dequantize_row(kind, w, buf, w32)
-    return _dot(buf, x)
+        acc = fzero()
+        for b in range(n // 32):
+            ob = o + b * 34
+            s = mul(load_i8_floats(w, ob + 2), load_floats(x, xo + b * 32))
+            s = fma(load_i8_floats(w, ob + 18), load_floats(x, xo + b * 32 + 16), s)
+            acc = fma(s, load_half(w, ob), acc)
+        return hsum(acc)
+    dequantize_row(kind, w[o:o + row_bytes], buf, w32)
+    return _dot(buf, 0, x, xo, n)
+
+
+@njit(cache=True, inline="always")
+def _acc_2x4(acc, q, qa, qb, k, o0, o1, o2, o3, n):
+    """acc (8 vectors: head a with keys 0-3, then head b) plus q[qa + i] * k[o + i] and q[qb + i] * k[o + i] over
+    the whole vectors of n columns (flat float32 arrays; the offsets are the rows' starts)."""
+    a0, a1, a2, a3, b0, b1, b2, b3 = acc
+    for i in range(0, n - n % 16, 16):
+        va, vb = load_floats(q, qa + i), load_floats(q, qb + i)
+        k0, k1, k2, k3 = load_floats(k, o0 + i), load_floats(k, o1 + i), load_floats(k, o2 + i), load_floats(k, o3 + i)
+        a0, a1, a2, a3 = fma(va, k0, a0), fma(va, k1, a1), fma(va, k2, a2), fma(va, k3, a3)
+        b0, b1, b2, b3 = fma(vb, k0, b0), fma(vb, k1, b1), fma(vb, k2, b2), fma(vb, k3, b3)
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+@njit(cache=True, inline="always")
+def _tail(q, qo, k, ko, n):
+    """q[qo + i] * k[ko + i] summed over the columns past n's whole vectors."""
+    total = f32(0.0)
+    for i in range(n - n % 16, n):
+        total += q[qo + i] * k[ko + i]
+    return total
+
+
+@njit(cache=True, inline="always")
+def _store(scores, ql, qp, lat, pe, rank, rope, h, t, acc, scale):
+    """scores[h, t] from its accumulated vector and the columns past the whole vectors."""
+    scores[h, t] = (hsum(acc) + _tail(ql, h * rank, lat, t * rank, rank) + _tail(qp, h * rope, pe, t * rope, rope)) \
+        * scale
+
+
+@njit(cache=True, inline="always")
+def _scores_2x4(ql, qp, lat, pe, rank, rope, ha, hb, t0, t1, t2, t3, scale, scores):
+    """scores[h, t] = (q_lat[h] . latent[t] + q_pe[h] . pe[t]) * scale for 2 heads x 4 keys (flat arrays): each
+    vector of the 2 queries and the 4 keys is loaded once for the 8 products (a repeated head or key is computed
+    again and stored over itself)."""
+    z = fzero()
+    acc = _acc_2x4((z, z, z, z, z, z, z, z), ql, ha * rank, hb * rank, lat, t0 * rank, t1 * rank, t2 * rank,
+                   t3 * rank, rank)
+    acc = _acc_2x4(acc, qp, ha * rope, hb * rope, pe, t0 * rope, t1 * rope, t2 * rope, t3 * rope, rope)
+    a0, a1, a2, a3, b0, b1, b2, b3 = acc
+    _store(scores, ql, qp, lat, pe, rank, rope, ha, t0, a0, scale)
+    _store(scores, ql, qp, lat, pe, rank, rope, ha, t1, a1, scale)
+    _store(scores, ql, qp, lat, pe, rank, rope, ha, t2, a2, scale)
+    _store(scores, ql, qp, lat, pe, rank, rope, ha, t3, a3, scale)
+    _store(scores, ql, qp, lat, pe, rank, rope, hb, t0, b0, scale)
+    _store(scores, ql, qp, lat, pe, rank, rope, hb, t1, b1, scale)
+    _store(scores, ql, qp, lat, pe, rank, rope, hb, t2, b2, scale)
+    _store(scores, ql, qp, lat, pe, rank, rope, hb, t3, b3, scale)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _attend_heads(q_lat, q_rope, cos, sin, latent_cache, pe_cache, n_keys, scale):
     """Every head over keys 0..n_keys-1: softmax(q . keys * scale) @ latents -> [H, R]. The heads go together
-    through each cached row, so the cache is read from memory once per step, not once per head: first the scores
-    (threads take runs of keys), then the outputs (threads take runs of the latent's columns, a head at a time)."""
+    through the cached rows, so the cache is read from memory once per step, not once per head: first the scores
+    (threads take runs of keys, 2 heads x 4 keys at a time), the softmax (threads take heads), then the outputs
+    (threads take runs of the latent's columns; each run of a cached row is loaded once for 4 heads)."""
     n_heads, rank = q_lat.shape
     rope = pe_cache.shape[1]
     q_pe = np.empty((n_heads, rope), dtype=f32)
     for h in range(n_heads):
         _rope_interleaved(q_rope[h], cos, sin, q_pe[h])
+    ql, qp = q_lat.reshape(-1), q_pe.reshape(-1)
+    lat, pe = latent_cache.reshape(-1), pe_cache.reshape(-1)
     scores = np.empty((n_heads, n_keys), dtype=f32)
-    n_runs = (n_keys + KEYS - 1) // KEYS
-    for run in prange(n_runs):
-        for t in range(run * KEYS, min(n_keys, (run + 1) * KEYS)):
-            for h in range(n_heads):
-                scores[h, t] = (_dot(q_lat[h], latent_cache[t]) + _dot(q_pe[h], pe_cache[t])) * scale
-    for h in range(n_heads):
+    last, heads = n_keys - 1, n_heads - 1
+    for run in prange((n_keys + KEYS - 1) // KEYS):
+        for t in range(run * KEYS, min(n_keys, (run + 1) * KEYS), 4):  # past the last key or head: it again
+            for h in range(0, n_heads, 2):
+                _scores_2x4(ql, qp, lat, pe, rank, rope, h, min(h + 1, heads), t, min(t + 1, last),
+                            min(t + 2, last), min(t + 3, last), scale, scores)
+    for h in prange(n_heads):
         top = -np.inf
         for t in range(n_keys):
             top = max(top, scores[h, t])
@@ -100,18 +162,32 @@ def _attend_heads(q_lat, q_rope, cos, sin, latent_cache, pe_cache, n_keys, scale
         for t in range(n_keys):
             scores[h, t] /= total
     o_lat = np.empty((n_heads, rank), dtype=f32)
+    ol = o_lat.reshape(-1)
     for c in prange((rank + COLUMNS - 1) // COLUMNS):
         c0 = c * COLUMNS
         width = min(rank, c0 + COLUMNS) - c0
-        acc = np.empty(width, dtype=f32)  # one head's run of columns stays in registers over the keys
-        for h in range(n_heads):
-            acc[:] = 0.0
-            for t in range(n_keys):
-                p = scores[h, t]
-                row = latent_cache[t, c0:c0 + width]
+        if width < COLUMNS:
+            for h in range(n_heads):
                 for r in range(width):
-                    acc[r] += p * row[r]
-            o_lat[h, c0:c0 + width] = acc
+                    acc = f32(0.0)
+                    for t in range(n_keys):
+                        acc += scores[h, t] * lat[t * rank + c0 + r]
+                    ol[h * rank + c0 + r] = acc
+            continue
+        for h in range(0, n_heads, 4):  # 4 heads' runs of columns in registers over the keys (past the last: it)
+            h1, h2, h3 = min(h + 1, heads), min(h + 2, heads), min(h + 3, heads)
+            a0, a1, b0, b1 = fzero(), fzero(), fzero(), fzero()
+            e0, e1, f0, f1 = fzero(), fzero(), fzero(), fzero()
+            for t in range(n_keys):
+                at = t * rank + c0
+                v0, v1 = load_floats(lat, at), load_floats(lat, at + 16)
+                a0, a1 = fma(v0, scores[h, t], a0), fma(v1, scores[h, t], a1)
+                b0, b1 = fma(v0, scores[h1, t], b0), fma(v1, scores[h1, t], b1)
+                e0, e1 = fma(v0, scores[h2, t], e0), fma(v1, scores[h2, t], e1)
+                f0, f1 = fma(v0, scores[h3, t], f0), fma(v1, scores[h3, t], f1)
+            for hh, x0, x1 in ((h, a0, a1), (h1, b0, b1), (h2, e0, e1), (h3, f0, f1)):
+                store_floats(ol, hh * rank + c0, x0)
+                store_floats(ol, hh * rank + c0 + 16, x1)
     return o_lat
 
 
@@ -133,10 +209,11 @@ def mla_decode(q, kv, kv_w, eps, cos, sin, w_kv_b, latent_cache, pe_cache, pos, 
             qn = q[h, n]
             for r in range(rank):
                 q_lat[h, r] += qn * w_kv_b[h, n, r]
-    o_lat = _attend_heads(q_lat, q[:, nope:], cos, sin, latent_cache, pe_cache, pos + 1, scale)
+    o_lat = _attend_heads(q_lat, q[:, nope:], cos, sin, latent_cache, pe_cache, pos + 1, scale).reshape(-1)
+    w = w_kv_b.reshape(-1)
     for i in prange(n_heads * v_dim):
         h, v = i // v_dim, i % v_dim
-        out[h, v] = _dot(o_lat[h], w_kv_b[h, nope + v])
+        out[h, v] = _dot(o_lat, h * rank, w, (h * (nope + v_dim) + nope + v) * rank, rank)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -152,14 +229,16 @@ def mla_decode_raw(q, kv, kv_w, eps, cos, sin, kind, k_b, v_b, latent_cache, pe_
     v_dim = out.shape[1]
     _write_key(kv, kv_w, eps, cos, sin, latent_cache, pe_cache, pos)
     q_lat = np.empty((n_heads, rank), dtype=f32)
+    kf, vf, qf = k_b.reshape(-1), v_b.reshape(-1), q.reshape(-1)
+    k_row, v_row = k_b.shape[2], v_b.shape[2]
     for task in prange((n_heads * rank + ROWS - 1) // ROWS):
         buf = np.empty(nope, dtype=f32)
         for i in range(task * ROWS, min(n_heads * rank, (task + 1) * ROWS)):
             h, r = i // rank, i % rank
-            q_lat[h, r] = _row_dot(kind, k_b[h, r], q[h, :nope], buf, w32)
-    o_lat = _attend_heads(q_lat, q[:, nope:], cos, sin, latent_cache, pe_cache, pos + 1, scale)
+            q_lat[h, r] = _row_dot(kind, kf, i * k_row, k_row, qf, h * qk, nope, buf, w32)
+    o_lat = _attend_heads(q_lat, q[:, nope:], cos, sin, latent_cache, pe_cache, pos + 1, scale).reshape(-1)
     for task in prange((n_heads * v_dim + ROWS - 1) // ROWS):
         buf = np.empty(rank, dtype=f32)
         for i in range(task * ROWS, min(n_heads * v_dim, (task + 1) * ROWS)):
-            h, v = i // v_dim, i % v_dim
-            out[h, v] = _row_dot(kind, v_b[h, v], o_lat[h], buf, w32)
+            h = i // v_dim
+            out[h, i % v_dim] = _row_dot(kind, vf, i * v_row, v_row, o_lat, h * rank, rank, buf, w32)
