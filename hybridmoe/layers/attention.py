@@ -75,8 +75,7 @@ class GQAttention(nn.Module):
     def cpu_step(self, batch: Batch, cache: LayerCache) -> tuple:
         """The cpu_block's arguments after x, cos and sin for a decode step: the slot's caches, the position, the
         attention scale."""
-        slot = batch.slots[0]
-        return cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0], self.head_dim ** -0.5
+        return *cache.slot_arrays(batch.slots[0]), batch.start[0], self.head_dim ** -0.5
 
     def cache_shapes(self) -> tuple[tuple[int, ...], ...]:
         return (self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)

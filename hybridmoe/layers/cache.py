@@ -79,6 +79,15 @@ class LayerCache:
 
     def __init__(self, *buffers: torch.Tensor):
         self.buffers = buffers
+        self._arrays: dict[int, tuple] = {}  # slot -> its rows of each buffer as numpy arrays (slot_arrays)
+
+    def slot_arrays(self, slot: int) -> tuple:
+        """Each buffer's rows of one slot, [max_len, ...], as numpy arrays sharing the buffers' memory (CPU buffers);
+        made once per slot, as every CPU decode step asks every layer for them."""
+        got = self._arrays.get(slot)
+        if got is None:
+            got = self._arrays[slot] = tuple(buf[slot].numpy() for buf in self.buffers)
+        return got
 
     def update(self, batch: Batch, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write each row's valid new entries [B, T, ...], then return the rows' whole histories [B, L, ...]."""

@@ -88,8 +88,7 @@ class MLA(nn.Module):
     def cpu_step(self, batch: Batch, cache: LayerCache) -> tuple:
         """The cpu_block's arguments after x, cos and sin for a decode step: the slot's caches, the position, the
         attention scale."""
-        slot = batch.slots[0]
-        return cache.buffers[0][slot], cache.buffers[1][slot], batch.start[0], self.s.scale
+        return *cache.slot_arrays(batch.slots[0]), batch.start[0], self.s.scale
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (q [B, T, H * (N + P)], wkv_a's output [B, T, R + P])."""

@@ -1,6 +1,8 @@
 """Typed wrappers around the numba kernels: they check dtypes, contiguity and shapes, then launch."""
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 import torch
@@ -309,16 +311,16 @@ _NO_WEIGHT = np.empty(0, dtype=np.float32)
 
 
 def _f32_contiguous(name: str, t: torch.Tensor | None, shape: tuple[int, ...], reshape: bool = False) -> np.ndarray:
-    """A float32 CPU tensor of `shape` (reshape: of as many elements, reshaped here, where numpy's reshape costs less
-    than torch's), C-contiguous, as its numpy view (None: an empty array)."""
+    """A float32 CPU tensor (or numpy array) of `shape` (reshape: of as many elements, reshaped here, where numpy's
+    reshape costs less than torch's), C-contiguous, as its numpy view (None: an empty array)."""
     if t is None:
         return _NO_WEIGHT
-    a = None
+    a = t if isinstance(t, np.ndarray) else None
     if isinstance(t, torch.Tensor) and t.device.type == "cpu":
         a = t.detach().numpy() if t.requires_grad else t.numpy()
     if a is None or a.dtype != np.float32:
         raise ValueError(f"{name} must be a float32 tensor on the CPU")
-    if (a.size != int(np.prod(shape)) if reshape else a.shape != shape) or not a.flags.c_contiguous:
+    if (a.size != math.prod(shape) if reshape else a.shape != shape) or not a.flags.c_contiguous:
         raise ValueError(f"{name} must be contiguous of shape {list(shape)}, got {list(a.shape)}")
     return a.reshape(shape)
 
