@@ -15,6 +15,7 @@ from ..layers.moe import Experts, RouterSpec, cpu_routing, route_hidden
 from ..layers.mlp import MLP
 from ..layers.norm import RMSNorm
 from ..layers.rope import Rope, RopeTables
+from .cpu_step import CPUDecodePlan
 
 
 def need(cfg: dict, key: str, *aliases: str):
@@ -172,6 +173,7 @@ class Transformer(nn.Module):
         # Called as f(layer, hidden) after each layer; used by the prefetcher, never changes results.
         self.observers: list[Callable[[int, torch.Tensor], None]] = []
         self.decode_graphs = None  # models.graphs.DecodeGraphs, set by the loader on CUDA
+        self._cpu_plan: CPUDecodePlan | None = None  # cpu_decode_plan
         self._cache: KVCache | None = None
 
     def moe_layers(self) -> list[int]:
@@ -218,9 +220,24 @@ class Transformer(nn.Module):
         x = self.norm(x) if pending is None else self.norm.add(x, pending)[1]
         return self.output(x).float()
 
+    def cpu_decode_plan(self, tokens: torch.Tensor, batch: Batch, cache: KVCache | None) -> CPUDecodePlan | None:
+        """The model's CPU decode plan (models.cpu_step) where this call is one: one row's one token on the CPU with
+        a cache and no observers, every block taking its one-call CPU kernels; else None. Made again when a block
+        or the experts object changes."""
+        if (cache is None or self.observers or tokens.shape != (1, 1) or tokens.device.type != "cpu"
+                or not batch.sees_all):
+            return None
+        plan = self._cpu_plan
+        if plan is None or not plan.current(self):
+            plan = self._cpu_plan = CPUDecodePlan.of(self)
+        return plan
+
     def _layers(self, tokens: torch.Tensor, batch: Batch,
                 cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (x, the last block's output still to be added to it, or None)."""
+        plan = self.cpu_decode_plan(tokens, batch, cache)
+        if plan is not None:  # a CPU decode step: every block's kernels called from one resolved plan
+            return plan(tokens, batch, cache, *self.tables(tokens.device).cos_sin(batch.positions))
         x = self.tok_embeddings(tokens.to(self.tok_embeddings.weight.device))
         pending = None
         stage = None

@@ -26,6 +26,11 @@ class _AttentionBlock:
     dim: int
     kernel = half_kernel = None
 
+    def split_args(self) -> tuple[tuple, tuple, tuple]:
+        """The kernel's fixed arguments (a, b, c) around the per-step ones: x, *a, cos, sin, *b, cache_a, cache_b,
+        pos, scale, *c, out."""
+        raise NotImplementedError
+
     def args(self, cos, sin, cache_a, cache_b, pos: int, scale: float) -> tuple:
         raise NotImplementedError
 
@@ -78,6 +83,9 @@ class MLABlock(_AttentionBlock):
                 _f32_contiguous("sin", sin, (rope // 2,), reshape=True), *self.raw,
                 *_mla_caches(latent_cache, pe_cache, dims), pos, np.float32(scale), W32, *self.tail)
 
+    def split_args(self) -> tuple[tuple, tuple, tuple]:
+        return self.head, self.raw, (W32, *self.tail)
+
 
 class GQABlock(_AttentionBlock):
     """A grouped-query attention block's decode step in one kernel call (`blocks.py`): x [1, D] -> wqkv (q, k, v
@@ -112,6 +120,9 @@ class GQABlock(_AttentionBlock):
                 _f32_contiguous("sin", sin, (head_dim // 2,), reshape=True),
                 _f32_contiguous("k_cache", k_cache, cache_shape), _f32_contiguous("v_cache", v_cache, cache_shape),
                 pos, np.float32(scale), *self.tail)
+
+    def split_args(self) -> tuple[tuple, tuple, tuple]:
+        return self.head, (), self.tail
 
 
 class AttentionHalf:
