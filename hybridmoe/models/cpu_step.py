@@ -62,7 +62,6 @@ class CPUDecodePlan:
 
     @classmethod
     def of(cls, model) -> "CPUDecodePlan | None":
-        from .common import MoE
         if model.layer_devices is not None and any(d.type != "cpu" for d in model.layer_devices):
             return None
         weight = model.tok_embeddings.weight
@@ -71,8 +70,9 @@ class CPUDecodePlan:
         layers = []
         for i, block in enumerate(model.layers):
             half = block.cpu_half()
-            moe = block.ffn.cpu_block(i, model.experts) if isinstance(block.ffn, MoE) else None
-            if half is None or (moe is None and isinstance(block.ffn, MoE)):
+            routed = getattr(block.ffn, "cpu_block", None)  # a MoE layer's; dense modules have none
+            moe = routed(i, model.experts) if routed is not None else None
+            if half is None or (moe is None and routed is not None):
                 return None
             layers.append(_Layer(i, block, half, moe, block.ffn.__dict__.get("_cpu_block")))
         return cls(model, layers)
