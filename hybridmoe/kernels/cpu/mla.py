@@ -130,6 +130,25 @@ def _scores_2x4(ql, qp, lat, pe, rank, rope, ha, hb, t0, t1, t2, t3, scale, scor
     _store(scores, ql, qp, lat, pe, rank, rope, hb, t3, b3, scale)
 
 
+@njit(cache=True, inline="always")
+def _weighted_4(scores, h0, h1, h2, h3, rows, at, stride, n_keys, out, width, column):
+    """out[h * width + column + j] = sum over t of scores[h, t] * rows[at + t * stride + j], j < 32, for 4 heads
+    (flat float32 rows and out; a repeated head is computed again and stored over itself): each run of 32 of a
+    row is loaded once for the 4."""
+    a0, a1, b0, b1 = fzero(), fzero(), fzero(), fzero()
+    e0, e1, f0, f1 = fzero(), fzero(), fzero(), fzero()
+    for t in range(n_keys):
+        o = at + t * stride
+        v0, v1 = load_floats(rows, o), load_floats(rows, o + 16)
+        a0, a1 = fma(v0, scores[h0, t], a0), fma(v1, scores[h0, t], a1)
+        b0, b1 = fma(v0, scores[h1, t], b0), fma(v1, scores[h1, t], b1)
+        e0, e1 = fma(v0, scores[h2, t], e0), fma(v1, scores[h2, t], e1)
+        f0, f1 = fma(v0, scores[h3, t], f0), fma(v1, scores[h3, t], f1)
+    for h, x0, x1 in ((h0, a0, a1), (h1, b0, b1), (h2, e0, e1), (h3, f0, f1)):
+        store_floats(out, h * width + column, x0)
+        store_floats(out, h * width + column + 16, x1)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _attend_heads(q_lat, q_rope, cos, sin, latent_cache, pe_cache, n_keys, scale):
     """Every head over keys 0..n_keys-1: softmax(q . keys * scale) @ latents -> [H, R]. The heads go together
@@ -175,19 +194,8 @@ def _attend_heads(q_lat, q_rope, cos, sin, latent_cache, pe_cache, n_keys, scale
                     ol[h * rank + c0 + r] = acc
             continue
         for h in range(0, n_heads, 4):  # 4 heads' runs of columns in registers over the keys (past the last: it)
-            h1, h2, h3 = min(h + 1, heads), min(h + 2, heads), min(h + 3, heads)
-            a0, a1, b0, b1 = fzero(), fzero(), fzero(), fzero()
-            e0, e1, f0, f1 = fzero(), fzero(), fzero(), fzero()
-            for t in range(n_keys):
-                at = t * rank + c0
-                v0, v1 = load_floats(lat, at), load_floats(lat, at + 16)
-                a0, a1 = fma(v0, scores[h, t], a0), fma(v1, scores[h, t], a1)
-                b0, b1 = fma(v0, scores[h1, t], b0), fma(v1, scores[h1, t], b1)
-                e0, e1 = fma(v0, scores[h2, t], e0), fma(v1, scores[h2, t], e1)
-                f0, f1 = fma(v0, scores[h3, t], f0), fma(v1, scores[h3, t], f1)
-            for hh, x0, x1 in ((h, a0, a1), (h1, b0, b1), (h2, e0, e1), (h3, f0, f1)):
-                store_floats(ol, hh * rank + c0, x0)
-                store_floats(ol, hh * rank + c0 + 16, x1)
+            _weighted_4(scores, h, min(h + 1, heads), min(h + 2, heads), min(h + 3, heads), lat, c0, rank, n_keys,
+                        ol, rank, c0)
     return o_lat
 
 
