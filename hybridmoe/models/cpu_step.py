@@ -15,11 +15,9 @@ import weakref
 import numpy as np
 import torch
 
+from ..kernels.cpu.api import _NO_ROWS
 from ..kernels.cpu.checks import activations
 from ..layers.cache import Batch, KVCache
-
-NO_ROWS = np.empty((0, 0), dtype=np.float32)  # no pending output before the first block
-
 
 class _Layer:
     """One block resolved: its attention module, the attention half's kernel with its fixed arguments around the
@@ -102,7 +100,7 @@ class CPUDecodePlan:
         token = int(tokens[0, 0])
         if not 0 <= token < self.embedding.shape[0]:
             raise IndexError(f"token id {token} is outside the vocabulary of {self.embedding.shape[0]}")
-        x, pending, h = self.embedding[token:token + 1], NO_ROWS, self.h
+        x, pending, h = self.embedding[token:token + 1], _NO_ROWS, self.h  # no pending output yet
         c, s = cos.numpy().reshape(-1), sin.numpy().reshape(-1)
         ran = []
         for n, lay in enumerate(self.layers):

@@ -31,8 +31,16 @@ class _AttentionBlock:
         pos, scale, *c, out."""
         raise NotImplementedError
 
-    def args(self, cos, sin, cache_a, cache_b, pos: int, scale: float) -> tuple:
+    def checked(self, cos, sin, cache_a, cache_b, pos: int) -> tuple:
+        """cos, sin and the slot's caches checked against the block's shapes and pos -> (cos, sin, cache_a,
+        cache_b) as the kernel takes them."""
         raise NotImplementedError
+
+    def args(self, cos, sin, cache_a, cache_b, pos: int, scale: float) -> tuple:
+        """The kernel's arguments between x and out for a step: cos, sin and the slot's caches (written at pos)."""
+        head, mid, tail = self.split_args()
+        cos, sin, cache_a, cache_b = self.checked(cos, sin, cache_a, cache_b, pos)
+        return (*head, cos, sin, *mid, cache_a, cache_b, pos, np.float32(scale), *tail)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_a: torch.Tensor,
                  cache_b: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
@@ -72,16 +80,14 @@ class MLABlock(_AttentionBlock):
         self.raw = (KIND[_absorbed_raw(k_b, v_b, raw_type, n_heads, rank, qk - self.rope)], k_b, v_b)
         self.tail = _stacked(wo)
 
-    def args(self, cos, sin, latent_cache, pe_cache, pos: int, scale: float) -> tuple:
-        """cos, sin [P/2]; the slot's caches [max_len, R] and [max_len, P] (written at pos) -> mla_block's arguments
-        between x and out."""
+    def checked(self, cos, sin, latent_cache, pe_cache, pos: int) -> tuple:
+        """cos, sin [P/2]; the slot's caches [max_len, R] and [max_len, P]."""
         n_heads, qk, rank, rope = self.dims
         dims = (latent_cache.shape[0], rank, rope, qk - rope)
         if not 0 <= pos < dims[0]:
             raise ValueError(f"position {pos} is outside a cache of {dims[0]}")
-        return (*self.head, _f32_contiguous("cos", cos, (rope // 2,), reshape=True),
-                _f32_contiguous("sin", sin, (rope // 2,), reshape=True), *self.raw,
-                *_mla_caches(latent_cache, pe_cache, dims), pos, np.float32(scale), W32, *self.tail)
+        return (_f32_contiguous("cos", cos, (rope // 2,), reshape=True),
+                _f32_contiguous("sin", sin, (rope // 2,), reshape=True), *_mla_caches(latent_cache, pe_cache, dims))
 
     def split_args(self) -> tuple[tuple, tuple, tuple]:
         return self.head, self.raw, (W32, *self.tail)
@@ -109,17 +115,15 @@ class GQABlock(_AttentionBlock):
                      _f32_contiguous("k_norm", k_norm, (head_dim,)), np.float32(eps))
         self.tail = _stacked(wo)
 
-    def args(self, cos, sin, k_cache, v_cache, pos: int, scale: float) -> tuple:
-        """cos, sin [head dim / 2]; the slot's caches [max_len, Hk, head dim] (written at pos) -> gqa_block's
-        arguments between x and out."""
+    def checked(self, cos, sin, k_cache, v_cache, pos: int) -> tuple:
+        """cos, sin [head dim / 2]; the slot's caches [max_len, Hk, head dim]."""
         _, n_kv, head_dim = self.dims
         cache_shape = (k_cache.shape[0], n_kv, head_dim)
         if not 0 <= pos < cache_shape[0]:
             raise ValueError(f"position {pos} is outside a cache of {cache_shape[0]}")
-        return (*self.head, _f32_contiguous("cos", cos, (head_dim // 2,), reshape=True),
+        return (_f32_contiguous("cos", cos, (head_dim // 2,), reshape=True),
                 _f32_contiguous("sin", sin, (head_dim // 2,), reshape=True),
-                _f32_contiguous("k_cache", k_cache, cache_shape), _f32_contiguous("v_cache", v_cache, cache_shape),
-                pos, np.float32(scale), *self.tail)
+                _f32_contiguous("k_cache", k_cache, cache_shape), _f32_contiguous("v_cache", v_cache, cache_shape))
 
     def split_args(self) -> tuple[tuple, tuple, tuple]:
         return self.head, (), self.tail
